@@ -1,0 +1,39 @@
+"""llada: run, evaluate, serve and train LLaDA masked diffusion language models.
+
+The reference-compatible entry points keep the names and arguments of the published code:
+`load_model`, `generate`, `get_log_likelihood`. Submodules are imported on first use, so that
+`import llada` (and `llada --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLaDAConfig": "llada.model.config",
+    "LLaDAModel": "llada.model.transformer",
+    "load_model": "llada.model.checkpoint",
+    "save_pretrained": "llada.model.checkpoint",
+    "SpecialTokens": "llada.tokens",
+    "generate": "llada.sampling.reference",
+    "GenerateConfig": "llada.sampling.config",
+    "get_log_likelihood": "llada.likelihood",
+    "LikelihoodConfig": "llada.likelihood",
+    "load_tokenizer": "llada.tokenizer",
+    "render_chat": "llada.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llada' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,242 @@
+"""The dense LLaDA model configuration: every key of the official config.json, validated.
+
+`LLaDAConfig()` is the LLaDA-8B architecture. `LLaDAConfig.from_hf_dict` reads an official
+config.json the way the reference does: keys the file leaves out take the reference
+`ModelConfig` defaults (GPT-2-like, SPEC §2.7), not ours, so that a folder means the same model
+here as under the reference code. Keys we do not know are kept and written back on save.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+# What the reference `ModelConfig()` gives a key that config.json leaves out (SPEC §2.7).
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "d_model": 768,
+    "n_heads": 12,
+    "n_kv_heads": None,
+    "n_layers": 12,
+    "mlp_ratio": 4,
+    "mlp_hidden_size": None,
+    "activation_type": "swiglu",
+    "block_type": "sequential",
+    "block_group_size": 1,
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "rope": False,
+    "rope_full_precision": True,
+    "flash_attention": False,
+    "attention_dropout": 0.1,
+    "multi_query_attention": None,
+    "attention_layer_norm": False,
+    "residual_dropout": 0.1,
+    "embedding_dropout": 0.1,
+    "input_emb_norm": False,
+    "layer_norm_type": "default",
+    "layer_norm_with_affine": True,
+    "rms_norm_eps": 1e-05,
+    "attention_layer_norm_with_affine": True,
+    "max_sequence_length": 1024,
+    "rope_theta": 10000.0,
+    "include_qkv_bias": False,
+    "include_bias": False,
+    "bias_for_layer_norm": None,
+    "scale_logits": False,
+    "vocab_size": 50257,
+    "embedding_size": 50304,
+    "weight_tying": True,
+    "eos_token_id": 50256,
+    "pad_token_id": 50256,
+    "mask_token_id": 50256,
+    "init_device": None,
+    "init_fn": "normal",
+    "init_std": 0.02,
+    "init_cutoff_factor": None,
+    "precision": None,
+    "use_cache": False,
+}
+
+# Keys that transformers writes and the official folders carry; `to_hf_dict` sets them.
+_HF_AUTO_MAP = {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+    "AutoModel": "modeling_llada.LLaDAModelLM",
+}
+
+
+@dataclass(frozen=True)
+class LLaDAConfig:
+    """Hyper-parameters of a dense LLaDA model, named as in the official config.json.
+
+    The defaults are LLaDA-8B-Instruct's (SPEC §2.1). Options the reference offers but this
+    implementation does not (ALiBi, models without RoPE, OLMo block types, biases, QK-norm) are
+    refused at construction with an error naming the key.
+    """
+
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int | None = 32
+    n_layers: int = 32
+    mlp_ratio: int = 4
+    mlp_hidden_size: int | None = 12288
+    activation_type: str = "silu"
+    block_type: str = "llama"
+    block_group_size: int = 1
+    alibi: bool = False
+    alibi_bias_max: float = 8.0
+    rope: bool = True
+    rope_full_precision: bool = True
+    rope_theta: float = 500000.0
+    flash_attention: bool = False
+    attention_dropout: float = 0.0
+    multi_query_attention: bool | None = None
+    attention_layer_norm: bool = False
+    attention_layer_norm_with_affine: bool = True
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    input_emb_norm: bool = False
+    layer_norm_type: str = "rms"
+    layer_norm_with_affine: bool = True
+    rms_norm_eps: float = 1e-05
+    max_sequence_length: int = 4096
+    include_qkv_bias: bool | None = False
+    include_bias: bool = False
+    bias_for_layer_norm: bool | None = False
+    scale_logits: bool = False
+    vocab_size: int = 126464
+    embedding_size: int | None = 126464
+    weight_tying: bool = False
+    eos_token_id: int | None = 126081
+    pad_token_id: int | None = 126081
+    mask_token_id: int | None = 126336
+    init_device: str | None = "meta"
+    init_fn: str = "mitchell"
+    init_std: float = 0.02
+    init_cutoff_factor: float | None = None
+    precision: str | None = "amp_bf16"
+    use_cache: bool = False
+    # Keys of config.json that are not model hyper-parameters (transformers_version, ...) or that
+    # this version does not know; written back unchanged by `to_hf_dict`.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        refusals = {
+            "alibi": (self.alibi, False, "ALiBi position biases are not implemented"),
+            "rope": (self.rope, True, "only RoPE models are implemented"),
+            "block_type": (self.block_type, "llama", "only the 'llama' block is implemented"),
+            "activation_type": (self.activation_type, "silu", "only SiLU-gated MLPs are implemented"),
+            "layer_norm_type": (self.layer_norm_type, "rms", "only RMSNorm is implemented"),
+            "layer_norm_with_affine": (self.layer_norm_with_affine, True, "norms without weights are not implemented"),
+            "attention_layer_norm": (self.attention_layer_norm, False, "QK-norm is not implemented for dense LLaDA"),
+            "include_bias": (self.include_bias, False, "linear biases are not implemented"),
+            "include_qkv_bias": (bool(self.include_qkv_bias), False, "q/k/v biases are not implemented"),
+            "bias_for_layer_norm": (bool(self.bias_for_layer_norm), False, "norm biases are not implemented"),
+            "input_emb_norm": (self.input_emb_norm, False, "input embedding normalisation is not implemented"),
+            "block_group_size": (self.block_group_size, 1, "grouped blocks are not implemented"),
+        }
+        for key, (value, supported, why) in refusals.items():
+            if value != supported:
+                raise ValueError(
+                    f"config key '{key}' = {value!r} is not supported ({why}); "
+                    f"this implementation needs '{key}' = {supported!r}."
+                )
+        for key in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"config key '{key}' must be a positive integer, got {getattr(self, key)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dimension; d_model/n_heads = {self.head_dim}.")
+        if (
+            self.n_kv_heads is not None
+            and self.multi_query_attention is not None
+            and self.n_kv_heads != (1 if self.multi_query_attention else self.n_heads)
+        ):
+            raise ValueError(
+                "config keys 'multi_query_attention' and 'n_kv_heads' disagree; set one of them to null."
+            )
+        if self.n_heads % self.effective_n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.effective_n_kv_heads})."
+            )
+        if self.embedding_size is not None and self.embedding_size < self.vocab_size:
+            raise ValueError(
+                f"embedding_size ({self.embedding_size}) must be at least vocab_size ({self.vocab_size})."
+            )
+        for key in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)!r}")
+
+    # Derived sizes -------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def effective_n_kv_heads(self) -> int:
+        if self.n_kv_heads is not None:
+            return self.n_kv_heads
+        return 1 if self.multi_query_attention else self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the SwiGLU layer (`mlp_hidden_size`, else `mlp_ratio * d_model`)."""
+        return self.mlp_hidden_size if self.mlp_hidden_size is not None else self.mlp_ratio * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head; logits have this many columns."""
+        return self.embedding_size if self.embedding_size is not None else self.vocab_size
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        d, h, kv = self.d_model, self.hidden_size, self.effective_n_kv_heads * self.head_dim
+        per_block = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * h
+        total = self.n_layers * per_block + d
+        if include_embeddings:
+            total += self.padded_vocab_size * d * (1 if self.weight_tying else 2)
+        return total
+
+    def with_changes(self, **changes: Any) -> LLaDAConfig:
+        return replace(self, **changes)
+
+    # config.json -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> LLaDAConfig:
+        """Build from the dict of an official config.json (missing keys: reference defaults)."""
+        if data.get("model_type") not in (None, "llada"):
+            raise ValueError(
+                f"config.json has model_type '{data.get('model_type')}', expected 'llada' "
+                "(LLaDA-MoE checkpoints use a different architecture)."
+            )
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: data.get(k, REFERENCE_DEFAULTS.get(k)) for k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> LLaDAConfig:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from None
+        return cls.from_hf_dict(data)
+
+    def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
+        """The official config.json, with `auto_map` so that the reference remote code loads it."""
+        data = {k: v for k, v in self.extra.items()}
+        data.update({k: v for k, v in asdict(self).items() if k != "extra"})
+        data["architectures"] = ["LLaDAModelLM"]
+        data["auto_map"] = dict(_HF_AUTO_MAP)
+        data["model_type"] = "llada"
+        if torch_dtype is not None:
+            data["torch_dtype"] = torch_dtype
+        data.setdefault("torch_dtype", "float32")
+        return dict(sorted(data.items()))

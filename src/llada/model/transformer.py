@@ -1,0 +1,310 @@
+"""The dense LLaDA mask predictor: a bidirectional LLaMA-style transformer (SPEC §2).
+
+One plain `nn.Module`, readable top to bottom, importing only torch. Numerics follow the
+reference remote code exactly where it matters for parity: RMSNorm is computed in float32 and
+cast back before the weight multiply, RoPE is rotate-half in float32, and positions are the
+sequence index (padding included) as the reference does.
+
+Parameter names here say what things are (`mlp.gate_proj` is the gate that the official
+checkpoints call `ff_proj`); `checkpoint.py` maps them to the official names in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDAConfig
+
+AttentionImplementation = Literal["sdpa", "eager"]
+
+
+@dataclass
+class LLaDAOutput:
+    """What calling the model returns; `.logits` is (B, T, padded_vocab) in the model dtype."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as the reference computes it: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The cast back happens before the weight multiply (SPEC §2.3); the product then
+        # follows ordinary type promotion.
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with float32 tables, rebuilt lazily per device and length.
+
+    The tables are a plain cache, not buffers: the official checkpoints hold none, and a model
+    built on the meta device must not carry meta tables.
+    """
+
+    def __init__(self, head_dim: int, theta: float, full_precision: bool = True) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.full_precision = full_precision
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sin, cos), each (length, head_dim) float32, for positions 0..length-1."""
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < length:
+            with torch.autocast(device_type=device.type, enabled=False):
+                exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float) / self.head_dim
+                inv_freq = 1.0 / (self.theta**exponent)
+                seq = torch.arange(length, device=device, dtype=torch.float)
+                freqs = torch.outer(seq, inv_freq)  # (length, head_dim/2)
+                angles = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim)
+                cached = (angles.sin(), angles.cos())
+            self._tables[device] = cached
+        return cached[0][:length], cached[1][:length]
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (B, H, Tq, D) and k (B, Hkv, Tk, D) by their positions (1-D index tensors)."""
+        needed = int(max(q_positions.max(), k_positions.max())) + 1
+        sin, cos = self.tables(needed, q.device)
+        work_dtype = torch.float32 if self.full_precision else q.dtype
+
+        def rotate(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            s, c = sin[positions].to(work_dtype), cos[positions].to(work_dtype)
+            t_ = t.to(work_dtype)
+            return (t_ * c + self._rotate_half(t_) * s).to(t.dtype)
+
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return rotate(q, q_positions), rotate(k, k_positions)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention with grouped K/V heads (GQA/MQA)."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.effective_n_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        implementation: AttentionImplementation,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q, k, positions, positions)
+        dropout = self.dropout if self.training else 0.0
+        if implementation == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_bias, dropout_p=dropout, is_causal=False,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        else:
+            out = eager_attention(q, k, v, attention_bias, dropout)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_bias: torch.Tensor | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention written out: the readable reference backend that SDPA is tested against.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); query head h reads K/V head h // (H / Hkv), as
+    `repeat_interleave` does in the reference.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    if attention_bias is not None:
+        scores = scores + attention_bias
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
+    return weights @ v
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); `gate_proj` is the official `ff_proj`."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (the reference `LLaDALlamaBlock`)."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ff_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.hidden_size)
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        positions: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+        implementation: AttentionImplementation,
+    ) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, positions, attention_bias, implementation)
+        x = x + self.residual_dropout(h)
+        return x + self.residual_dropout(self.mlp(self.ff_norm(x)))
+
+
+def attention_bias_from_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, T) keep-mask (1 = token, 0 = padding) -> additive key bias (B, 1, 1, T), or None.
+
+    As the reference (SPEC §2.5): a mask without zeros is dropped, so it is bit-identical to no
+    mask; padded keys get the dtype's most negative finite value (a fully padded row gets
+    uniform attention, not NaN); padded queries still attend to all real tokens.
+    """
+    if attention_mask is None:
+        return None
+    if bool((attention_mask != 0).all()):
+        return None
+    keep = attention_mask.to(torch.bool)[:, None, None, :]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class LLaDAModel(nn.Module):
+    """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
+
+    def __init__(self, config: LLaDAConfig, attn_implementation: AttentionImplementation = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.attn_implementation: AttentionImplementation = attn_implementation
+        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.embed_dropout = nn.Dropout(config.embedding_dropout)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_full_precision)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = None if config.weight_tying else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
+        self.special_tokens = None
+
+    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None):
+        """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> LLaDAOutput:
+        """input_ids (B, T) -> logits (B, T, padded_vocab).
+
+        attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended use).
+        positions: (T,) RoPE positions; by default 0..T-1 over the padded sequence, as the
+        reference (padding shifts all positions equally, and RoPE sees only offsets).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)} "
+                "(one 1/0 entry per input token)"
+            )
+        if positions is None:
+            positions = torch.arange(length, device=x.device)
+        x = self.embed_dropout(x)
+        bias = attention_bias_from_mask(attention_mask, x.dtype)
+        hidden_states: list[torch.Tensor] = []
+        for block in self.blocks:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = block(x, self.rope, positions, bias, self.attn_implementation)
+        x = self.final_norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        if self.config.scale_logits:
+            logits = logits * (1.0 / math.sqrt(self.config.d_model))
+        return LLaDAOutput(logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The reference "mitchell" init (SPEC §2.7): truncated normal (±3σ), σ = 1/sqrt(fan_in),
+        with the residual output projections scaled by 1/sqrt(2(layer+1))."""
+
+        def normal_(weight: torch.Tensor, std: float) -> None:
+            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+        d = self.config.d_model
+        normal_(self.embed.weight, 1 / math.sqrt(d))
+        if self.lm_head is not None:
+            normal_(self.lm_head.weight, 1 / math.sqrt(d))
+        for layer, block in enumerate(self.blocks):
+            depth = 1 / math.sqrt(2 * (layer + 1))
+            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
+                normal_(linear.weight, 1 / math.sqrt(d))
+            normal_(block.attn.o_proj.weight, depth / math.sqrt(d))
+            normal_(block.mlp.down_proj.weight, depth / math.sqrt(self.config.hidden_size))
+            block.attn_norm.weight.fill_(1.0)
+            block.ff_norm.weight.fill_(1.0)
+        self.final_norm.weight.fill_(1.0)
