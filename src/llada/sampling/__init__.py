@@ -1,6 +1,24 @@
-"""Samplers: the reference sampler (the oracle) and, built on the same pieces, fast paths."""
+"""Samplers: the reference sampler (the oracle) and, built on the same pieces, fast paths.
 
-from .config import GenerateConfig
-from .reference import add_gumbel_noise, generate, get_num_transfer_tokens
+Names are resolved on first use so that importing the settings (e.g. for `llada --help`)
+does not import torch.
+"""
 
-__all__ = ["GenerateConfig", "add_gumbel_noise", "generate", "get_num_transfer_tokens"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerateConfig": ".config",
+    "generate": ".reference",
+    "add_gumbel_noise": ".reference",
+    "get_num_transfer_tokens": ".reference",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'llada.sampling' has no attribute '{name}'")

@@ -1,0 +1,111 @@
+"""Text in, text out: the layer the command line, the server and the demo share.
+
+It loads a model with its tokenizer, renders prompts (chat template or raw text), batches them
+with left padding, runs a sampler and decodes the answers up to the first EOS/EoT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .model.checkpoint import load_model, resolve_checkpoint
+from .model.config import LLaDAConfig
+from .model.transformer import LLaDAModel
+from .sampling.config import GenerateConfig
+from .sampling.reference import generate
+from .tokenizer import encode_chat, left_pad, load_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "llada-tiny-instruct"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LLADA_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llada"
+    )
+    return Path(base)
+
+
+def random_demo_checkpoint() -> Path:
+    """A small random-weight LLaDA with a byte-level tokenizer, created once in the cache.
+
+    It exists so that every command runs before a trained model is available; its output is
+    noise. It goes through the same save/load path as a real checkpoint.
+    """
+    folder = cache_dir() / "random-tiny"
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    staging = cache_dir() / "random-tiny.tokenizer"
+    train_tokenizer([], vocab_size=262, output_dir=staging)
+    from .tokens import resolve_special_tokens
+
+    tokens = resolve_special_tokens({}, staging, vocab_size=262)
+    config = LLaDAConfig(
+        d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256, vocab_size=262,
+        embedding_size=384, max_sequence_length=1024, eos_token_id=tokens.eos_id,
+        pad_token_id=tokens.pad_id, mask_token_id=tokens.mask_id,
+    )
+    model = LLaDAModel(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.special_tokens = tokens
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging)
+    if folder.exists():  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+    return folder
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> tuple[Path, bool]:
+    """The folder for a model argument, and whether it is the random stand-in.
+
+    None means the shipped default model, or, while none is shipped, the random stand-in.
+    """
+    if model is not None:
+        return resolve_checkpoint(model), False
+    try:
+        return resolve_checkpoint(DEFAULT_MODEL), False
+    except FileNotFoundError:
+        return random_demo_checkpoint(), True
+
+
+def generate_texts(
+    model: LLaDAModel,
+    tokenizer,
+    prompts: Sequence[str],
+    config: GenerateConfig,
+    *,
+    chat: bool = True,
+) -> list[str]:
+    """Answers to `prompts` (one batch), decoded up to the first EOS/EoT."""
+    tokens = model.special_tokens
+    if chat:
+        encoded = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids, attention_mask = left_pad(encoded, tokens.pad_id)
+    out = generate(model, ids, attention_mask=attention_mask, **asdict(config))
+    answers = []
+    for row in out[:, ids.shape[1]:].tolist():
+        for i, token in enumerate(row):
+            if token in tokens.stop_ids:
+                row = row[:i]
+                break
+        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers
+
+
+def load(model: str | os.PathLike | None = None, dtype=None, device="cpu"):
+    """(model, tokenizer, is_random_stand_in) for a model argument (None: the default)."""
+    folder, is_random = resolve_model_path(model)
+    loaded = load_model(folder, dtype=dtype, device=device)
+    return loaded, load_tokenizer(folder), is_random

@@ -1,0 +1,1 @@
+"""The `llada` command: one small module per subcommand."""

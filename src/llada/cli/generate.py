@@ -1,0 +1,66 @@
+"""`llada generate`: answers to prompts given as arguments, a file, or standard input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..sampling.config import GenerateConfig
+from .options import add_dataclass_arguments, dataclass_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate answers to prompts",
+        description="Generate an answer to each prompt with the reference LLaDA sampler.",
+    )
+    parser.add_argument("prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped model)")
+    parser.add_argument("--file", default=None, help="read prompts from this file, one per line")
+    parser.add_argument("--raw", action="store_true", help="use the prompt text as is, without the chat template")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking")
+    # The reference chat.py's settings: 128 tokens in blocks of 32, one token per step.
+    add_dataclass_arguments(
+        parser, GenerateConfig, "sampler", defaults={"steps": 128, "gen_length": 128, "block_length": 32}
+    )
+    parser.set_defaults(run=run)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [p for p in args.prompts if p != "-"]
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts or "-" in args.prompts:
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import generate_texts, load
+
+    config = dataclass_from_args(GenerateConfig, args)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise ValueError("no prompts: pass them as arguments, with --file, or on standard input")
+    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
+    if is_random:
+        print(
+            "note: no trained model is shipped yet, so this runs on a small random-weight LLaDA "
+            f"created at {model.checkpoint_folder}; its text is noise. Pass --model PATH for a real one.",
+            file=sys.stderr,
+        )
+    torch.manual_seed(args.seed)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        for answer in generate_texts(model, tokenizer, batch, config, chat=not args.raw):
+            print(answer, flush=True)
+    return 0

@@ -1,0 +1,41 @@
+"""Entry point of the `llada` command. Subcommand modules are imported here, but each imports
+torch and the model only when it runs, so that `llada --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="llada", description="LLaDA masked diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"llada {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    generate.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"llada: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

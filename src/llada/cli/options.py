@@ -1,0 +1,59 @@
+"""Command-line flags derived from the settings dataclasses, so that they never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """'name: text' paragraphs of a dataclass docstring -> {name: text}."""
+    helps: dict[str, str] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        match = re.match(r"\s{4}(\w+)(?:, \w+)*: (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+        else:
+            current = None
+    return helps
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, title: str, defaults: dict[str, Any] | None = None
+) -> None:
+    """Add `--field-name` flags for every field of `cls`, defaults and help from the class
+    (`defaults` overrides some defaults for this command)."""
+    group = parser.add_argument_group(title)
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        default = (defaults or {}).get(f.name, default)
+        hint = hints[f.name]
+        text = helps.get(f.name, "") + f" (default: {default})"
+        if hint is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+        choices = None
+        origin = typing.get_origin(hint)
+        if origin is typing.Literal:
+            choices = list(typing.get_args(hint))
+            kind: Any = str
+        elif origin in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(hint) if a is not type(None))
+        else:
+            kind = hint
+        group.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
