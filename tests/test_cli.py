@@ -1,0 +1,42 @@
+"""The `llada` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from llada.cli.main import main
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from llada.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_generate_prints_one_answer_per_prompt(chat_checkpoint, capsys):
+    code = main(["generate", "--model", str(chat_checkpoint), "--gen-length", "8", "--steps", "8",
+                 "--block-length", "8", "To be", "What is 2 + 3?"])
+    assert code == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+
+
+def test_generate_reads_a_file(chat_checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\nsecond\nthird\n")
+    code = main(["generate", "--model", str(chat_checkpoint), "--file", str(prompts), "--gen-length", "4",
+                 "--steps", "4", "--block-length", "4", "--raw", "--batch-size", "2"])
+    assert code == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 3
+
+
+def test_bad_settings_exit_with_a_message(chat_checkpoint, capsys):
+    code = main(["generate", "--model", str(chat_checkpoint), "--gen-length", "10", "--block-length", "4", "hi"])
+    assert code == 2
+    assert "multiple of block_length" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_explained(tmp_path, capsys):
+    code = main(["generate", "--model", str(tmp_path / "nope"), "hi"])
+    assert code == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
