@@ -36,14 +36,26 @@ def make_random_model(
 ) -> LLaDAModel:
     """A small random LLaDA with ids mask = vocab-1, eos = vocab-3, eot = vocab-2."""
     config = LLaDAConfig(
-        d_model=32, n_heads=4, n_kv_heads=n_kv_heads, n_layers=2, mlp_hidden_size=48,
-        vocab_size=vocab_size, embedding_size=vocab_size, max_sequence_length=256,
-        mask_token_id=vocab_size - 1, eos_token_id=vocab_size - 3, pad_token_id=vocab_size - 3,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        n_layers=2,
+        mlp_hidden_size=48,
+        vocab_size=vocab_size,
+        embedding_size=vocab_size,
+        max_sequence_length=256,
+        mask_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 3,
+        pad_token_id=vocab_size - 3,
     ).with_changes(**changes)
     model = LLaDAModel(config)
     model.init_weights(torch.Generator().manual_seed(seed))
     model.special_tokens = resolve_special_tokens(
-        {"mask_token_id": config.mask_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id},
+        {
+            "mask_token_id": config.mask_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+        },
         None,
         vocab_size,
     )
@@ -64,13 +76,24 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     from llada.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("chat-model")
-    text = ["To be, or not to be, that is the question. " * 20, "What is 2 + 3? The answer is 5. " * 20]
+    text = [
+        "To be, or not to be, that is the question. " * 20,
+        "What is 2 + 3? The answer is 5. " * 20,
+    ]
     train_tokenizer(text, vocab_size=320, output_dir=folder)
     tokens = resolve_special_tokens({}, folder, vocab_size=320)
     config = LLaDAConfig(
-        d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=320,
-        embedding_size=320, max_sequence_length=512, mask_token_id=tokens.mask_id,
-        eos_token_id=tokens.eos_id, pad_token_id=tokens.pad_id,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=2,
+        mlp_hidden_size=64,
+        vocab_size=320,
+        embedding_size=320,
+        max_sequence_length=512,
+        mask_token_id=tokens.mask_id,
+        eos_token_id=tokens.eos_id,
+        pad_token_id=tokens.pad_id,
     )
     model = LLaDAModel(config)
     model.init_weights(torch.Generator().manual_seed(1))

@@ -15,8 +15,21 @@ def test_help_is_fast_and_does_not_import_torch():
 
 
 def test_generate_prints_one_answer_per_prompt(chat_checkpoint, capsys):
-    code = main(["generate", "--model", str(chat_checkpoint), "--gen-length", "8", "--steps", "8",
-                 "--block-length", "8", "To be", "What is 2 + 3?"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(chat_checkpoint),
+            "--gen-length",
+            "8",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+            "To be",
+            "What is 2 + 3?",
+        ]
+    )
     assert code == 0
     assert len(capsys.readouterr().out.splitlines()) >= 2
 
@@ -24,14 +37,41 @@ def test_generate_prints_one_answer_per_prompt(chat_checkpoint, capsys):
 def test_generate_reads_a_file(chat_checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first\nsecond\nthird\n")
-    code = main(["generate", "--model", str(chat_checkpoint), "--file", str(prompts), "--gen-length", "4",
-                 "--steps", "4", "--block-length", "4", "--raw", "--batch-size", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(chat_checkpoint),
+            "--file",
+            str(prompts),
+            "--gen-length",
+            "4",
+            "--steps",
+            "4",
+            "--block-length",
+            "4",
+            "--raw",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     assert len(capsys.readouterr().out.splitlines()) >= 3
 
 
 def test_bad_settings_exit_with_a_message(chat_checkpoint, capsys):
-    code = main(["generate", "--model", str(chat_checkpoint), "--gen-length", "10", "--block-length", "4", "hi"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(chat_checkpoint),
+            "--gen-length",
+            "10",
+            "--block-length",
+            "4",
+            "hi",
+        ]
+    )
     assert code == 2
     assert "multiple of block_length" in capsys.readouterr().err
 
@@ -40,3 +80,17 @@ def test_missing_model_folder_is_explained(tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "nope"), "hi"])
     assert code == 2
     assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_readme_porting_example_runs(chat_checkpoint, capsys):
+    """The README's port of the reference main() runs as written (local folder, CPU)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Porting from the reference", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"GSAI-ML/LLaDA-8B-Instruct"', repr(str(chat_checkpoint))).replace(
+        '"cuda"', '"cpu"'
+    )
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.count("-" * 50) == 3

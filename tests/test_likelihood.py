@@ -31,23 +31,36 @@ def test_single_token_answer_is_exact(random_model):
     prompt, answer = torch.tensor([5, 9, 11]), torch.tensor([17])
     logits = random_model(torch.tensor([[5, 9, 11, random_model.special_tokens.mask_id]])).logits
     exact = torch.log_softmax(logits[0, -1], dim=-1)[17].item()
-    assert llada.get_log_likelihood(random_model, prompt, answer, mc_num=4, batch_size=2) == pytest.approx(exact, rel=1e-5)
+    assert llada.get_log_likelihood(
+        random_model, prompt, answer, mc_num=4, batch_size=2
+    ) == pytest.approx(exact, rel=1e-5)
 
 
 def test_mc_num_below_batch_size_does_not_crash(random_model):
     # The reference divides by zero here.
     counting = CountingModel(random_model)
-    value = llada.get_log_likelihood(counting, torch.tensor([1, 2]), torch.tensor([3, 4, 5]), mc_num=3, batch_size=16)
+    value = llada.get_log_likelihood(
+        counting, torch.tensor([1, 2]), torch.tensor([3, 4, 5]), mc_num=3, batch_size=16
+    )
     assert math.isfinite(value) and value < 0
     assert counting.rows == [3]
 
 
 def test_exact_mc_num_draws_the_remainder(random_model):
     counting = CountingModel(random_model)
-    llada.get_log_likelihood(counting, torch.tensor([1, 2]), torch.tensor([3, 4, 5]), mc_num=10, batch_size=4)
+    llada.get_log_likelihood(
+        counting, torch.tensor([1, 2]), torch.tensor([3, 4, 5]), mc_num=10, batch_size=4
+    )
     assert counting.rows == [4, 4]  # the reference drops the remainder
     counting.rows.clear()
-    llada.get_log_likelihood(counting, torch.tensor([1, 2]), torch.tensor([3, 4, 5]), mc_num=10, batch_size=4, exact_mc_num=True)
+    llada.get_log_likelihood(
+        counting,
+        torch.tensor([1, 2]),
+        torch.tensor([3, 4, 5]),
+        mc_num=10,
+        batch_size=4,
+        exact_mc_num=True,
+    )
     assert counting.rows == [4, 4, 2]
 
 
@@ -55,7 +68,9 @@ def test_estimate_converges_towards_a_likely_answer(random_model):
     # A sanity check of sign and scale: a bound on log p of 4 tokens over a 64-token
     # vocabulary from a near-uniform random model is close to 4 * log(1/64).
     torch.manual_seed(0)
-    value = llada.get_log_likelihood(random_model, torch.tensor([1, 2]), torch.tensor([3, 4, 5, 6]), mc_num=64, batch_size=16)
+    value = llada.get_log_likelihood(
+        random_model, torch.tensor([1, 2]), torch.tensor([3, 4, 5, 6]), mc_num=64, batch_size=16
+    )
     assert 4 * math.log(1 / 64) * 1.5 < value < 4 * math.log(1 / 64) * 0.5
 
 
@@ -71,7 +86,13 @@ def test_estimate_converges_towards_a_likely_answer(random_model):
     ],
 )
 def test_bad_arguments_are_explained(random_model, kwargs, error, words):
-    arguments = {"prompt": torch.tensor([1, 2]), "answer": torch.tensor([3, 4]), "mc_num": 4, "batch_size": 2, **kwargs}
+    arguments = {
+        "prompt": torch.tensor([1, 2]),
+        "answer": torch.tensor([3, 4]),
+        "mc_num": 4,
+        "batch_size": 2,
+        **kwargs,
+    }
     with pytest.raises(error, match=words):
         llada.get_log_likelihood(random_model, **arguments)
 

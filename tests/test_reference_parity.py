@@ -14,7 +14,9 @@ from conftest import reference_cases
 def test_logits_match_reference(tiny_model, case, implementation):
     request = case["request"]
     input_ids = torch.tensor(request["input_ids"])
-    attention_mask = torch.tensor(request["attention_mask"]) if "attention_mask" in request else None
+    attention_mask = (
+        torch.tensor(request["attention_mask"]) if "attention_mask" in request else None
+    )
     tiny_model.attn_implementation = implementation
     try:
         logits = tiny_model(input_ids, attention_mask=attention_mask).logits

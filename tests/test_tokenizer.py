@@ -26,7 +26,9 @@ def test_template_quirks_multi_turn_and_system(chat_checkpoint):
         {"role": "assistant", "content": "Hello"},
     ]
     text = render_chat(tokenizer, messages)
-    assert text.count("<|startoftext|>") == 1 and text.startswith("<|startoftext|><|start_header_id|>system")
+    assert text.count("<|startoftext|>") == 1 and text.startswith(
+        "<|startoftext|><|start_header_id|>system"
+    )
     # The assistant header is appended even after an assistant turn (no add_generation_prompt check).
     assert text.endswith("Hello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 

@@ -10,12 +10,16 @@ from llada.tokens import LLADA_8B, resolve_special_tokens
 
 
 def test_llada_8b_defaults_apply_to_a_large_vocabulary_without_tokenizer():
-    tokens = resolve_special_tokens({"mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081}, None, 126464)
+    tokens = resolve_special_tokens(
+        {"mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081}, None, 126464
+    )
     assert tokens == LLADA_8B
 
 
 def test_small_vocabulary_gets_no_out_of_range_defaults():
-    tokens = resolve_special_tokens({"mask_token_id": 511, "eos_token_id": 509, "pad_token_id": 509}, None, 512)
+    tokens = resolve_special_tokens(
+        {"mask_token_id": 511, "eos_token_id": 509, "pad_token_id": 509}, None, 512
+    )
     assert (tokens.mask_id, tokens.eos_id, tokens.pad_id) == (511, 509, 509)
     assert tokens.eot_id is None and tokens.bos_id is None
     assert tokens.stop_ids == (509,)

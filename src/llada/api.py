@@ -49,9 +49,17 @@ def random_demo_checkpoint() -> Path:
 
     tokens = resolve_special_tokens({}, staging, vocab_size=262)
     config = LLaDAConfig(
-        d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256, vocab_size=262,
-        embedding_size=384, max_sequence_length=1024, eos_token_id=tokens.eos_id,
-        pad_token_id=tokens.pad_id, mask_token_id=tokens.mask_id,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=2,
+        mlp_hidden_size=256,
+        vocab_size=262,
+        embedding_size=384,
+        max_sequence_length=1024,
+        eos_token_id=tokens.eos_id,
+        pad_token_id=tokens.pad_id,
+        mask_token_id=tokens.mask_id,
     )
     model = LLaDAModel(config)
     model.init_weights(torch.Generator().manual_seed(0))
@@ -95,7 +103,7 @@ def generate_texts(
     ids, attention_mask = left_pad(encoded, tokens.pad_id)
     out = generate(model, ids, attention_mask=attention_mask, **asdict(config))
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1] :].tolist():
         for i, token in enumerate(row):
             if token in tokens.stop_ids:
                 row = row[:i]

@@ -14,7 +14,10 @@ PRETRAIN_EPS = 1e-3
 
 
 def random_masking(
-    x0: torch.Tensor, mask_id: int, eps: float = PRETRAIN_EPS, generator: torch.Generator | None = None
+    x0: torch.Tensor,
+    mask_id: int,
+    eps: float = PRETRAIN_EPS,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-training corruption: t ~ U(0, 1) per sequence, each token masked independently.
 

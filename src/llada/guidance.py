@@ -27,7 +27,9 @@ def predict_logits(
         return model(x, attention_mask=attention_mask).logits
     unconditional = x.masked_fill(prompt_index, mask_id)
     both = torch.cat([x, unconditional], dim=0)
-    mask_both = None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
+    mask_both = (
+        None if attention_mask is None else torch.cat([attention_mask, attention_mask], dim=0)
+    )
     logits = model(both, attention_mask=mask_both).logits
     conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
     return unconditional_logits + (cfg_scale + 1) * (conditional - unconditional_logits)

@@ -16,9 +16,13 @@ def check_token_ids(name: str, ids: object, ndim: int, vocab_size: int | None) -
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() != ndim:
         shape = "(batch, length)" if ndim == 2 else "(length,)"
-        hint = " Use ids.unsqueeze(0) for a single sequence." if ndim == 2 and ids.dim() == 1 else ""
+        hint = (
+            " Use ids.unsqueeze(0) for a single sequence." if ndim == 2 and ids.dim() == 1 else ""
+        )
         raise ValueError(f"{name} must have shape {shape}, got {tuple(ids.shape)}.{hint}")
-    if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+    if ids.numel() and (
+        int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)
+    ):
         raise ValueError(
             f"{name} holds ids outside the model's vocabulary [0, {vocab_size}): "
             f"min {int(ids.min())}, max {int(ids.max())}"
@@ -28,7 +32,9 @@ def check_token_ids(name: str, ids: object, ndim: int, vocab_size: int | None) -
 
 def check_attention_mask(attention_mask: object, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor of 1/0, got {type(attention_mask).__name__}")
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor of 1/0, got {type(attention_mask).__name__}"
+        )
     if tuple(attention_mask.shape) != shape:
         raise ValueError(
             f"attention_mask must have the prompt's shape {shape} (1 = token, 0 = padding), "

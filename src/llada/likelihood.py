@@ -68,7 +68,9 @@ def get_log_likelihood(
     prompt: (l1,) and answer: (l2,) token ids, one sequence each. mask_id: None takes the
     model's own. Returns a float (nats, summed over the answer tokens).
     """
-    config = LikelihoodConfig(mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, exact_mc_num=exact_mc_num)
+    config = LikelihoodConfig(
+        mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, exact_mc_num=exact_mc_num
+    )
     mask_id = special_tokens_of(model, mask_id).mask_id
     vocab = vocab_size_of(model)
     device = device_of(model)
@@ -84,8 +86,13 @@ def get_log_likelihood(
         batch = sequence[None, :].repeat((size, 1))
         noisy, p_mask = stratified_masking(batch, prompt_index, mask_id)
         is_masked = noisy == mask_id
-        logits = predict_logits(model, noisy, prompt_index=prompt_index, mask_id=mask_id, cfg_scale=config.cfg_scale)
-        token_loss = F.cross_entropy(logits[is_masked], batch[is_masked], reduction="none") / p_mask[is_masked]
+        logits = predict_logits(
+            model, noisy, prompt_index=prompt_index, mask_id=mask_id, cfg_scale=config.cfg_scale
+        )
+        token_loss = (
+            F.cross_entropy(logits[is_masked], batch[is_masked], reduction="none")
+            / p_mask[is_masked]
+        )
         # The reference averages per-batch means; weighting by batch size is the same when all
         # batches are full, and right when the last one is not.
         total_loss += (token_loss.sum() / size).item() * size

@@ -69,13 +69,21 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     if not messages:
         raise ValueError("messages is empty; pass at least one {'role': 'user', 'content': ...}")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise ValueError(
+                f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}"
+            )
     template = tokenizer.chat_template or LLADA_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> list[int]:
     """Token ids of a rendered chat (the template writes BOS; the tokenizer adds nothing)."""
     return tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
@@ -89,8 +97,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if len(sequence):
-            ids[row, width - len(sequence):] = torch.tensor(list(sequence), dtype=torch.long)
-            attention_mask[row, width - len(sequence):] = 1
+            ids[row, width - len(sequence) :] = torch.tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, width - len(sequence) :] = 1
     return ids, attention_mask
 
 
@@ -106,7 +114,9 @@ def train_tokenizer(
 
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise ValueError(
+            f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -123,8 +133,12 @@ def train_tokenizer(
     tokenizer.save(str(output / "tokenizer.json"))
     added = {
         str(tokenizer.token_to_id(token)): {
-            "content": token, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for token in SPECIAL_TOKENS
     }

@@ -36,7 +36,15 @@ def test_bfloat16_is_close_to_float32():
 
 
 def test_multi_query_attention_flag_means_one_kv_head():
-    config = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=None, multi_query_attention=True, n_layers=1, vocab_size=16, embedding_size=16)
+    config = LLaDAConfig(
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=None,
+        multi_query_attention=True,
+        n_layers=1,
+        vocab_size=16,
+        embedding_size=16,
+    )
     assert config.effective_n_kv_heads == 1
 
 
@@ -85,9 +93,18 @@ def test_inconsistent_sizes_are_explained():
 
 def test_missing_keys_take_the_reference_defaults():
     config = LLaDAConfig.from_hf_dict(
-        {"d_model": 64, "n_heads": 4, "n_layers": 1, "rope": True, "block_type": "llama",
-         "activation_type": "silu", "layer_norm_type": "rms", "vocab_size": 100, "embedding_size": 128,
-         "my_key": [1, 2]}
+        {
+            "d_model": 64,
+            "n_heads": 4,
+            "n_layers": 1,
+            "rope": True,
+            "block_type": "llama",
+            "activation_type": "silu",
+            "layer_norm_type": "rms",
+            "vocab_size": 100,
+            "embedding_size": 128,
+            "my_key": [1, 2],
+        }
     )
     assert config.weight_tying is REFERENCE_DEFAULTS["weight_tying"]
     assert config.attention_dropout == REFERENCE_DEFAULTS["attention_dropout"]

@@ -23,7 +23,9 @@ class TableModel(torch.nn.Module):
 
     def forward(self, x, attention_mask=None):
         self.calls += 1
-        return type("Out", (), {"logits": self.table[: x.shape[1]].expand(x.shape[0], -1, -1).clone()})()
+        return type(
+            "Out", (), {"logits": self.table[: x.shape[1]].expand(x.shape[0], -1, -1).clone()}
+        )()
 
 
 def test_schedule_is_linear():
@@ -60,7 +62,9 @@ def test_cfg_without_attention_mask_works(random_model):
     prompt = torch.tensor([[5, 9, 11, 2]])
     kwargs = dict(steps=4, gen_length=4, block_length=4, cfg_scale=1.0)
     without = llada.generate(random_model, prompt, **kwargs)
-    with_mask = llada.generate(random_model, prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    with_mask = llada.generate(
+        random_model, prompt, attention_mask=torch.ones_like(prompt), **kwargs
+    )
     assert without.tolist() == with_mask.tolist()
 
 
@@ -71,7 +75,9 @@ def test_logits_eos_inf_forbids_eos():
     model = TableModel(table, tokens)
     out = llada.generate(model, torch.tensor([[1, 2]]), steps=4, gen_length=4, block_length=4)
     assert out[0, 2:].tolist() == [7, 7, 7, 7]
-    out = llada.generate(model, torch.tensor([[1, 2]]), steps=4, gen_length=4, block_length=4, logits_eos_inf=True)
+    out = llada.generate(
+        model, torch.tensor([[1, 2]]), steps=4, gen_length=4, block_length=4, logits_eos_inf=True
+    )
     assert 7 not in out[0, 2:].tolist()
 
 
@@ -95,7 +101,9 @@ def test_confidence_eos_eot_inf_reference_and_fixed():
     def first_commits(**kwargs) -> list[int]:
         model = Recorder(table, tokens)
         model.states = []
-        final = llada.generate(model, torch.tensor([[1, 2]]), steps=4, gen_length=4, block_length=4, **kwargs)
+        final = llada.generate(
+            model, torch.tensor([[1, 2]]), steps=4, gen_length=4, block_length=4, **kwargs
+        )
         states = model.states[1:] + [final[0].tolist()]
         before = model.states[0]
         order = []
@@ -111,15 +119,24 @@ def test_confidence_eos_eot_inf_reference_and_fixed():
     # The reference flag at temperature 0 defers them (their confidence becomes 0).
     assert sorted(first_commits(confidence_eos_eot_inf=True)[:2]) == [4, 5]
     # The fixed flag defers them too, with any remasking.
-    assert sorted(first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True)[:2]) == [4, 5]
+    assert sorted(first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True)[:2]) == [
+        4,
+        5,
+    ]
     torch.manual_seed(0)
-    assert sorted(first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True, remasking="random")[:2]) == [4, 5]
+    assert sorted(
+        first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True, remasking="random")[
+            :2
+        ]
+    ) == [4, 5]
     # At temperature > 0 the reference flag leaves EOS proposals un-deferred (its bug) ...
     torch.manual_seed(0)
     assert sorted(first_commits(confidence_eos_eot_inf=True, temperature=0.1)[:2]) == [2, 3]
     # ... and the fixed flag defers them.
     torch.manual_seed(0)
-    assert sorted(first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True, temperature=0.1)[:2]) == [4, 5]
+    assert sorted(
+        first_commits(confidence_eos_eot_inf=True, fix_confidence_eos_eot=True, temperature=0.1)[:2]
+    ) == [4, 5]
 
 
 def test_steps_are_spent_per_block():
@@ -129,7 +146,9 @@ def test_steps_are_spent_per_block():
     llada.generate(model, torch.tensor([[1, 2]]), steps=8, gen_length=8, block_length=2)
     assert model.calls == 8
     model.calls = 0
-    llada.generate(model, torch.tensor([[1, 2]]), steps=8, gen_length=8, block_length=2, cfg_scale=0.5)
+    llada.generate(
+        model, torch.tensor([[1, 2]]), steps=8, gen_length=8, block_length=2, cfg_scale=0.5
+    )
     assert model.calls == 8  # guidance batches both passes into one call
 
 
@@ -137,7 +156,11 @@ def test_steps_are_spent_per_block():
     ("kwargs", "error", "words"),
     [
         ({"gen_length": 10, "block_length": 4}, ValueError, "multiple of block_length"),
-        ({"steps": 3, "gen_length": 8, "block_length": 4}, ValueError, "multiple of the number of blocks"),
+        (
+            {"steps": 3, "gen_length": 8, "block_length": 4},
+            ValueError,
+            "multiple of the number of blocks",
+        ),
         ({"steps": 0}, ValueError, "steps must be a positive integer"),
         ({"gen_length": -8}, ValueError, "gen_length must be a positive integer"),
         ({"temperature": -1.0}, ValueError, "temperature"),

@@ -15,17 +15,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="generate answers to prompts",
         description="Generate an answer to each prompt with the reference LLaDA sampler.",
     )
-    parser.add_argument("prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin")
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped model)")
+    parser.add_argument(
+        "prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin"
+    )
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
+    )
     parser.add_argument("--file", default=None, help="read prompts from this file, one per line")
-    parser.add_argument("--raw", action="store_true", help="use the prompt text as is, without the chat template")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    parser.add_argument(
+        "--raw", action="store_true", help="use the prompt text as is, without the chat template"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
+    )
     # The reference chat.py's settings: 128 tokens in blocks of 32, one token per step.
     add_dataclass_arguments(
-        parser, GenerateConfig, "sampler", defaults={"steps": 128, "gen_length": 128, "block_length": 32}
+        parser,
+        GenerateConfig,
+        "sampler",
+        defaults={"steps": 128, "gen_length": 128, "block_length": 32},
     )
     parser.set_defaults(run=run)
 

@@ -13,7 +13,9 @@ from . import generate
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="llada", description="LLaDA masked diffusion language models.")
+    parser = argparse.ArgumentParser(
+        prog="llada", description="LLaDA masked diffusion language models."
+    )
     parser.add_argument("--version", action="version", version=f"llada {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -24,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     if not hasattr(args, "run"):
         parser.print_help()
         return 2

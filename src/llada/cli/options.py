@@ -41,7 +41,9 @@ def add_dataclass_arguments(
         hint = hints[f.name]
         text = helps.get(f.name, "") + f" (default: {default})"
         if hint is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
             continue
         choices = None
         origin = typing.get_origin(hint)
@@ -52,7 +54,9 @@ def add_dataclass_arguments(
             kind = next(a for a in typing.get_args(hint) if a is not type(None))
         else:
             kind = hint
-        group.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=text)
+        group.add_argument(
+            flag, dest=f.name, type=kind, default=default, choices=choices, help=text
+        )
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:

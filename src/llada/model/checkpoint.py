@@ -127,12 +127,16 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             begin, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=dtype)
             if end - begin != tensor.numel() * tensor.element_size():
-                raise ValueError(f"{path}: tensor '{name}' has a size that does not match its shape")
+                raise ValueError(
+                    f"{path}: tensor '{name}' has a size that does not match its shape"
+                )
             if end > begin:
                 handle.seek(data_start + begin)
                 view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
                 if handle.readinto(view) != end - begin:
-                    raise ValueError(f"{path}: file ends inside tensor '{name}' (truncated download?)")
+                    raise ValueError(
+                        f"{path}: file ends inside tensor '{name}' (truncated download?)"
+                    )
             yield name, tensor
 
 
@@ -145,7 +149,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder}: shards listed in {INDEX_FILE} are missing: {missing}")
+            raise FileNotFoundError(
+                f"{folder}: shards listed in {INDEX_FILE} are missing: {missing}"
+            )
         return [folder / name for name in files]
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
@@ -190,9 +196,15 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float64": torch.float64}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(names)}")
     return names[dtype]
@@ -228,7 +240,9 @@ def load_model(
         for hf_name, tensor in iter_safetensors(file):
             name = from_hf_name(hf_name)
             if name not in expected:
-                raise ValueError(f"{file.name}: tensor '{hf_name}' does not fit this config (weight_tying?)")
+                raise ValueError(
+                    f"{file.name}: tensor '{hf_name}' does not fit this config (weight_tying?)"
+                )
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(
                     f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
@@ -240,7 +254,9 @@ def load_model(
             del tensor
     missing = expected - loaded
     if missing:
-        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        raise ValueError(
+            f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+        )
     model.special_tokens = resolve_special_tokens(raw_config, folder, config.padded_vocab_size)
     model.checkpoint_folder = folder
     return model.eval()
@@ -254,8 +270,12 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter)
 
 # Writing ---------------------------------------------------------------------------------------
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
 
 
 def _parse_size(size: int | str) -> int:
@@ -302,20 +322,34 @@ def save_pretrained(
     try:
         if folder.is_dir():
             for item in folder.iterdir():
-                if item.name in (CONFIG_FILE, INDEX_FILE, GENERATION_CONFIG_FILE) or item.suffix == ".safetensors":
+                if (
+                    item.name in (CONFIG_FILE, INDEX_FILE, GENERATION_CONFIG_FILE)
+                    or item.suffix == ".safetensors"
+                ):
                     continue
                 copy = shutil.copytree if item.is_dir() else shutil.copy2
                 copy(item, staging / item.name)
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
-            file_name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {k: v.to(device="cpu", dtype=target_dtype).contiguous() for k, v in shard.items()}
+            file_name = (
+                SINGLE_FILE
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            tensors = {
+                k: v.to(device="cpu", dtype=target_dtype).contiguous() for k, v in shard.items()
+            }
             save_file(tensors, staging / file_name, metadata={"format": "pt"})
             del tensors
             weight_map.update(dict.fromkeys(shard, file_name))
         if len(shards) > 1:
-            _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(staging / CONFIG_FILE, model.config.to_hf_dict(torch_dtype=_DTYPE_NAMES.get(target_dtype)))
+            _write_json(
+                staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+        _write_json(
+            staging / CONFIG_FILE,
+            model.config.to_hf_dict(torch_dtype=_DTYPE_NAMES.get(target_dtype)),
+        )
         tokens = model.special_tokens
         generation = {"_from_model_config": True, "eos_token_id": model.config.eos_token_id}
         if tokens is not None and tokens.bos_id is not None:

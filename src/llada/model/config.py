@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..tokens import LLADA_8B
+
 # What the reference `ModelConfig()` gives a key that config.json leaves out (SPEC §2.7).
 REFERENCE_DEFAULTS: dict[str, Any] = {
     "d_model": 768,
@@ -109,9 +111,9 @@ class LLaDAConfig:
     vocab_size: int = 126464
     embedding_size: int | None = 126464
     weight_tying: bool = False
-    eos_token_id: int | None = 126081
-    pad_token_id: int | None = 126081
-    mask_token_id: int | None = 126336
+    eos_token_id: int | None = LLADA_8B.eos_id
+    pad_token_id: int | None = LLADA_8B.pad_id
+    mask_token_id: int | None = LLADA_8B.mask_id
     init_device: str | None = "meta"
     init_fn: str = "mitchell"
     init_std: float = 0.02
@@ -127,14 +129,38 @@ class LLaDAConfig:
             "alibi": (self.alibi, False, "ALiBi position biases are not implemented"),
             "rope": (self.rope, True, "only RoPE models are implemented"),
             "block_type": (self.block_type, "llama", "only the 'llama' block is implemented"),
-            "activation_type": (self.activation_type, "silu", "only SiLU-gated MLPs are implemented"),
+            "activation_type": (
+                self.activation_type,
+                "silu",
+                "only SiLU-gated MLPs are implemented",
+            ),
             "layer_norm_type": (self.layer_norm_type, "rms", "only RMSNorm is implemented"),
-            "layer_norm_with_affine": (self.layer_norm_with_affine, True, "norms without weights are not implemented"),
-            "attention_layer_norm": (self.attention_layer_norm, False, "QK-norm is not implemented for dense LLaDA"),
+            "layer_norm_with_affine": (
+                self.layer_norm_with_affine,
+                True,
+                "norms without weights are not implemented",
+            ),
+            "attention_layer_norm": (
+                self.attention_layer_norm,
+                False,
+                "QK-norm is not implemented for dense LLaDA",
+            ),
             "include_bias": (self.include_bias, False, "linear biases are not implemented"),
-            "include_qkv_bias": (bool(self.include_qkv_bias), False, "q/k/v biases are not implemented"),
-            "bias_for_layer_norm": (bool(self.bias_for_layer_norm), False, "norm biases are not implemented"),
-            "input_emb_norm": (self.input_emb_norm, False, "input embedding normalisation is not implemented"),
+            "include_qkv_bias": (
+                bool(self.include_qkv_bias),
+                False,
+                "q/k/v biases are not implemented",
+            ),
+            "bias_for_layer_norm": (
+                bool(self.bias_for_layer_norm),
+                False,
+                "norm biases are not implemented",
+            ),
+            "input_emb_norm": (
+                self.input_emb_norm,
+                False,
+                "input embedding normalisation is not implemented",
+            ),
             "block_group_size": (self.block_group_size, 1, "grouped blocks are not implemented"),
         }
         for key, (value, supported, why) in refusals.items():
@@ -145,13 +171,17 @@ class LLaDAConfig:
                 )
         for key in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length"):
             if int(getattr(self, key)) <= 0:
-                raise ValueError(f"config key '{key}' must be a positive integer, got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"config key '{key}' must be a positive integer, got {getattr(self, key)!r}"
+                )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
             )
         if self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head dimension; d_model/n_heads = {self.head_dim}.")
+            raise ValueError(
+                f"RoPE needs an even head dimension; d_model/n_heads = {self.head_dim}."
+            )
         if (
             self.n_kv_heads is not None
             and self.multi_query_attention is not None
@@ -170,7 +200,9 @@ class LLaDAConfig:
             )
         for key in ("attention_dropout", "residual_dropout", "embedding_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"config key '{key}' must be in [0, 1), got {getattr(self, key)!r}"
+                )
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -187,7 +219,11 @@ class LLaDAConfig:
     @property
     def hidden_size(self) -> int:
         """Width of the SwiGLU layer (`mlp_hidden_size`, else `mlp_ratio * d_model`)."""
-        return self.mlp_hidden_size if self.mlp_hidden_size is not None else self.mlp_ratio * self.d_model
+        return (
+            self.mlp_hidden_size
+            if self.mlp_hidden_size is not None
+            else self.mlp_ratio * self.d_model
+        )
 
     @property
     def padded_vocab_size(self) -> int:

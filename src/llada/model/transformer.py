@@ -68,7 +68,10 @@ class RotaryEmbedding(nn.Module):
         cached = self._tables.get(device)
         if cached is None or cached[0].shape[0] < length:
             with torch.autocast(device_type=device.type, enabled=False):
-                exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float) / self.head_dim
+                exponent = (
+                    torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float)
+                    / self.head_dim
+                )
                 inv_freq = 1.0 / (self.theta**exponent)
                 seq = torch.arange(length, device=device, dtype=torch.float)
                 freqs = torch.outer(seq, inv_freq)  # (length, head_dim/2)
@@ -130,7 +133,12 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if implementation == "sdpa":
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_bias, dropout_p=dropout, is_causal=False,
+                q,
+                k,
+                v,
+                attn_mask=attention_bias,
+                dropout_p=dropout,
+                is_causal=False,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         else:
@@ -200,7 +208,9 @@ class Block(nn.Module):
         return x + self.residual_dropout(self.mlp(self.ff_norm(x)))
 
 
-def attention_bias_from_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def attention_bias_from_mask(
+    attention_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
     """(B, T) keep-mask (1 = token, 0 = padding) -> additive key bias (B, 1, 1, T), or None.
 
     As the reference (SPEC §2.5): a mask without zeros is dropped, so it is bit-identical to no
@@ -219,7 +229,9 @@ def attention_bias_from_mask(attention_mask: torch.Tensor | None, dtype: torch.d
 class LLaDAModel(nn.Module):
     """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
 
-    def __init__(self, config: LLaDAConfig, attn_implementation: AttentionImplementation = "sdpa") -> None:
+    def __init__(
+        self, config: LLaDAConfig, attn_implementation: AttentionImplementation = "sdpa"
+    ) -> None:
         super().__init__()
         self.config = config
         self.attn_implementation: AttentionImplementation = attn_implementation
@@ -228,7 +240,11 @@ class LLaDAModel(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_full_precision)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.lm_head = None if config.weight_tying else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.weight_tying
+            else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        )
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
 
@@ -285,7 +301,9 @@ class LLaDAModel(nn.Module):
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if self.config.scale_logits:
             logits = logits * (1.0 / math.sqrt(self.config.d_model))
-        return LLaDAOutput(logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None)
+        return LLaDAOutput(
+            logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
+        )
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -293,7 +311,9 @@ class LLaDAModel(nn.Module):
         with the residual output projections scaled by 1/sqrt(2(layer+1))."""
 
         def normal_(weight: torch.Tensor, std: float) -> None:
-            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+            nn.init.trunc_normal_(
+                weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator
+            )
 
         d = self.config.d_model
         normal_(self.embed.weight, 1 / math.sqrt(d))
@@ -301,7 +321,13 @@ class LLaDAModel(nn.Module):
             normal_(self.lm_head.weight, 1 / math.sqrt(d))
         for layer, block in enumerate(self.blocks):
             depth = 1 / math.sqrt(2 * (layer + 1))
-            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj):
+            for linear in (
+                block.attn.q_proj,
+                block.attn.k_proj,
+                block.attn.v_proj,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+            ):
                 normal_(linear.weight, 1 / math.sqrt(d))
             normal_(block.attn.o_proj.weight, depth / math.sqrt(d))
             normal_(block.mlp.down_proj.weight, depth / math.sqrt(self.config.hidden_size))

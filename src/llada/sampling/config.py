@@ -61,7 +61,9 @@ class GenerateConfig:
         if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
         if self.remasking not in REMASKING_CHOICES:
-            raise ValueError(f"remasking must be one of {REMASKING_CHOICES}, got {self.remasking!r}")
+            raise ValueError(
+                f"remasking must be one of {REMASKING_CHOICES}, got {self.remasking!r}"
+            )
 
     @property
     def num_blocks(self) -> int:

@@ -46,7 +46,10 @@ def get_num_transfer_tokens(block_is_masked: torch.Tensor, steps: int) -> torch.
     mask_num = block_is_masked.sum(dim=1, keepdim=True)  # (B, 1)
     base = mask_num // steps
     remainder = mask_num % steps
-    counts = torch.zeros(mask_num.size(0), steps, device=block_is_masked.device, dtype=torch.int64) + base
+    counts = (
+        torch.zeros(mask_num.size(0), steps, device=block_is_masked.device, dtype=torch.int64)
+        + base
+    )
     for row in range(mask_num.size(0)):
         counts[row, : remainder[row]] += 1
     return counts
@@ -76,9 +79,15 @@ def generate(
     `GenerateConfig`. Returns (B, Lp + gen_length) ids; the answer is `[:, Lp:]`.
     """
     config = GenerateConfig(
-        steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-        cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
-        confidence_eos_eot_inf=confidence_eos_eot_inf, fix_confidence_eos_eot=fix_confidence_eos_eot,
+        steps=steps,
+        gen_length=gen_length,
+        block_length=block_length,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        remasking=remasking,
+        logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf,
+        fix_confidence_eos_eot=fix_confidence_eos_eot,
     )
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
@@ -86,11 +95,15 @@ def generate(
     prompt = check_token_ids("prompt", prompt, 2, vocab_size_of(model)).to(device)
     batch, prompt_length = prompt.shape
 
-    x = torch.full((batch, prompt_length + config.gen_length), mask_id, dtype=torch.long, device=device)
+    x = torch.full(
+        (batch, prompt_length + config.gen_length), mask_id, dtype=torch.long, device=device
+    )
     x[:, :prompt_length] = prompt.clone()
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
-        answer_ones = torch.ones((batch, config.gen_length), dtype=attention_mask.dtype, device=device)
+        answer_ones = torch.ones(
+            (batch, config.gen_length), dtype=attention_mask.dtype, device=device
+        )
         attention_mask = torch.cat([attention_mask, answer_ones], dim=-1)
     # Mask tokens inside the prompt are infilled like answer positions (SPEC §4 quirk).
     prompt_index = x != mask_id
@@ -98,12 +111,18 @@ def generate(
     for block in range(config.num_blocks):
         block_start = prompt_length + block * config.block_length
         block_end = block_start + config.block_length
-        schedule = get_num_transfer_tokens(x[:, block_start:block_end] == mask_id, config.steps_per_block)
+        schedule = get_num_transfer_tokens(
+            x[:, block_start:block_end] == mask_id, config.steps_per_block
+        )
         for step in range(config.steps_per_block):
             is_masked = x == mask_id
             logits = predict_logits(
-                model, x, prompt_index=prompt_index, mask_id=mask_id,
-                cfg_scale=config.cfg_scale, attention_mask=attention_mask,
+                model,
+                x,
+                prompt_index=prompt_index,
+                mask_id=mask_id,
+                cfg_scale=config.cfg_scale,
+                attention_mask=attention_mask,
             )
             if config.logits_eos_inf:
                 logits[:, :, tokens.eos_id] = -torch.inf
