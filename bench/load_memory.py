@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         run_python(WRITER, str(folder), args.dtype, str(SHARD_BYTES), json.dumps(config))
         checkpoint_bytes = folder_bytes(folder)
         shards = len(list(folder.glob("*.safetensors")))
-        measured = json.loads(run_python(MEASURER, str(folder), args.dtype).strip().splitlines()[-1])
+        measured = json.loads(
+            run_python(MEASURER, str(folder), args.dtype).strip().splitlines()[-1]
+        )
     finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)
@@ -182,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     increase = peak - baseline
     ratio = increase / checkpoint_bytes
     rows = [
-        ("config", f"d_model {config['d_model']}, {config['n_layers']} layers, "
-                   f"mlp {config['mlp_hidden_size']}, vocab {config['vocab_size']}, {args.dtype}"),
+        (
+            "config",
+            f"d_model {config['d_model']}, {config['n_layers']} layers, "
+            f"mlp {config['mlp_hidden_size']}, vocab {config['vocab_size']}, {args.dtype}",
+        ),
         ("checkpoint", f"{mib(checkpoint_bytes)} in {shards} file(s)"),
         ("baseline RSS (torch+llada)", mib(baseline)),
         ("peak RSS after load_model", mib(peak)),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,9 @@ def test_name_mapping_round_trips_the_official_names():
     assert set(ours) == {name for name, _ in model.named_parameters()}
     for name in state:
         assert to_hf_name(from_hf_name(name)) == name
-    assert from_hf_name("model.transformer.blocks.1.ff_proj.weight") == "blocks.1.mlp.gate_proj.weight"
+    assert (
+        from_hf_name("model.transformer.blocks.1.ff_proj.weight") == "blocks.1.mlp.gate_proj.weight"
+    )
     assert from_hf_name("model.transformer.ff_out.weight") == "lm_head.weight"
 
 
@@ -138,7 +142,9 @@ def test_special_tokens_come_from_config_json(tiny_model):
 def test_load_with_dtype_casts(tiny_model):
     model = load_model(TINY, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    for (name, a), (_, b) in zip(model.named_parameters(), tiny_model.named_parameters(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.named_parameters(), tiny_model.named_parameters(), strict=True
+    ):
         assert torch.equal(a, b.to(torch.bfloat16)), name
 
 
@@ -264,6 +270,19 @@ def test_failed_save_leaves_the_old_folder_intact(tiny_model, tmp_path, monkeypa
     assert not any(".saving-" in p.name for p in tmp_path.iterdir())
 
 
+def test_saved_folder_permissions_follow_the_umask(tiny_model, tmp_path):
+    # tempfile.mkdtemp makes the staging folder 0700 and safetensors writes files 0600; a saved
+    # checkpoint must still be readable as an ordinary mkdir/open would make it.
+    old_umask = os.umask(0o022)
+    try:
+        out = save_pretrained(tiny_model, tmp_path / "perms", max_shard_size="100KB")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for file in out.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
+
+
 # Safety and refusals -------------------------------------------------------------------------
 
 
@@ -341,7 +360,13 @@ def test_missing_shard_is_refused(tiny_model, tmp_path):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"d_model": 128}, {"n_layers": 1}, {"n_layers": 3}, {"mlp_hidden_size": 128}, {"n_kv_heads": 4}],
+    [
+        {"d_model": 128},
+        {"n_layers": 1},
+        {"n_layers": 3},
+        {"mlp_hidden_size": 128},
+        {"n_kv_heads": 4},
+    ],
 )
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, changes):
     folder = copy_tiny(tmp_path / "mismatch")

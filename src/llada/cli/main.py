@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import generate
+from . import data, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     generate.add_parser(subparsers)
+    train.add_parser(subparsers)
+    data.add_parser(subparsers)
     return parser
 
 

@@ -27,10 +27,15 @@ def _field_help(cls: type) -> dict[str, str]:
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, title: str, defaults: dict[str, Any] | None = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    defaults: dict[str, Any] | None = None,
+    suppress_defaults: bool = False,
 ) -> None:
     """Add `--field-name` flags for every field of `cls`, defaults and help from the class
-    (`defaults` overrides some defaults for this command)."""
+    (`defaults` overrides some defaults for this command). With `suppress_defaults`, flags not
+    given stay None, so that a config file can supply them."""
     group = parser.add_argument_group(title)
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
@@ -40,9 +45,14 @@ def add_dataclass_arguments(
         default = (defaults or {}).get(f.name, default)
         hint = hints[f.name]
         text = helps.get(f.name, "") + f" (default: {default})"
+        parse_default = None if suppress_defaults else default
         if hint is bool:
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=parse_default,
+                help=text,
             )
             continue
         choices = None
@@ -55,7 +65,7 @@ def add_dataclass_arguments(
         else:
             kind = hint
         group.add_argument(
-            flag, dest=f.name, type=kind, default=default, choices=choices, help=text
+            flag, dest=f.name, type=kind, default=parse_default, choices=choices, help=text
         )
 
 

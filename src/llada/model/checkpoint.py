@@ -9,13 +9,16 @@ files (the official `modeling_llada.py`) are ignored, and only safetensors and J
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -231,7 +234,7 @@ def load_model(
     target_dtype = _parse_dtype(dtype)
     device = torch.device(device)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_weight_init():
         model = LLaDAModel(config, attn_implementation=attn_implementation)
     expected = {name for name, _ in model.named_parameters()}
     params = dict(model.named_parameters())
@@ -239,6 +242,8 @@ def load_model(
     for file in checkpoint_files(folder):
         for hf_name, tensor in iter_safetensors(file):
             name = from_hf_name(hf_name)
+            if name in loaded:
+                raise ValueError(f"{file.name}: tensor '{hf_name}' appears in more than one shard")
             if name not in expected:
                 raise ValueError(
                     f"{file.name}: tensor '{hf_name}' does not fit this config (weight_tying?)"
@@ -260,6 +265,24 @@ def load_model(
     model.special_tokens = resolve_special_tokens(raw_config, folder, config.padded_vocab_size)
     model.checkpoint_folder = folder
     return model.eval()
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Skip the layers' default initialisation while building on the meta device.
+
+    Every weight is replaced from the file anyway, and `normal_` on a meta tensor still costs
+    an import of torch's symbolic machinery (about 70 MB and 0.8 s per process).
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
@@ -293,19 +316,30 @@ def save_pretrained(
     folder: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    copy_from: str | os.PathLike | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `model` as an official checkpoint folder, atomically.
 
     Everything is written to a temporary sibling folder first and swapped in at the end, so a
     crash at any moment leaves either the previous folder or the new one, never a mix. Tokenizer
     files and anything else already in the folder (e.g. the official modeling_*.py) are kept.
+
+    state_dict: the weights to write (our names) instead of the model's own, e.g. a full state
+        dict gathered from a sharded model; `model` then only supplies config and token ids.
+    copy_from: another folder whose non-weight files (tokenizer, ...) are copied in too.
+    add_files: called with the staging folder to write more files into the same atomic swap.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     target_dtype = _parse_dtype(dtype) or model.dtype
     limit = _parse_size(max_shard_size)
 
-    state = {to_hf_name(name): p.detach() for name, p in model.named_parameters()}
+    if state_dict is None:
+        state_dict = {name: p.detach() for name, p in model.named_parameters()}
+    state = {to_hf_name(name): tensor for name, tensor in state_dict.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     total = 0
@@ -320,11 +354,14 @@ def save_pretrained(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
     try:
-        if folder.is_dir():
-            for item in folder.iterdir():
+        for source in (Path(copy_from) if copy_from else None, folder):
+            if source is None or not source.is_dir():
+                continue
+            for item in source.iterdir():
                 if (
                     item.name in (CONFIG_FILE, INDEX_FILE, GENERATION_CONFIG_FILE)
                     or item.suffix == ".safetensors"
+                    or (staging / item.name).exists()
                 ):
                     continue
                 copy = shutil.copytree if item.is_dir() else shutil.copy2
@@ -355,6 +392,8 @@ def save_pretrained(
         if tokens is not None and tokens.bos_id is not None:
             generation["bos_token_id"] = tokens.bos_id
         _write_json(staging / GENERATION_CONFIG_FILE, generation)
+        if add_files is not None:
+            add_files(staging)
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -370,15 +409,56 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _swap_in(staging: Path, folder: Path) -> None:
     """Replace `folder` by `staging` with renames only (each rename is atomic on POSIX)."""
+    # mkdtemp makes the staging folder 0700 and safetensors writes 0600; give the result the
+    # permissions an ordinary mkdir/open would have under the current umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     for file in staging.iterdir():
         if file.is_file():
+            os.chmod(file, 0o666 & ~umask)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
     if not folder.exists():
         os.rename(staging, folder)
+        _fsync_dir(folder.parent)
         return
-    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    os.rename(folder, retired)
+    if _exchange(staging, folder):
+        # `staging` now holds the previous version.
+        _fsync_dir(folder.parent)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    # No atomic exchange on this system: two renames, with a short window in which only the
+    # retired copy exists.
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.rename(folder, retired / folder.name)
     os.rename(staging, folder)
+    _fsync_dir(folder.parent)
     shutil.rmtree(retired, ignore_errors=True)
-    logger.debug("replaced %s", folder)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import LLaDAConfig
@@ -226,6 +227,19 @@ def attention_bias_from_mask(
     return bias.masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def _add_causal_bias(
+    bias: torch.Tensor | None, length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Add a (1, 1, T, T) lower-triangular keep-bias to a key-padding bias (or to none)."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    causal = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(
+        future, torch.finfo(dtype).min
+    )[None, None]
+    if bias is None:
+        return causal
+    return (bias + causal).clamp(min=torch.finfo(dtype).min)
+
+
 class LLaDAModel(nn.Module):
     """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
 
@@ -247,6 +261,8 @@ class LLaDAModel(nn.Module):
         )
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
+        # Recompute each block's activations in the backward pass (training memory saver).
+        self.activation_checkpointing = False
 
     def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None):
         """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
@@ -270,12 +286,19 @@ class LLaDAModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_at: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> LLaDAOutput:
         """input_ids (B, T) -> logits (B, T, padded_vocab).
 
         attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended use).
         positions: (T,) RoPE positions; by default 0..T-1 over the padded sequence, as the
         reference (padding shifts all positions equally, and RoPE sees only offsets).
+        logits_at: bool (B, T); when given, the LM head runs only there and logits are (N, V)
+            for the N selected positions, in row-major order (the losses need no others, and the
+            head is a large share of a small model's compute).
+        causal: attend only to earlier positions; the same network as an autoregressive model,
+            for masked-diffusion vs autoregressive comparisons (not part of LLaDA).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -290,14 +313,29 @@ class LLaDAModel(nn.Module):
             positions = torch.arange(length, device=x.device)
         x = self.embed_dropout(x)
         bias = attention_bias_from_mask(attention_mask, x.dtype)
+        if causal:
+            bias = _add_causal_bias(bias, length, x.dtype, x.device)
         hidden_states: list[torch.Tensor] = []
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(x)
-            x = block(x, self.rope, positions, bias, self.attn_implementation)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    block,
+                    x,
+                    self.rope,
+                    positions,
+                    bias,
+                    self.attn_implementation,
+                    use_reentrant=False,
+                )
+            else:
+                x = block(x, self.rope, positions, bias, self.attn_implementation)
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
+        if logits_at is not None:
+            x = x[logits_at]
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if self.config.scale_logits:
             logits = logits * (1.0 / math.sqrt(self.config.d_model))

@@ -1,0 +1,55 @@
+"""`llada train`: pre-training or SFT, in one process or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..train.config import TrainConfig
+from .options import add_dataclass_arguments
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pre-train or fine-tune a LLaDA model",
+        description=(
+            "Train with the LLaDA losses. Runs as one process, or on N processes with "
+            "`torchrun --nproc_per_node N -m llada.cli.main train ...` (gloo on CPU, NCCL on GPU)."
+        ),
+    )
+    parser.add_argument(
+        "--config", default=None, help="JSON file of settings; flags given here override it"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_arguments(parser, TrainConfig, "training", suppress_defaults=True)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.loop import TrainingDiverged, train
+
+    settings: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            settings = json.load(f)
+    settings.update(
+        {
+            k: v
+            for k, v in vars(args).items()
+            if k in TrainConfig.__dataclass_fields__ and v is not None
+        }
+    )
+    config = TrainConfig.from_dict(settings)
+    try:
+        result = train(config, progress=not args.no_progress)
+    except TrainingDiverged as error:
+        print(f"llada: training stopped: {error}", file=sys.stderr)
+        return 3
+    if result.val_history:
+        last = result.val_history[-1]
+        print(f"step {result.step}: validation {last['val_bits_per_token']:.4f} bits/token")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    return 0

@@ -1,0 +1,129 @@
+"""Training settings: one validated, frozen dataclass; `llada train` flags derive from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Objective = Literal["pretrain", "sft"]
+Schedule = Literal["cosine", "wsd", "constant"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run.
+
+    objective: 'pretrain' (masked diffusion on packed text) or 'sft' (chat records; the prompt
+        is never masked).
+    autoregressive: train the same network as a causal next-token model instead, for
+        masked-diffusion vs autoregressive comparisons at equal compute.
+    model: a checkpoint folder to start from; empty for a new model from --model-config.
+    model_config: JSON file with the LLaDA config.json keys of a new model.
+    tokenizer: folder with the tokenizer files of a new model.
+    data: training data: a token file made by `llada data` (pretrain), or a JSONL file of chat
+        records with a 'messages' list (sft).
+    val_data: held-out data of the same kind; empty: none (pretrain: the last val_fraction).
+    val_fraction: share of a pretraining token file held out when val_data is empty.
+    out_dir: run folder: checkpoints/, metrics.jsonl, loss.png, TensorBoard events.
+    seq_len: tokens per training sequence (sft: longer records are cut).
+    batch_size: sequences per micro-batch in each process.
+    grad_accum: micro-batches per optimizer step; the global batch is
+        batch_size * grad_accum * processes.
+    max_steps: optimizer steps in total.
+    lr: peak learning rate.
+    min_lr_ratio: final learning rate as a fraction of lr.
+    warmup_steps: linear warm-up steps.
+    schedule: 'cosine' decay, 'wsd' (warmup-stable-decay, the paper's schedule), or 'constant'.
+    decay_fraction: share of max_steps spent decaying in 'wsd'.
+    weight_decay: AdamW weight decay (paper: 0.1).
+    beta1, beta2: AdamW betas (paper: 0.9, 0.95).
+    grad_clip: clip the global gradient norm to this; 0 turns clipping off.
+    precision: 'bf16' runs the forward under bfloat16 autocast (weights stay float32).
+    activation_checkpointing: recompute block activations in the backward pass.
+    parallel: 'none', 'ddp' or 'fsdp' under torchrun; 'auto' is fsdp with several processes.
+    eval_every: validate every this many steps (0: only at the end).
+    eval_batches: validation micro-batches per evaluation.
+    save_every: write a checkpoint every this many steps (0: only at the end).
+    keep_checkpoints: how many recent checkpoints to keep.
+    log_every: print and log every this many steps.
+    seed: seeds the initialisation, the data order and the masking.
+    resume: continue from the latest checkpoint in out_dir.
+    lora_rank: > 0 fine-tunes LoRA adapters of this rank (through peft) instead of all weights.
+    lora_alpha: LoRA scaling numerator.
+    """
+
+    objective: Objective = "pretrain"
+    autoregressive: bool = False
+    model: str = ""
+    model_config: str = ""
+    tokenizer: str = ""
+    data: str = ""
+    val_data: str = ""
+    val_fraction: float = 0.02
+    out_dir: str = "runs/llada"
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Schedule = "wsd"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Precision = "fp32"
+    activation_checkpointing: bool = False
+    parallel: Parallel = "auto"
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(
+                "keep_checkpoints must be at least 1, so a good checkpoint always exists"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("min_lr_ratio", "decay_fraction", "val_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.data:
+            raise ValueError("data is required: a token file (pretrain) or a JSONL file (sft)")
+        if not self.model and not (self.model_config and self.tokenizer):
+            raise ValueError(
+                "say what to train: --model FOLDER to start from a checkpoint, or --model-config "
+                "JSON and --tokenizer FOLDER for a new model"
+            )
+        if self.objective not in ("pretrain", "sft"):
+            raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**data)

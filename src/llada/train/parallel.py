@@ -1,0 +1,110 @@
+"""Distribution, applied from outside the model: process group setup, DDP or FSDP2 wrapping,
+and full (unsharded) state dicts for checkpoints.
+
+The same code runs as one plain process or under `torchrun --nproc_per_node N`: gloo on CPU,
+NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> Distributed:
+    """Join the process group when started by torchrun; a plain process is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    target = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def wrap_model(model: nn.Module, mode: str, env: Distributed) -> nn.Module:
+    """Wrap for data parallelism. 'fsdp' shards every block, then the root (FSDP2)."""
+    if not env.enabled or mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown parallel mode '{mode}'; use none, ddp or fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded CPU copies of the model and optimizer state (complete on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict into a (possibly sharded) optimizer on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def all_reduce_sum(values: list[float], env: Distributed) -> list[float]:
+    if not env.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(env: Distributed) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def shutdown(env: Distributed) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()
