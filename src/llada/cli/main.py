@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import data, generate, train
+from . import data, export, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(subparsers)
     train.add_parser(subparsers)
     data.add_parser(subparsers)
+    export.add_parser(subparsers)
     return parser
 
 

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"llada: training stopped: {error}", file=sys.stderr)
         return 3
+    if not result.is_main:
+        return 0
     if result.val_history:
         last = result.val_history[-1]
         print(f"step {result.step}: validation {last['val_bits_per_token']:.4f} bits/token")

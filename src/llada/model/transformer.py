@@ -264,11 +264,11 @@ class LLaDAModel(nn.Module):
         # Recompute each block's activations in the backward pass (training memory saver).
         self.activation_checkpointing = False
 
-    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None):
+    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
         """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype)
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype, **options)
 
     @property
     def device(self) -> torch.device:

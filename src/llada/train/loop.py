@@ -52,6 +52,7 @@ class TrainResult:
     last_loss: float
     val_history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    is_main: bool = True
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -71,6 +72,22 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     if step < decay_start:
         return peak
     return peak + (floor - peak) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+
+def new_model_config(path: str | os.PathLike, tokenizer_folder: str | os.PathLike) -> LLaDAConfig:
+    """The config of a new model: a config.json-style file, with the vocabulary size and the
+    special ids taken from the tokenizer where the file leaves them out."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    vocab_size = len(load_tokenizer(tokenizer_folder))
+    tokens = resolve_special_tokens({}, tokenizer_folder, vocab_size)
+    data.setdefault("vocab_size", vocab_size)
+    # A multiple of 64 keeps the embedding and LM head matmuls aligned (cf. 126464 = 988 * 128).
+    data.setdefault("embedding_size", -(-data["vocab_size"] // 64) * 64)
+    data.setdefault("mask_token_id", tokens.mask_id)
+    data.setdefault("eos_token_id", tokens.eos_id)
+    data.setdefault("pad_token_id", tokens.pad_id)
+    return LLaDAConfig.from_hf_dict(data)
 
 
 def _mixed_seed(*parts: int) -> int:
@@ -113,8 +130,8 @@ class Trainer:
             model = load_model(source, dtype=torch.float32)
             self.tokenizer_folder = Path(model.checkpoint_folder)
         else:
-            model_config = LLaDAConfig.from_json_file(config.model_config)
             self.tokenizer_folder = Path(config.tokenizer)
+            model_config = new_model_config(config.model_config, self.tokenizer_folder)
             model = LLaDAModel(model_config)
             model.init_weights(torch.Generator().manual_seed(config.seed))
             model.special_tokens = resolve_special_tokens(
@@ -357,6 +374,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         last_loss=last["loss"],
         val_history=trainer.val_history,
         checkpoint=checkpoint,
+        is_main=env.is_main,
     )
 
 
