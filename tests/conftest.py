@@ -99,3 +99,46 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     model.init_weights(torch.Generator().manual_seed(1))
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def training_setup(tmp_path_factory, chat_checkpoint):
+    """A tokenised synthetic corpus (learnable patterns), a tiny model config, the tokenizer."""
+    import random
+
+    from llada.tokenizer import load_tokenizer
+    from llada.train.data import write_token_file
+
+    folder = tmp_path_factory.mktemp("train-data")
+    rng = random.Random(0)
+    animals = ["cat", "dog", "owl", "fox", "bee"]
+    places = ["mat", "log", "hill", "tree", "sea"]
+    texts = []
+    for _ in range(400):
+        animal, place = rng.choice(animals), rng.choice(places)
+        texts.append(f"The {animal} sat on the {place}. The {place} held the {animal}.\n")
+    tokenizer = load_tokenizer(chat_checkpoint)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = write_token_file(texts, tokenizer, folder / "corpus", eos_id=eos)
+    model_config = folder / "model.json"
+    model_config.write_text(
+        json.dumps(
+            {
+                "d_model": 32,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "n_layers": 2,
+                "mlp_hidden_size": 64,
+                "rope": True,
+                "block_type": "llama",
+                "activation_type": "silu",
+                "layer_norm_type": "rms",
+                "weight_tying": False,
+                "attention_dropout": 0.0,
+                "residual_dropout": 0.0,
+                "embedding_dropout": 0.0,
+                "max_sequence_length": 512,
+            }
+        )
+    )
+    return {"tokens": tokens, "model_config": model_config, "tokenizer": chat_checkpoint}

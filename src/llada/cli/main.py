@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import data, export, generate, train
+from . import data, eval, export, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(subparsers)
     data.add_parser(subparsers)
     export.add_parser(subparsers)
+    eval.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: generated tasks with checkable answers (and, later, lm-eval and reversal-curse)."""

@@ -1,0 +1,208 @@
+"""The trainer end to end: learning, exact resume, crash safety, divergence, torchrun FSDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import llada
+from llada.train.checkpointing import latest_checkpoint, list_checkpoints
+from llada.train.config import TrainConfig
+from llada.train.loop import TrainingDiverged, learning_rate, read_metrics, train
+
+
+def _config(setup, out_dir, **changes) -> TrainConfig:
+    settings = dict(
+        model_config=str(setup["model_config"]),
+        tokenizer=str(setup["tokenizer"]),
+        data=str(setup["tokens"]),
+        out_dir=str(out_dir),
+        seq_len=32,
+        batch_size=8,
+        max_steps=40,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=20,
+        eval_batches=4,
+        save_every=0,
+        log_every=1,
+        val_fraction=0.1,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def test_training_lowers_held_out_loss(training_setup, tmp_path):
+    result = train(
+        _config(training_setup, tmp_path / "run", max_steps=60, eval_every=10), progress=False
+    )
+    first, last = result.val_history[0]["val_loss"], result.val_history[-1]["val_loss"]
+    assert last < 0.7 * first, (first, last)
+    # The final checkpoint is an official folder that load_model reads.
+    model = llada.load_model(result.checkpoint)
+    assert model.config.d_model == 32
+    assert (Path(tmp_path / "run") / "loss.png").is_file()
+
+
+def test_resume_is_exact(training_setup, tmp_path):
+    whole = tmp_path / "whole"
+    train(_config(training_setup, whole, max_steps=12), progress=False)
+    parts = tmp_path / "parts"
+    train(_config(training_setup, parts, max_steps=12, save_every=6), progress=False)
+    # Pretend the run died after step 6: drop the final checkpoint and resume.
+    shutil.rmtree(parts / "checkpoints" / "step-0000012")
+    (parts / "checkpoints" / "latest").write_text("step-0000006\n")
+    train(_config(training_setup, parts, max_steps=12, save_every=6, resume=True), progress=False)
+    expected = {r["step"]: r["loss"] for r in read_metrics(whole)}
+    resumed = [r for r in read_metrics(parts)][12:]
+    assert [r["step"] for r in resumed] == list(range(7, 13))
+    for record in resumed:
+        assert record["loss"] == expected[record["step"]]
+
+
+def test_divergence_stops_cleanly_and_says_how_to_resume(training_setup, tmp_path, monkeypatch):
+    import llada.train.loop as loop
+
+    real = loop.pretraining_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "pretraining_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="--resume --lr"):
+        train(_config(training_setup, tmp_path / "run", max_steps=10, save_every=2), progress=False)
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(training_setup, tmp_path):
+    # Save after every step, and kill -9 the process at staggered moments.
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "llada.cli.main", "train", "--no-progress"]
+    settings = _config(
+        training_setup, out, max_steps=400, save_every=1, eval_every=0, keep_checkpoints=1
+    ).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    command += ["--config", str(tmp_path / "config.json")]
+    for delay in (4.0, 4.3, 4.7):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        checkpoint = latest_checkpoint(out)
+        assert checkpoint is not None, "no checkpoint was ever written"
+        model = llada.load_model(checkpoint)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        assert state["step"] >= 1 and isinstance(model, torch.nn.Module)
+        settings["resume"] = True
+        (tmp_path / "config.json").write_text(json.dumps(settings))
+    assert len(list_checkpoints(out)) >= 1
+
+
+def test_schedules():
+    base = dict(model="m", data="d", max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    wsd = TrainConfig(**base, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(wsd, 0) == pytest.approx(0.1)
+    assert learning_rate(wsd, 50) == 1.0 and learning_rate(wsd, 79) == 1.0
+    assert learning_rate(wsd, 99) == pytest.approx(0.1)
+    cosine = TrainConfig(**base, schedule="cosine")
+    assert learning_rate(cosine, 10) == pytest.approx(1.0)
+    assert learning_rate(cosine, 100) == pytest.approx(0.1)
+
+
+def test_bad_settings_are_explained():
+    with pytest.raises(ValueError, match="data is required"):
+        TrainConfig(model="m")
+    with pytest.raises(ValueError, match="--model-config"):
+        TrainConfig(data="d")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(model="m", data="d", batch_size=0)
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"model": "m", "data": "d", "learning_rate": 1})
+
+
+def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
+    records = tmp_path / "sft.jsonl"
+    with open(records, "w") as f:
+        for a in range(40):
+            messages = [
+                {"role": "user", "content": f"What is {a} + 1?"},
+                {"role": "assistant", "content": str(a + 1)},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    base = train(_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
+    sft = train(
+        _config(
+            training_setup,
+            tmp_path / "sft",
+            objective="sft",
+            model=str(base.checkpoint),
+            model_config="",
+            data=str(records),
+            val_data=str(records),
+            max_steps=20,
+            seq_len=64,
+            eval_every=10,
+        ),
+        progress=False,
+    )
+    assert sft.val_history[-1]["val_loss"] < sft.val_history[0]["val_loss"]
+    ar = train(
+        _config(training_setup, tmp_path / "ar", autoregressive=True, max_steps=20, eval_every=10),
+        progress=False,
+    )
+    assert ar.val_history[-1]["val_loss"] < ar.val_history[0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_follows_the_single_process_curve(training_setup, tmp_path):
+    """2 processes (FSDP, gloo) at the same global batch as 1 process with 2x accumulation."""
+    single = _config(training_setup, tmp_path / "one", max_steps=8, grad_accum=2, eval_every=4)
+    train(single, progress=False)
+    config_file = tmp_path / "two.json"
+    config_file.write_text(
+        json.dumps(
+            dict(single.to_dict(), out_dir=str(tmp_path / "two"), grad_accum=1, parallel="fsdp")
+        )
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "llada.cli.main",
+            "train",
+            "--no-progress",
+            "--config",
+            str(config_file),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
+        if "val_loss" in a:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
