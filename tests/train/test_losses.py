@@ -92,3 +92,16 @@ def test_loss_is_a_bound_in_sensible_units():
         )
     value = float(out.loss)
     assert 0.7 * math.log(64) < value < 1.3 * math.log(64)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = make_random_model(seed=4).train()
+    x0 = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        out = pretraining_loss(model, x0, model.special_tokens.mask_id, generator=torch.Generator().manual_seed(1))
+        out.loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])

@@ -168,8 +168,9 @@ def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp_follows_the_single_process_curve(training_setup, tmp_path):
-    """2 processes (FSDP, gloo) at the same global batch as 1 process with 2x accumulation."""
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, parallel):
+    """2 processes (gloo) at the same global batch as 1 process with 2x accumulation."""
     single = _config(training_setup, tmp_path / "one", max_steps=8, grad_accum=2, eval_every=4)
     train(single, progress=False)
     config_file = tmp_path / "two.json"

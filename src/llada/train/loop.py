@@ -333,6 +333,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         with open(out_dir / "train_config.json", "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2)
         metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    board = _tensorboard(out_dir) if env.is_main else None
     bar = None
     if progress and env.is_main:
         from tqdm import tqdm
@@ -356,6 +357,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             ):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            if board is not None:
+                for key in ("loss", "lr", "grad_norm", "val_loss", "val_bits_per_token"):
+                    if key in record:
+                        board.add_scalar(key, record[key], step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
@@ -366,6 +371,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             bar.close()
         if metrics is not None:
             metrics.close()
+        if board is not None:
+            board.close()
     if env.is_main:
         plot_metrics(out_dir)
     shutdown(env)
@@ -376,6 +383,15 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         checkpoint=checkpoint,
         is_main=env.is_main,
     )
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer when the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
