@@ -35,6 +35,14 @@ LLADA_CHAT_TEMPLATE = (
     "{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
 )
 
+# The files that make up a tokenizer in a checkpoint folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
 # Special tokens of a tokenizer trained here, in id order (ids 0..5).
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN)
 
@@ -58,6 +66,22 @@ def load_tokenizer(path: str | os.PathLike | Any) -> PreTrainedTokenizerBase:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Copy the tokenizer files of `source` into `destination` (created if needed)."""
+    import shutil
+
+    source, destination = Path(source), Path(destination)
+    if not (source / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{source} has no tokenizer.json to copy")
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and source.resolve() != destination.resolve():
+            partial = destination / (name + ".partial")
+            shutil.copyfile(source / name, partial)
+            os.replace(partial, destination / name)
+    return destination
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:

@@ -101,7 +101,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model.zero_grad()
         model.activation_checkpointing = checkpointing
-        out = pretraining_loss(model, x0, model.special_tokens.mask_id, generator=torch.Generator().manual_seed(1))
+        out = pretraining_loss(
+            model, x0, model.special_tokens.mask_id, generator=torch.Generator().manual_seed(1)
+        )
         out.loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

@@ -97,16 +97,28 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(training_setup, tmp_path)
     ).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(settings))
     command += ["--config", str(tmp_path / "config.json")]
-    for delay in (4.0, 4.3, 4.7):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    previous_step = 0
+    for delay in (0.0, 0.05, 0.13):
+        log = open(tmp_path / f"log-{delay}.txt", "w")  # noqa: SIM115
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+        # Wait until this process has written a checkpoint of its own (it saves every step),
+        # then kill it a moment later, most likely in the middle of the next save.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = latest_checkpoint(out)
+            if latest is not None and int(latest.name.split("-")[1]) > previous_step:
+                break
+            time.sleep(0.01)
         time.sleep(delay)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         checkpoint = latest_checkpoint(out)
         assert checkpoint is not None, "no checkpoint was ever written"
         model = llada.load_model(checkpoint)
+        llada.load_tokenizer(checkpoint)  # a checkpoint is a complete model folder
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        assert state["step"] >= 1 and isinstance(model, torch.nn.Module)
+        assert state["step"] > previous_step and isinstance(model, torch.nn.Module)
+        previous_step = state["step"]
         settings["resume"] = True
         (tmp_path / "config.json").write_text(json.dumps(settings))
     assert len(list_checkpoints(out)) >= 1

@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_model
+    from ..tokenizer import TOKENIZER_FILES
     from ..train.checkpointing import latest_checkpoint
 
     source = Path(args.source)

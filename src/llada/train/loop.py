@@ -23,7 +23,7 @@ from ..losses import LossOutput, autoregressive_loss, maybe_crop, pretraining_lo
 from ..model.checkpoint import load_model
 from ..model.config import LLaDAConfig
 from ..model.transformer import LLaDAModel
-from ..tokenizer import load_tokenizer
+from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
 from .checkpointing import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import TrainConfig
@@ -137,6 +137,13 @@ class Trainer:
             model.special_tokens = resolve_special_tokens(
                 model_config.to_hf_dict(), self.tokenizer_folder, model_config.padded_vocab_size
             )
+        # Checkpoints copy the tokenizer from the run folder: the folder the model came from may
+        # be an older checkpoint of this run, which is pruned as training goes on.
+        run_tokenizer = self.out_dir / "tokenizer"
+        if self.env.is_main:
+            copy_tokenizer_files(self.tokenizer_folder, run_tokenizer)
+        barrier(self.env)
+        self.tokenizer_folder = run_tokenizer
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         model.activation_checkpointing = config.activation_checkpointing
