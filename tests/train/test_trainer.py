@@ -219,3 +219,34 @@ def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, par
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
         if "val_loss" in a:
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+
+
+def test_lora_fine_tuning_saves_merged_official_weights_and_resumes_exactly(
+    training_setup, tmp_path
+):
+    pytest.importorskip("peft")
+    base = train(_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
+    lora = dict(model=str(base.checkpoint), model_config="", lora_rank=4, lora_alpha=8.0, lr=1e-2)
+    whole = train(_config(training_setup, tmp_path / "whole", max_steps=10, **lora), progress=False)
+    merged = llada.load_model(whole.checkpoint)
+    original = llada.load_model(base.checkpoint)
+    # Only the block linears changed; embeddings and norms are frozen.
+    assert torch.equal(merged.embed.weight, original.embed.weight)
+    assert not torch.equal(
+        merged.blocks[0].attn.q_proj.weight, original.blocks[0].attn.q_proj.weight
+    )
+    parts = tmp_path / "parts"
+    train(_config(training_setup, parts, max_steps=10, save_every=5, **lora), progress=False)
+    shutil.rmtree(parts / "checkpoints" / "step-0000010")
+    (parts / "checkpoints" / "latest").write_text("step-0000005\n")
+    resumed = train(
+        _config(training_setup, parts, max_steps=10, save_every=5, resume=True, **lora),
+        progress=False,
+    )
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole")}
+    for record in read_metrics(parts)[10:]:
+        assert record["loss"] == expected[record["step"]]
+    torch.testing.assert_close(
+        llada.load_model(resumed.checkpoint).blocks[1].mlp.down_proj.weight,
+        merged.blocks[1].mlp.down_proj.weight,
+    )

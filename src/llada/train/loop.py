@@ -28,6 +28,7 @@ from ..tokens import resolve_special_tokens
 from .checkpointing import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .data import ChatRecords, PackedSequences, SampleOrder, TokenFile, split_token_file
+from .lora import adapter_state, add_lora, merged_state_dict
 from .parallel import (
     Distributed,
     all_reduce_sum,
@@ -105,6 +106,8 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.env: Distributed = init_distributed()
+        # Anything that draws from the global generator (e.g. LoRA's initialisation) is seeded.
+        torch.manual_seed(config.seed)
         self.out_dir = Path(config.out_dir)
         self.step = 0
         self._build_model()
@@ -125,7 +128,12 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.out_dir) if config.resume else None
         if config.resume and self.resume_from is None and self.env.is_main:
             logger.warning("--resume: no checkpoint in %s yet, starting from scratch", self.out_dir)
-        source = self.resume_from or (config.model or None)
+        # A LoRA run always rebuilds from its unchanged base; the adapters come from the state.
+        source = (
+            (config.model or None)
+            if config.lora_rank
+            else (self.resume_from or config.model or None)
+        )
         if source is not None:
             model = load_model(source, dtype=torch.float32)
             self.tokenizer_folder = Path(model.checkpoint_folder)
@@ -146,6 +154,17 @@ class Trainer:
         self.tokenizer_folder = run_tokenizer
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+        if config.lora_rank:
+            model = add_lora(model, config.lora_rank, config.lora_alpha)
+            if self.resume_from is not None:
+                adapters = load_trainer_state(self.resume_from)["adapter"]
+                missing, unexpected = model.load_state_dict(adapters, strict=False)
+                if unexpected or len(adapters) != sum(
+                    ".lora_" in n for n, _ in model.named_parameters()
+                ):
+                    raise ValueError(
+                        f"{self.resume_from}: its adapters do not fit this LoRA setting (rank?)"
+                    )
         model.activation_checkpointing = config.activation_checkpointing
         self.special_tokens = model.special_tokens
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
@@ -187,6 +206,8 @@ class Trainer:
         config = self.config
         decay, no_decay = [], []
         for parameter in self.model.parameters():
+            if not parameter.requires_grad:
+                continue
             # Norm weights are not decayed (standard practice; the paper does not say).
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
         self.optimizer = torch.optim.AdamW(
@@ -246,10 +267,10 @@ class Trainer:
             (out.loss / config.grad_accum).backward()
             total_loss += float(out.loss.detach())
             targets += out.num_targets
-        if config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            trainable, config.grad_clip if config.grad_clip > 0 else float("inf")
+        )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         summed = all_reduce_sum([total_loss, float(targets)], env)
@@ -316,6 +337,11 @@ class Trainer:
                 "config": json.dumps(self.config.to_dict()),
                 "val_history": self.val_history,
             }
+            if self.config.lora_rank:
+                state["adapter"] = adapter_state(model_state)
+                model_state = merged_state_dict(
+                    model_state, self.config.lora_rank, self.config.lora_alpha
+                )
             folder = save_checkpoint(
                 self.out_dir,
                 self.step,
