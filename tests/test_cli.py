@@ -94,3 +94,27 @@ def test_readme_porting_example_runs(chat_checkpoint, capsys):
     )
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.count("-" * 50) == 3
+
+
+def test_chat_keeps_history_as_the_reference(chat_checkpoint, monkeypatch, capsys):
+    import io
+
+    from llada import load_model, load_tokenizer
+    from llada.api import ChatSession
+    from llada.sampling.config import GenerateConfig
+
+    model = load_model(chat_checkpoint)
+    tokenizer = load_tokenizer(chat_checkpoint)
+    session = ChatSession(model, tokenizer, GenerateConfig(steps=8, gen_length=8, block_length=8))
+    session.reply("To be")
+    first = list(session.history)
+    assert first[0] == model.special_tokens.bos_id and model.special_tokens.eos_id not in first
+    session.reply("or not")
+    # The second turn follows the first without a second BOS.
+    assert session.history[: len(first)] == first
+    assert session.history.count(model.special_tokens.bos_id) == 1
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/set steps=4\n/set bogus=1\nagain\n/quit\n"))
+    code = main(["chat", "--model", str(chat_checkpoint), "--gen-length", "4", "--steps", "4", "--block-length", "4"])
+    out = capsys.readouterr()
+    assert code == 0 and "bogus" not in out.out and "NAME one of" in out.err

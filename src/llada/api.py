@@ -117,3 +117,36 @@ def load(model: str | os.PathLike | None = None, dtype=None, device="cpu"):
     folder, is_random = resolve_model_path(model)
     loaded = load_model(folder, dtype=dtype, device=device)
     return loaded, load_tokenizer(folder), is_random
+
+
+class ChatSession:
+    """A multi-turn conversation, kept as the reference chat.py keeps it (SPEC §4.2).
+
+    The history is token ids: each new user turn is rendered alone with the chat template and
+    appended without its BOS; after each answer, the whole sequence minus every EOS (the
+    answer's padding) becomes the history, so EoT tokens mark the turns.
+    """
+
+    def __init__(self, model: LLaDAModel, tokenizer, config: GenerateConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.history: list[int] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str) -> str:
+        tokens = self.model.special_tokens
+        turn = encode_chat(self.tokenizer, [{"role": "user", "content": text}])
+        if self.history and tokens.bos_id is not None and turn[:1] == [tokens.bos_id]:
+            turn = turn[1:]
+        prompt = self.history + turn
+        out = generate(self.model, torch.tensor([prompt]), **asdict(self.config))[0].tolist()
+        self.history = [t for t in out if t != tokens.eos_id]
+        answer = out[len(prompt) :]
+        for i, token in enumerate(answer):
+            if token in tokens.stop_ids:
+                answer = answer[:i]
+                break
+        return self.tokenizer.decode(answer, skip_special_tokens=True)

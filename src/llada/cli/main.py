@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import data, eval, export, generate, train
+from . import chat, data, eval, export, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     generate.add_parser(subparsers)
+    chat.add_parser(subparsers)
     train.add_parser(subparsers)
     data.add_parser(subparsers)
     export.add_parser(subparsers)

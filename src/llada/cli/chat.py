@@ -1,0 +1,93 @@
+"""`llada chat`: a multi-turn conversation in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..sampling.config import GenerateConfig
+from .options import add_dataclass_arguments, dataclass_from_args
+
+HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64), /settings, /quit"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Multi-turn chat; the history is kept as the reference chat.py keeps it. "
+        + HELP,
+    )
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
+    )
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    add_dataclass_arguments(
+        parser,
+        GenerateConfig,
+        "sampler",
+        defaults={"steps": 128, "gen_length": 128, "block_length": 32},
+    )
+    parser.set_defaults(run=run)
+
+
+def _set(config: GenerateConfig, assignment: str) -> GenerateConfig:
+    name, _, value = assignment.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    if name not in fields or not value:
+        raise ValueError(f"use /set NAME=VALUE with NAME one of {sorted(fields)}")
+    current = getattr(config, name)
+    if isinstance(current, bool):
+        parsed = value.strip().lower() in ("1", "true", "yes", "on")
+    elif isinstance(current, (int, float)):
+        parsed = type(current)(value)
+    else:
+        parsed = value.strip()
+    return dataclasses.replace(config, **{name: parsed})
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import ChatSession, load
+
+    config = dataclass_from_args(GenerateConfig, args)
+    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
+    if is_random:
+        print(
+            "note: no trained model is shipped; chatting with a random-weight stand-in.",
+            file=sys.stderr,
+        )
+    torch.manual_seed(args.seed)
+    session = ChatSession(model, tokenizer, config)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"llada chat ({model.checkpoint_folder}); {HELP}")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            return 0
+        if text == "/reset":
+            session.reset()
+            continue
+        if text == "/settings":
+            print(dataclasses.asdict(session.config))
+            continue
+        if text.startswith("/set"):
+            try:
+                session.config = _set(session.config, text[4:].strip())
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+            continue
+        print(("llada> " if interactive else "") + session.reply(text), flush=True)
