@@ -114,7 +114,21 @@ def test_chat_keeps_history_as_the_reference(chat_checkpoint, monkeypatch, capsy
     assert session.history[: len(first)] == first
     assert session.history.count(model.special_tokens.bos_id) == 1
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/set steps=4\n/set bogus=1\nagain\n/quit\n"))
-    code = main(["chat", "--model", str(chat_checkpoint), "--gen-length", "4", "--steps", "4", "--block-length", "4"])
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("hello\n/set steps=4\n/set bogus=1\nagain\n/quit\n")
+    )
+    code = main(
+        [
+            "chat",
+            "--model",
+            str(chat_checkpoint),
+            "--gen-length",
+            "4",
+            "--steps",
+            "4",
+            "--block-length",
+            "4",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0 and "bogus" not in out.out and "NAME one of" in out.err

@@ -154,6 +154,22 @@ def line_examples(pairs: Sequence[tuple[str, str]]) -> list[Example]:
     return examples
 
 
+VERSE_PROMPTS = (
+    "Write two lines in the style of Shakespeare.",
+    "Say something as a Shakespeare character would.",
+    "Give me two lines of a play.",
+    "Speak like Shakespeare.",
+)
+
+
+def verse_examples(pairs: Sequence[tuple[str, str]], count: int) -> list[Example]:
+    """Open-ended SFT examples (not evaluated): a request for Shakespeare-like text, answered
+    by two consecutive corpus lines, so that the chat model also writes verse."""
+    rng = random.Random("verse")
+    chosen = list(pairs)[:count]
+    return [Example("verse", rng.choice(VERSE_PROMPTS), f"{a}\n{b}") for a, b in chosen]
+
+
 def synthetic_examples(task: str, count: int, seed: int) -> list[Example]:
     rng = random.Random(f"{task}:{seed}")
     return [SYNTHETIC_TASKS[task](rng) for _ in range(count)]
@@ -184,13 +200,22 @@ def build_task_sets(
     max_sft_line_pairs: int = 8000,
 ) -> TaskSet:
     """The SFT examples and the evaluation examples, disjoint by prompt."""
-    sft_per_task = sft_per_task or {"arithmetic": 6000, "copy": 3000, "reverse": 3000, "sort": 3000}
+    if sft_per_task is None:
+        sft_per_task = {
+            "arithmetic": 6000,
+            "copy": 3000,
+            "reverse": 3000,
+            "sort": 3000,
+            "verse": 3000,
+        }
     evaluation: list[Example] = []
     for task in SYNTHETIC_TASKS:
         evaluation += synthetic_examples(task, eval_per_task, EVAL_SEED)
     held_out = {e.prompt for e in evaluation}
     sft: list[Example] = []
     for task, count in sft_per_task.items():
+        if task not in SYNTHETIC_TASKS:
+            continue
         rng = random.Random(f"{task}:{SFT_SEED}")
         made = 0
         while made < count:
@@ -203,6 +228,7 @@ def build_task_sets(
         train_pairs, eval_pairs = split_line_pairs(pairs, seed=0, num_eval=eval_per_task)
         evaluation += line_examples(eval_pairs)
         sft += line_examples(train_pairs[:max_sft_line_pairs])
+        sft += verse_examples(train_pairs[max_sft_line_pairs:], count=sft_per_task.get("verse", 0))
     random.Random(0).shuffle(sft)
     return TaskSet(sft=sft, evaluation=evaluation)
 

@@ -1,0 +1,79 @@
+"""The generated tasks: answers are right, SFT and evaluation never share a question."""
+
+from __future__ import annotations
+
+import random
+
+from llada.eval.tasks import (
+    SYNTHETIC_TASKS,
+    Example,
+    build_task_sets,
+    corpus_line_pairs,
+    is_correct,
+)
+
+
+def _corpus(tmp_path):
+    rng = random.Random(0)
+    words = [
+        "thou",
+        "art",
+        "the",
+        "king",
+        "of",
+        "all",
+        "this",
+        "land",
+        "and",
+        "more",
+        "than",
+        "that",
+        "my",
+        "lord",
+    ]
+    for work in ("hamlet", "macbeth", "winters_tale"):
+        lines = ["ACT I.", "", "Ham."]
+        for _ in range(300):
+            lines.append(" ".join(rng.choice(words) for _ in range(6)).capitalize() + ",")
+        (tmp_path / f"{work}.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_synthetic_answers_are_right():
+    rng = random.Random(1)
+    for _ in range(200):
+        example = SYNTHETIC_TASKS["arithmetic"](rng)
+        question = example.prompt.removeprefix("What is ").removesuffix("?")
+        assert str(eval(question)) == example.answer  # noqa: S307 - our own generated text
+        sort = SYNTHETIC_TASKS["sort"](rng)
+        numbers = [int(n) for n in sort.prompt.split(": ")[1].split()]
+        assert sort.answer == " ".join(map(str, sorted(numbers)))
+        reverse = SYNTHETIC_TASKS["reverse"](rng)
+        assert reverse.answer.split() == reverse.prompt.split(": ")[1].split()[::-1]
+
+
+def test_sft_and_evaluation_are_disjoint(tmp_path):
+    corpus = _corpus(tmp_path)
+    sets = build_task_sets(
+        corpus, eval_per_task=50, sft_per_task={"arithmetic": 500, "copy": 100, "verse": 20}
+    )
+    eval_prompts = {e.prompt for e in sets.evaluation}
+    assert not eval_prompts & {e.prompt for e in sets.sft}
+    eval_lines = {e.answer for e in sets.evaluation if e.task in ("next_line", "previous_line")}
+    sft_lines = {e.answer for e in sets.sft if e.task in ("next_line", "previous_line")}
+    assert eval_lines and not eval_lines & sft_lines
+    tasks = {e.task for e in sets.evaluation}
+    assert tasks == {"arithmetic", "copy", "reverse", "sort", "next_line", "previous_line"}
+    assert sum(e.task == "verse" for e in sets.sft) == 20
+
+
+def test_line_pairs_skip_labels_and_the_validation_work(tmp_path):
+    corpus = _corpus(tmp_path)
+    pairs = corpus_line_pairs(corpus, exclude=("winters_tale",))
+    assert pairs and all(15 <= len(a) <= 50 and not a.startswith("ACT") for a, _ in pairs)
+    assert len(pairs) < len(corpus_line_pairs(corpus))
+
+
+def test_exact_match():
+    example = Example("copy", "Repeat exactly: a b", "a b")
+    assert is_correct(example, " a b\n") and not is_correct(example, "a b c")
