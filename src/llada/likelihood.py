@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .diffusion import stratified_masking
 from .guidance import predict_logits
 from .inputs import check_token_ids, device_of, vocab_size_of
+from .settings import require_non_negative_numbers, require_positive_ints
 from .tokens import special_tokens_of
 
 
@@ -37,12 +38,8 @@ class LikelihoodConfig:
     exact_mc_num: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mc_num", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
+        require_positive_ints(self, "mc_num", "batch_size")
+        require_non_negative_numbers(self, "cfg_scale")
 
     def batch_sizes(self) -> list[int]:
         """Samples per forward pass, in order."""

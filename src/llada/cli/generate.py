@@ -6,7 +6,12 @@ import argparse
 import sys
 
 from ..sampling.config import GenerateConfig
-from .options import add_dataclass_arguments, dataclass_from_args
+from .options import (
+    CHAT_SAMPLER_DEFAULTS,
+    add_dataclass_arguments,
+    add_model_arguments,
+    dataclass_from_args,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,9 +23,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin"
     )
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
-    )
     parser.add_argument("--file", default=None, help="read prompts from this file, one per line")
     parser.add_argument(
         "--raw", action="store_true", help="use the prompt text as is, without the chat template"
@@ -28,20 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)"
     )
-    parser.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
-    )
-    # The reference chat.py's settings: 128 tokens in blocks of 32, one token per step.
-    add_dataclass_arguments(
-        parser,
-        GenerateConfig,
-        "sampler",
-        defaults={"steps": 128, "gen_length": 128, "block_length": 32},
-    )
+    add_model_arguments(parser)
+    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
     parser.set_defaults(run=run)
 
 

@@ -71,3 +71,21 @@ def add_dataclass_arguments(
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# The reference chat.py's settings: 128 tokens in blocks of 32, one token per step.
+CHAT_SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device and --seed, shared by the commands that run a model."""
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..settings import require_non_negative_numbers, require_positive_ints
+
 Remasking = Literal["low_confidence", "random"]
 REMASKING_CHOICES = ("low_confidence", "random")
 
@@ -41,10 +43,7 @@ class GenerateConfig:
     fix_confidence_eos_eot: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "gen_length", "block_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, "steps", "gen_length", "block_length")
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length ({self.gen_length}) must be a multiple of block_length "
@@ -56,10 +55,7 @@ class GenerateConfig:
                 f"(gen_length / block_length = {self.num_blocks}), so each block gets the same "
                 f"number of steps; e.g. steps={self.num_blocks * max(1, self.steps // self.num_blocks)}."
             )
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.cfg_scale, (int, float)) or not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
+        require_non_negative_numbers(self, "temperature", "cfg_scale")
         if self.remasking not in REMASKING_CHOICES:
             raise ValueError(
                 f"remasking must be one of {REMASKING_CHOICES}, got {self.remasking!r}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from ..settings import require_positive_ints
+
 Objective = Literal["pretrain", "sft"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
@@ -90,11 +92,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self, "seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"
+        )
         for name in ("warmup_steps", "eval_every", "save_every", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
