@@ -55,7 +55,9 @@ def test_synthetic_answers_are_right():
 def test_sft_and_evaluation_are_disjoint(tmp_path):
     corpus = _corpus(tmp_path)
     sft_per_task = {"arithmetic": 500, "copy": 100, "verse": 20}
-    sets = build_task_sets(corpus, eval_per_task=50, sft_per_task=sft_per_task, max_sft_line_pairs=100)
+    sets = build_task_sets(
+        corpus, eval_per_task=50, sft_per_task=sft_per_task, max_sft_line_pairs=100
+    )
     eval_prompts = {e.prompt for e in sets.evaluation}
     assert not eval_prompts & {e.prompt for e in sets.sft}
     eval_lines = {e.answer for e in sets.evaluation if e.task in ("next_line", "previous_line")}

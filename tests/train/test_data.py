@@ -92,3 +92,25 @@ def test_chat_records_prompt_lengths_and_padding(tmp_path, chat_checkpoint):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="assistant"):
         ChatRecords(bad, tokenizer, tokens, seq_len=128)
+
+
+def test_length_groups_cover_every_record_once(tmp_path, chat_checkpoint):
+    from llada.train.data import LengthGroups
+
+    tokenizer = load_tokenizer(chat_checkpoint)
+    tokens = resolve_special_tokens({}, chat_checkpoint, len(tokenizer))
+    path = tmp_path / "sft.jsonl"
+    with open(path, "w") as f:
+        for n in range(23):
+            answer = " ".join(["word"] * (n % 7 + 1))
+            messages = [
+                {"role": "user", "content": f"q{n}"},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    records = ChatRecords(path, tokenizer, tokens, seq_len=128)
+    groups = LengthGroups(records, batch_size=4)
+    assert len(groups) == 6
+    assert sorted(i for g in groups.groups for i in g) == list(range(23))
+    widths = [groups.batch([g])["input_ids"].shape[1] for g in range(len(groups))]
+    assert widths == sorted(widths)  # groups are by length, so padding stays small

@@ -30,6 +30,8 @@ class TrainConfig:
     val_fraction: share of a pretraining token file held out when val_data is empty.
     out_dir: run folder: checkpoints/, metrics.jsonl, loss.png, TensorBoard events.
     seq_len: tokens per training sequence (sft: longer records are cut).
+    group_by_length: sft: build micro-batches of records of similar length (less EOS padding
+        per batch; the groups are fixed, their order is shuffled every epoch).
     batch_size: sequences per micro-batch in each process.
     grad_accum: micro-batches per optimizer step; the global batch is
         batch_size * grad_accum * processes.
@@ -66,6 +68,7 @@ class TrainConfig:
     val_fraction: float = 0.02
     out_dir: str = "runs/llada"
     seq_len: int = 256
+    group_by_length: bool = False
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000

@@ -197,6 +197,25 @@ class ChatRecords:
         return {"input_ids": ids, "prompt_lengths": prompt_lengths}
 
 
+class LengthGroups:
+    """Micro-batches of chat records of similar length, so that batches carry little EOS
+    padding: records are sorted by length and cut into groups of `batch_size`; the sample order
+    then shuffles whole groups (one group is one item)."""
+
+    def __init__(self, records: ChatRecords, batch_size: int) -> None:
+        by_length = sorted(
+            range(len(records)), key=lambda i: (len(records.records[i].input_ids), i)
+        )
+        self.groups = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.records.batch([i for group in indices for i in self.groups[group]])
+
+
 class SampleOrder:
     """Which items make up each micro-batch, as a pure function of (seed, step).
 

@@ -27,7 +27,14 @@ from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
 from .checkpointing import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import TrainConfig
-from .data import ChatRecords, PackedSequences, SampleOrder, TokenFile, split_token_file
+from .data import (
+    ChatRecords,
+    LengthGroups,
+    PackedSequences,
+    SampleOrder,
+    TokenFile,
+    split_token_file,
+)
 from .lora import adapter_state, add_lora, merged_state_dict
 from .parallel import (
     Distributed,
@@ -199,6 +206,11 @@ class Trainer:
                 if len(val_tokens) >= config.seq_len
                 else None
             )
+        # With length groups, one item of the sample order is a whole micro-batch.
+        self.items_per_micro_batch = config.batch_size
+        if config.group_by_length and config.objective == "sft":
+            self.train_data = LengthGroups(self.train_data, config.batch_size)
+            self.items_per_micro_batch = 1
         self.order = SampleOrder(len(self.train_data), config.seed)
         self.val_history: list[dict[str, float]] = []
 
@@ -257,7 +269,7 @@ class Trainer:
         total_loss, targets = 0.0, 0
         for micro in range(config.grad_accum):
             indices = self.order.micro_batch(
-                step, micro, env.rank, env.world_size, config.batch_size, config.grad_accum
+                step, micro, env.rank, env.world_size, self.items_per_micro_batch, config.grad_accum
             )
             batch = self.train_data.batch(indices)
             slot = micro * env.world_size + env.rank
