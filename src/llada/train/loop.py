@@ -99,6 +99,8 @@ def new_model_config(path: str | os.PathLike, tokenizer_folder: str | os.PathLik
 
 
 def _mixed_seed(*parts: int) -> int:
+    """A seed that depends on every part (boost-style hash combine), so that neighbouring
+    (step, slot) pairs get unrelated random streams."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (part + 0x9E3779B9 + (value << 6) + (value >> 2))) & 0xFFFFFFFFFFFF
@@ -110,6 +112,8 @@ def _generator(device: torch.device, *parts: int) -> torch.Generator:
 
 
 class Trainer:
+    """Holds the model, data, optimizer and step of one run; `train()` drives it."""
+
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.env: Distributed = init_distributed()
@@ -165,7 +169,7 @@ class Trainer:
             model = add_lora(model, config.lora_rank, config.lora_alpha)
             if self.resume_from is not None:
                 adapters = load_trainer_state(self.resume_from)["adapter"]
-                missing, unexpected = model.load_state_dict(adapters, strict=False)
+                _, unexpected = model.load_state_dict(adapters, strict=False)
                 if unexpected or len(adapters) != sum(
                     ".lora_" in n for n, _ in model.named_parameters()
                 ):
