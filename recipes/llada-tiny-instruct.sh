@@ -17,8 +17,8 @@ llada eval make-sft --corpus "$CORPUS" --out "$WORK/sft.jsonl" --val-out "$WORK/
 llada train \
   --objective sft --model "$BASE" \
   --data "$WORK/sft.jsonl" --val-data "$WORK/val.jsonl" \
-  --out-dir "$WORK/run" --seq-len 128 --batch-size 64 --group-by-length --max-steps ${STEPS:-4000} \
-  --lr 1e-3 --warmup-steps 100 --schedule cosine --min-lr-ratio 0.05 \
+  --out-dir "$WORK/run" --seq-len 128 --batch-size 64 --group-by-length --answer-tokens 32 --max-steps ${STEPS:-2500} \
+  --lr 2e-3 --warmup-steps 100 --schedule cosine --min-lr-ratio 0.05 \
   --weight-decay 0.1 --grad-clip 1.0 --precision bf16 \
   --eval-every 500 --eval-batches 8 --save-every 500 --log-every 10 --seed 0 --resume "$@"
 

@@ -32,6 +32,8 @@ class TrainConfig:
     seq_len: tokens per training sequence (sft: longer records are cut).
     group_by_length: sft: build micro-batches of records of similar length (less EOS padding
         per batch; the groups are fixed, their order is shuffled every epoch).
+    answer_tokens: sft: pad every answer with EOS to at least this many tokens, so that training
+        sees the answer window that generation will use (its gen_length); 0: pad to the batch.
     batch_size: sequences per micro-batch in each process.
     grad_accum: micro-batches per optimizer step; the global batch is
         batch_size * grad_accum * processes.
@@ -69,6 +71,7 @@ class TrainConfig:
     out_dir: str = "runs/llada"
     seq_len: int = 256
     group_by_length: bool = False
+    answer_tokens: int = 0
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000

@@ -152,7 +152,14 @@ class ChatRecords:
     to the answer and is trained on, as LLaDA's SFT does).
     """
 
-    def __init__(self, path: str | os.PathLike, tokenizer, special_tokens, seq_len: int) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokenizer,
+        special_tokens,
+        seq_len: int,
+        min_answer_tokens: int = 0,
+    ) -> None:
         self.seq_len = seq_len
         self.pad_id = special_tokens.eos_id
         end = [special_tokens.eot_id] if special_tokens.eot_id is not None else []
@@ -176,6 +183,7 @@ class ChatRecords:
                     ]
                     + end
                 )
+                answer += [self.pad_id] * (min_answer_tokens - len(answer))
                 if len(prompt) >= seq_len:
                     raise ValueError(
                         f"{path}:{number}: the prompt alone has {len(prompt)} tokens >= seq_len {seq_len}"

@@ -188,14 +188,14 @@ class Trainer:
     def _build_data(self) -> None:
         config = self.config
         if config.objective == "sft":
-            self.train_data = ChatRecords(
-                config.data, self.tokenizer, self.special_tokens, config.seq_len
-            )
-            self.val_data = (
-                ChatRecords(config.val_data, self.tokenizer, self.special_tokens, config.seq_len)
-                if config.val_data
-                else None
-            )
+
+            def records(path: str) -> ChatRecords:
+                return ChatRecords(
+                    path, self.tokenizer, self.special_tokens, config.seq_len, config.answer_tokens
+                )
+
+            self.train_data = records(config.data)
+            self.val_data = records(config.val_data) if config.val_data else None
         else:
             tokens = TokenFile(config.data)
             if config.val_data:
