@@ -1,4 +1,4 @@
-"""The shipped models: they load by name, and the instruct model does its tasks."""
+"""The shipped models: they load by name, are the default, and do their job."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from llada.eval.tasks import SYNTHETIC_TASKS, evaluate_tasks, synthetic_examples
 from llada.sampling.config import GenerateConfig
 
 MODELS = Path(__file__).parents[1] / "models"
-pytestmark = pytest.mark.skipif(
-    not (MODELS / "llada-tiny-instruct").is_dir(),
-    reason="the shipped models are not in this checkout",
+
+
+def shipped(name: str):
+    return pytest.mark.skipif(
+        not (MODELS / name).is_dir(), reason=f"{name} is not shipped in this checkout"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("llada-tiny-base", marks=shipped("llada-tiny-base")),
+        pytest.param("llada-tiny-instruct", marks=shipped("llada-tiny-instruct")),
+    ],
 )
-
-
-@pytest.mark.parametrize("name", ["llada-tiny-base", "llada-tiny-instruct"])
 def test_shipped_models_load_by_name_with_their_tokenizer(name):
     model = llada.load_model(name)
     tokenizer = llada.load_tokenizer(model)
@@ -29,6 +37,24 @@ def test_shipped_models_load_by_name_with_their_tokenizer(name):
     assert (MODELS / name / "README.md").is_file()
 
 
+@shipped("llada-tiny-base")
+def test_a_shipped_model_is_the_default_and_writes_text():
+    from llada.api import generate_texts, load
+
+    model, tokenizer, is_random = load(None)
+    assert not is_random
+    expected = (
+        "llada-tiny-instruct" if (MODELS / "llada-tiny-instruct").is_dir() else "llada-tiny-base"
+    )
+    assert model.checkpoint_folder.name == expected
+    config = GenerateConfig(steps=16, gen_length=16, block_length=16)
+    (text,) = generate_texts(model, tokenizer, ["ROMEO.\n"], config, chat=False)
+    # A trained model writes mostly letters and spaces, not byte noise.
+    assert len(text) >= 8
+    assert sum(c.isalpha() or c.isspace() for c in text) >= 0.7 * len(text)
+
+
+@shipped("llada-tiny-instruct")
 def test_instruct_model_answers_generated_tasks_well_above_chance():
     model = llada.load_model("llada-tiny-instruct", dtype=torch.float32)
     tokenizer = llada.load_tokenizer(model)

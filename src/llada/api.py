@@ -24,7 +24,8 @@ from .tokenizer import encode_chat, left_pad, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "llada-tiny-instruct"
+# The shipped models, in order of preference for commands run without --model.
+DEFAULT_MODELS = ("llada-tiny-instruct", "llada-tiny-base")
 
 
 def cache_dir() -> Path:
@@ -76,14 +77,16 @@ def random_demo_checkpoint() -> Path:
 def resolve_model_path(model: str | os.PathLike | None) -> tuple[Path, bool]:
     """The folder for a model argument, and whether it is the random stand-in.
 
-    None means the shipped default model, or, while none is shipped, the random stand-in.
+    None means the first shipped model that this checkout has, or else the random stand-in.
     """
     if model is not None:
         return resolve_checkpoint(model), False
-    try:
-        return resolve_checkpoint(DEFAULT_MODEL), False
-    except FileNotFoundError:
-        return random_demo_checkpoint(), True
+    for name in DEFAULT_MODELS:
+        try:
+            return resolve_checkpoint(name), False
+        except FileNotFoundError:
+            continue
+    return random_demo_checkpoint(), True
 
 
 def generate_texts(
