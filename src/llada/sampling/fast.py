@@ -1,0 +1,236 @@
+"""The fast sampling loop: one semi-autoregressive block loop with exchangeable parts.
+
+The loop is the reference algorithm (`reference.py`) with three parts passed in: where logits
+come from (`sources.py`: full forward or a KV cache), what is proposed, and which proposals are
+committed (`decoding.py`). On top it adds what the reference lacks: batched rows leave as soon
+as their answer has ended, the LM head runs only on the candidate positions, and every step is
+observable (`denoise` yields an event per step; `sample` collects the result).
+
+With `DecodeConfig(source="full", commit="schedule", reference_numerics=True)` (the
+`reference` preset) it returns exactly what `llada.generate` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..inputs import check_attention_mask, check_token_ids, device_of, vocab_size_of
+from ..tokens import special_tokens_of
+from .config import DecodeConfig, GenerateConfig, decode_preset
+from .decoding import (
+    commit_entropy,
+    commit_factor,
+    commit_schedule,
+    commit_threshold,
+    propose,
+)
+from .reference import get_num_transfer_tokens
+from .sources import make_source
+
+
+@dataclass
+class StepEvent:
+    """One denoising step, as seen by a stream or a visualisation.
+
+    tokens: (B, L) the whole canvas after this step (prompt + answer; mask id where undecided).
+    committed: (B, L) bool, the positions committed at this step.
+    confidence: (B, L) float32, each candidate's confidence at this step (NaN elsewhere).
+    finished: (B,) bool, rows whose answer is final (ended early, or all blocks done).
+    """
+
+    block: int
+    step: int
+    forward_passes: int
+    tokens: torch.Tensor
+    committed: torch.Tensor
+    confidence: torch.Tensor
+    finished: torch.Tensor
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # (B, prompt_length + gen_length)
+    forward_passes: int
+    steps: int
+
+
+def _answer_ended(answer: torch.Tensor, mask_id: int, stop: torch.Tensor) -> torch.Tensor:
+    """(B,) rows with a committed stop token that has no mask before it."""
+    is_stop = torch.isin(answer, stop)
+    masks_before = (answer == mask_id).cumsum(-1) - (answer == mask_id).long()
+    return (is_stop & (masks_before == 0)).any(-1)
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerateConfig | None = None,
+    decode: DecodeConfig | str = "fast",
+    mask_id: int | None = None,
+) -> Iterator[StepEvent]:
+    """Generate as `sample` does, yielding a `StepEvent` after every step."""
+    config = config or GenerateConfig()
+    if isinstance(decode, str):
+        decode = decode_preset(decode)
+    tokens = special_tokens_of(model, mask_id)
+    mask_id = tokens.mask_id
+    device = device_of(model)
+    prompt = check_token_ids("prompt", prompt, 2, vocab_size_of(model)).to(device)
+    batch, prompt_length = prompt.shape
+    length = prompt_length + config.gen_length
+    x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_length] = prompt
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1
+        )
+    source = make_source(
+        decode.source,
+        model,
+        attention_mask,
+        x != mask_id,
+        mask_id,
+        config.cfg_scale,
+        vicinity=decode.vicinity,
+    )
+    stop = torch.tensor(tokens.stop_ids, device=device)
+    rows = torch.arange(batch, device=device)  # the batch rows still decoding
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    positions = torch.arange(length, device=device)
+    softmax_dtype = None
+    if decode.reference_numerics:
+        softmax_dtype = model.dtype if isinstance(model.dtype, torch.dtype) else torch.float32
+    total_steps = 0
+    for block in range(config.num_blocks):
+        block_start = prompt_length + block * config.block_length
+        block_end = block_start + config.block_length
+        quota = get_num_transfer_tokens(
+            x[rows, block_start:block_end] == mask_id, config.steps_per_block
+        )
+        step = 0
+        while True:
+            if decode.commit == "schedule" and step == config.steps_per_block:
+                break
+            block_masked = x[rows, block_start:block_end] == mask_id
+            if not bool(block_masked.any()) and (
+                decode.commit != "schedule" or not decode.reference_numerics
+            ):
+                break
+            window = source.window(block_start, block_end, length, first_step=step == 0)
+            span = positions[window.start : window.end]
+            canvas = x[rows]
+            is_masked = canvas[:, window.start : window.end] == mask_id
+            candidate = is_masked & (span < block_end)[None, :]
+            # Random draws follow the reference only when they cover every position.
+            draws_all = decode.reference_numerics and (
+                config.temperature > 0 or config.remasking == "random"
+            )
+            logits_at = torch.ones_like(candidate) if draws_all else candidate
+            logits = source.logits(canvas, window, logits_at)
+            proposal, confidence, entropy = propose(
+                logits,
+                config,
+                tokens,
+                softmax_dtype=softmax_dtype,
+                need_entropy=decode.commit == "entropy",
+                never_propose=None if decode.reference_numerics else mask_id,
+            )
+            dense_token = torch.full_like(candidate, mask_id, dtype=torch.long)
+            dense_conf = torch.full(candidate.shape, -torch.inf, device=device)
+            dense_token[logits_at] = proposal
+            dense_conf[logits_at] = confidence.to(dense_conf.dtype)
+            dense_conf = dense_conf.masked_fill(~candidate, -torch.inf)
+            if decode.commit == "schedule":
+                commit = commit_schedule(dense_conf, quota[:, step])
+            elif decode.commit == "threshold":
+                commit = commit_threshold(dense_conf, decode.threshold)
+            elif decode.commit == "factor":
+                commit = commit_factor(dense_conf, decode.factor)
+            else:
+                dense_entropy = torch.full(candidate.shape, torch.inf, device=device)
+                dense_entropy[logits_at] = entropy
+                commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
+            commit &= candidate
+            updated = canvas[:, window.start : window.end]
+            updated = torch.where(commit, dense_token, updated)
+            x[rows, window.start : window.end] = updated
+            step += 1
+            total_steps += 1
+
+            ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            if decode.early_stop:
+                ended = _answer_ended(x[rows, prompt_length:], mask_id, stop)
+            committed = torch.zeros((batch, length), dtype=torch.bool, device=device)
+            committed[rows, window.start : window.end] = commit
+            shown = torch.full((batch, length), torch.nan, device=device)
+            shown[rows, window.start : window.end] = torch.where(
+                candidate, dense_conf, torch.nan
+            ).float()
+            if bool(ended.any()):
+                done = rows[ended]
+                answer = x[done, prompt_length:]
+                x[done, prompt_length:] = answer.masked_fill(answer == mask_id, tokens.eos_id)
+                finished[done] = True
+                rows = rows[~ended]
+                quota = quota[~ended]
+                source.keep_rows(torch.nonzero(~ended).squeeze(-1))
+            if block == config.num_blocks - 1 and _block_done(
+                x, rows, block_start, block_end, mask_id, decode, step, config
+            ):
+                finished[rows] = True
+            yield StepEvent(
+                block=block,
+                step=step,
+                forward_passes=source.forward_passes,
+                tokens=x.clone(),
+                committed=committed,
+                confidence=shown,
+                finished=finished.clone(),
+            )
+            if len(rows) == 0:
+                return
+        if len(rows) == 0:
+            return
+    finished[:] = True
+
+
+def _block_done(x, rows, block_start, block_end, mask_id, decode, step, config) -> bool:
+    if decode.commit == "schedule":
+        return step == config.steps_per_block
+    return not bool((x[rows, block_start:block_end] == mask_id).any())
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerateConfig | None = None,
+    decode: DecodeConfig | str = "fast",
+    mask_id: int | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> SampleResult:
+    """Generate `config.gen_length` tokens after each prompt row with the fast loop.
+
+    prompt (B, Lp), left-padded with `attention_mask` for batches; `decode` is a
+    `DecodeConfig` or a preset name ('reference', 'fastdllm-prefix', 'fastdllm-dual', 'fast',
+    'fastest'). Returns the canvas (B, Lp + gen_length), the number of forward passes and of
+    steps. `on_step` sees every step (for streaming and visualisation).
+    """
+    config = config or GenerateConfig()
+    last = None
+    steps = 0
+    for event in denoise(model, prompt, attention_mask, config, decode, mask_id):
+        steps += 1
+        last = event
+        if on_step is not None:
+            on_step(event)
+    if last is None:  # nothing to decode (e.g. every answer position given)
+        raise ValueError("nothing was decoded")
+    return SampleResult(tokens=last.tokens, forward_passes=last.forward_passes, steps=steps)

@@ -1,0 +1,139 @@
+"""How the fast loop obtains logits: which window of the canvas each forward pass runs over.
+
+- `full`: every step runs the whole canvas (the reference; exact).
+- `prefix`: Fast-dLLM's prefix cache. At a block's first step a full forward fills the cache;
+  later steps run the current block and everything after it over the cached prefix.
+- `dual`: Fast-dLLM's dual cache. The same fill; later steps run only the current block, over
+  the cached prefix and the (stale) cached suffix.
+- `block`: ours. Only the very first step runs the whole canvas. The first step of every later
+  block runs the block just finished together with the new block (one pass commits the finished
+  tokens' keys and values and decides the new block's first tokens), so no step ever
+  recomputes the prompt or the rest of the canvas; `vicinity` extra positions after the block
+  are refreshed at every step.
+
+Every source supports classifier-free guidance (the unconditional rows ride along in the same
+forward and the same cache), attention masks (left padding) and rows leaving the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.transformer import KVCache
+
+SOURCES = ("full", "prefix", "dual", "block")
+
+
+@dataclass
+class Window:
+    start: int
+    end: int
+    fills_cache: bool = False
+
+
+class LogitsSource:
+    """Runs the model over windows of the canvas; subclasses choose the windows."""
+
+    uses_cache = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        attention_mask: torch.Tensor | None,
+        prompt_index: torch.Tensor,
+        mask_id: int,
+        cfg_scale: float,
+        vicinity: int = 0,
+    ) -> None:
+        self.model = model
+        self.attention_mask = attention_mask
+        self.prompt_index = prompt_index
+        self.mask_id = mask_id
+        self.cfg_scale = cfg_scale
+        self.vicinity = vicinity
+        self.cache: KVCache | None = None
+        self.forward_passes = 0
+
+    def window(self, block_start: int, block_end: int, length: int, first_step: bool) -> Window:
+        raise NotImplementedError
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only these rows of the batch go on (the others finished)."""
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.index_select(0, rows)
+        self.prompt_index = self.prompt_index.index_select(0, rows)
+        if self.cache is not None and self.cache.filled:
+            if self.cfg_scale > 0:
+                rows = torch.cat([rows, rows + self.cache.keys[0].shape[0] // 2])
+            self.cache.select_rows(rows)
+
+    def logits(self, x: torch.Tensor, window: Window, logits_at: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) at the positions `logits_at` (B, window width) of the window of x."""
+        tokens = x[:, window.start : window.end]
+        guided = self.cfg_scale > 0
+        if guided:
+            prompt = self.prompt_index[:, window.start : window.end]
+            tokens = torch.cat([tokens, tokens.masked_fill(prompt, self.mask_id)])
+            logits_at = torch.cat([logits_at, logits_at])
+        self.forward_passes += 1
+        if not self.uses_cache:
+            mask = self.attention_mask
+            if guided and mask is not None:
+                mask = torch.cat([mask, mask])
+            out = self.model(tokens, attention_mask=mask, logits_at=logits_at).logits
+        elif window.fills_cache:
+            mask = self.attention_mask
+            if guided and mask is not None:
+                mask = torch.cat([mask, mask])
+            self.cache = KVCache()
+            out = self.model(
+                tokens, attention_mask=mask, logits_at=logits_at, kv_cache=self.cache
+            ).logits
+        else:
+            out = self.model(
+                tokens, logits_at=logits_at, kv_cache=self.cache, window_start=window.start
+            ).logits
+        if not guided:
+            return out
+        conditional, unconditional = out.chunk(2)
+        return unconditional + (self.cfg_scale + 1) * (conditional - unconditional)
+
+
+class FullForward(LogitsSource):
+    uses_cache = False
+
+    def window(self, block_start, block_end, length, first_step):
+        return Window(0, length)
+
+
+class PrefixCache(LogitsSource):
+    def window(self, block_start, block_end, length, first_step):
+        if first_step:
+            return Window(0, length, fills_cache=True)
+        return Window(block_start, length)
+
+
+class DualCache(LogitsSource):
+    def window(self, block_start, block_end, length, first_step):
+        if first_step:
+            return Window(0, length, fills_cache=True)
+        return Window(block_start, block_end)
+
+
+class BlockCache(LogitsSource):
+    def window(self, block_start, block_end, length, first_step):
+        if self.cache is None:
+            return Window(0, length, fills_cache=True)
+        end = min(length, block_end + self.vicinity)
+        if first_step:  # also run the block just finished, to commit its keys and values
+            return Window(block_start - (block_end - block_start), end)
+        return Window(block_start, end)
+
+
+def make_source(name: str, *args, **kwargs) -> LogitsSource:
+    classes = {"full": FullForward, "prefix": PrefixCache, "dual": DualCache, "block": BlockCache}
+    if name not in classes:
+        raise ValueError(f"unknown logits source {name!r}; choose from {SOURCES}")
+    return classes[name](*args, **kwargs)
