@@ -52,17 +52,27 @@ def test_synthetic_answers_are_right():
         assert reverse.answer.split() == reverse.prompt.split(": ")[1].split()[::-1]
 
 
-def test_sft_and_evaluation_are_disjoint(tmp_path):
+def test_synthetic_questions_are_held_out_and_line_questions_are_taught(tmp_path):
     corpus = _corpus(tmp_path)
     sft_per_task = {"arithmetic": 500, "copy": 100, "verse": 20}
     sets = build_task_sets(
-        corpus, eval_per_task=50, sft_per_task=sft_per_task, max_sft_line_pairs=100
+        corpus, eval_per_task=50, sft_per_task=sft_per_task, num_recall_pairs=80, recall_repeats=3
     )
-    eval_prompts = {e.prompt for e in sets.evaluation}
-    assert not eval_prompts & {e.prompt for e in sets.sft}
-    eval_lines = {e.answer for e in sets.evaluation if e.task in ("next_line", "previous_line")}
-    sft_lines = {e.answer for e in sets.sft if e.task in ("next_line", "previous_line")}
-    assert eval_lines and not eval_lines & sft_lines
+    sft_prompts = {e.prompt for e in sets.sft}
+    synthetic = [e for e in sets.evaluation if e.task in SYNTHETIC_TASKS]
+    lines = [e for e in sets.evaluation if e.task in ("next_line", "previous_line")]
+    assert synthetic and not {e.prompt for e in synthetic} & sft_prompts
+    # Line recall asks again what SFT taught (3 times each, both directions): memorised text.
+    assert len(lines) == 100 and {e.prompt for e in lines} <= sft_prompts
+    assert sum(e.task == "next_line" for e in sets.sft) == 3 * 80
+    # Each recall line has one right answer, and the verse examples use other lines.
+    answers = {}
+    for e in sets.sft:
+        if e.task in ("next_line", "previous_line"):
+            assert answers.setdefault(e.prompt, e.answer) == e.answer
+    recalled = {e.answer for e in sets.sft if e.task in ("next_line", "previous_line")}
+    verse_lines = {line for e in sets.sft if e.task == "verse" for line in e.answer.split("\n")}
+    assert verse_lines and not verse_lines & recalled
     tasks = {e.task for e in sets.evaluation}
     assert tasks == {"arithmetic", "copy", "reverse", "sort", "next_line", "previous_line"}
     assert sum(e.task == "verse" for e in sets.sft) == 20
