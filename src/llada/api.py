@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ import torch
 from .model.checkpoint import load_model, resolve_checkpoint
 from .model.config import LLaDAConfig
 from .model.transformer import LLaDAModel
-from .sampling.config import GenerateConfig
-from .sampling.reference import generate
+from .sampling.config import DecodeConfig, GenerateConfig
+from .sampling.fast import sample
 from .tokenizer import encode_chat, left_pad, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -96,15 +95,18 @@ def generate_texts(
     config: GenerateConfig,
     *,
     chat: bool = True,
+    decode: DecodeConfig | str = "reference",
 ) -> list[str]:
-    """Answers to `prompts` (one batch), decoded up to the first EOS/EoT."""
+    """Answers to `prompts` (one batch), decoded up to the first EOS/EoT.
+
+    decode: a `DecodeConfig` or preset name ('reference', 'fast', 'fastest', ...)."""
     tokens = model.special_tokens
     if chat:
         encoded = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids, attention_mask = left_pad(encoded, tokens.pad_id)
-    out = generate(model, ids, attention_mask=attention_mask, **asdict(config))
+    out = sample(model, ids, attention_mask, config, decode).tokens
     answers = []
     for row in out[:, ids.shape[1] :].tolist():
         for i, token in enumerate(row):
@@ -130,10 +132,17 @@ class ChatSession:
     answer's padding) becomes the history, so EoT tokens mark the turns.
     """
 
-    def __init__(self, model: LLaDAModel, tokenizer, config: GenerateConfig) -> None:
+    def __init__(
+        self,
+        model: LLaDAModel,
+        tokenizer,
+        config: GenerateConfig,
+        decode: DecodeConfig | str = "reference",
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.decode = decode
         self.history: list[int] = []
 
     def reset(self) -> None:
@@ -145,7 +154,8 @@ class ChatSession:
         if self.history and tokens.bos_id is not None and turn[:1] == [tokens.bos_id]:
             turn = turn[1:]
         prompt = self.history + turn
-        out = generate(self.model, torch.tensor([prompt]), **asdict(self.config))[0].tolist()
+        out = sample(self.model, torch.tensor([prompt]), None, self.config, self.decode)
+        out = out.tokens[0].tolist()
         self.history = [t for t in out if t != tokens.eos_id]
         answer = out[len(prompt) :]
         for i, token in enumerate(answer):

@@ -6,15 +6,17 @@ import argparse
 import dataclasses
 import sys
 
-from ..sampling.config import GenerateConfig
+from ..sampling.config import GenerateConfig, decode_preset
 from .options import (
     CHAT_SAMPLER_DEFAULTS,
+    INTERACTIVE_PRESET,
     add_dataclass_arguments,
     add_model_arguments,
+    add_preset_argument,
     dataclass_from_args,
 )
 
-HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64), /settings, /quit"
+HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64, /set preset=fast), /settings, /quit"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         + HELP,
     )
     add_model_arguments(parser)
+    add_preset_argument(parser, INTERACTIVE_PRESET)
     add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
     parser.set_defaults(run=run)
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
-    session = ChatSession(model, tokenizer, config)
+    session = ChatSession(model, tokenizer, config, decode=args.preset)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"llada chat ({model.checkpoint_folder}); {HELP}")
@@ -77,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
             session.reset()
             continue
         if text == "/settings":
-            print(dataclasses.asdict(session.config))
+            print(dataclasses.asdict(session.config), session.decode)
+            continue
+        if text.startswith("/set preset="):
+            try:
+                session.decode = decode_preset(text.partition("=")[2].strip())
+                print(f"preset: {text.partition('=')[2].strip()}")
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
             continue
         if text.startswith("/set"):
             try:

@@ -6,7 +6,12 @@ import argparse
 import json
 
 from ..sampling.config import GenerateConfig
-from .options import add_dataclass_arguments, add_model_arguments, dataclass_from_args
+from .options import (
+    add_dataclass_arguments,
+    add_model_arguments,
+    add_preset_argument,
+    dataclass_from_args,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tasks.add_argument("--batch-size", type=int, default=32)
     tasks.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_model_arguments(tasks)
+    add_preset_argument(tasks, "reference")
     add_dataclass_arguments(
         tasks,
         GenerateConfig,
@@ -83,7 +89,13 @@ def run_tasks(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
     torch.manual_seed(args.seed)
     results = evaluate_tasks(
-        model, tokenizer, examples, config, batch_size=args.batch_size, progress=True
+        model,
+        tokenizer,
+        examples,
+        config,
+        batch_size=args.batch_size,
+        progress=True,
+        decode=args.preset,
     )
     print(f"{'task':<15}{'accuracy':>10}{'n':>6}")
     for task, figures in results.items():
@@ -94,6 +106,7 @@ def run_tasks(args: argparse.Namespace) -> int:
                 {
                     "model": str(model.checkpoint_folder),
                     "sampler": vars(config),
+                    "preset": args.preset,
                     "results": results,
                 },
                 f,

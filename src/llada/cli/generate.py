@@ -8,8 +8,10 @@ import sys
 from ..sampling.config import GenerateConfig
 from .options import (
     CHAT_SAMPLER_DEFAULTS,
+    INTERACTIVE_PRESET,
     add_dataclass_arguments,
     add_model_arguments,
+    add_preset_argument,
     dataclass_from_args,
 )
 
@@ -18,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate answers to prompts",
-        description="Generate an answer to each prompt with the reference LLaDA sampler.",
+        description="Generate an answer to each prompt with a LLaDA sampler (see --preset).",
     )
     parser.add_argument(
         "prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin"
@@ -31,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)"
     )
     add_model_arguments(parser)
+    add_preset_argument(parser, INTERACTIVE_PRESET)
     add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
     parser.set_defaults(run=run)
 
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        for answer in generate_texts(model, tokenizer, batch, config, chat=not args.raw):
+        for answer in generate_texts(
+            model, tokenizer, batch, config, chat=not args.raw, decode=args.preset
+        ):
             print(answer, flush=True)
     return 0

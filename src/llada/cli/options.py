@@ -77,6 +77,22 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 CHAT_SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
 
 
+# The decoding preset of commands that talk to people (chat, generate).
+INTERACTIVE_PRESET = "reference"
+PRESET_NAMES = ("reference", "fast", "fastest", "fastdllm-prefix", "fastdllm-dual")
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--preset",
+        default=default,
+        choices=PRESET_NAMES,
+        help="decoding method: 'reference' is the published sampler token for token; 'fast' "
+        "and 'fastest' use KV caches, confidence-threshold parallel decoding and early stop; "
+        f"the 'fastdllm-*' presets are Fast-dLLM's methods (default: {default})",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device and --seed, shared by the commands that run a model."""
     parser.add_argument(

@@ -275,6 +275,7 @@ def evaluate_tasks(
     sampler_config,
     batch_size: int = 32,
     progress: bool = False,
+    decode="reference",
 ) -> dict[str, dict[str, float]]:
     """Accuracy per task (exact match), answering each prompt through the chat template."""
     from ..api import generate_texts
@@ -288,7 +289,9 @@ def evaluate_tasks(
         batches = tqdm(batches, desc="eval", unit="batch")
     for start in batches:
         chunk = examples[start : start + batch_size]
-        replies = generate_texts(model, tokenizer, [e.prompt for e in chunk], sampler_config)
+        replies = generate_texts(
+            model, tokenizer, [e.prompt for e in chunk], sampler_config, decode=decode
+        )
         for example, reply in zip(chunk, replies, strict=True):
             total[example.task] = total.get(example.task, 0) + 1
             correct[example.task] = correct.get(example.task, 0) + int(is_correct(example, reply))
