@@ -39,11 +39,13 @@ class StepEvent:
     committed: (B, L) bool, the positions committed at this step.
     confidence: (B, L) float32, each candidate's confidence at this step (NaN elsewhere).
     finished: (B,) bool, rows whose answer is final (ended early, or all blocks done).
+    work: running totals of query positions, attended (query, key) pairs and LM-head positions.
     """
 
     block: int
     step: int
     forward_passes: int
+    work: dict[str, int]
     tokens: torch.Tensor
     committed: torch.Tensor
     confidence: torch.Tensor
@@ -55,6 +57,7 @@ class SampleResult:
     tokens: torch.Tensor  # (B, prompt_length + gen_length)
     forward_passes: int
     steps: int
+    work: dict[str, int]
 
 
 def _answer_ended(answer: torch.Tensor, mask_id: int, stop: torch.Tensor) -> torch.Tensor:
@@ -188,6 +191,11 @@ def denoise(
                 block=block,
                 step=step,
                 forward_passes=source.forward_passes,
+                work={
+                    "query_positions": source.query_positions,
+                    "attended_pairs": source.attended_pairs,
+                    "head_positions": source.head_positions,
+                },
                 tokens=x.clone(),
                 committed=committed,
                 confidence=shown,
@@ -233,4 +241,6 @@ def sample(
             on_step(event)
     if last is None:  # nothing to decode (e.g. every answer position given)
         raise ValueError("nothing was decoded")
-    return SampleResult(tokens=last.tokens, forward_passes=last.forward_passes, steps=steps)
+    return SampleResult(
+        tokens=last.tokens, forward_passes=last.forward_passes, steps=steps, work=last.work
+    )

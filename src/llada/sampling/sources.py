@@ -55,6 +55,11 @@ class LogitsSource:
         self.vicinity = vicinity
         self.cache: KVCache | None = None
         self.forward_passes = 0
+        # Work done, for achieved-FLOP/s figures: query positions run through the blocks,
+        # (query, key) pairs attended, and positions run through the LM head.
+        self.query_positions = 0
+        self.attended_pairs = 0
+        self.head_positions = 0
 
     def window(self, block_start: int, block_end: int, length: int, first_step: bool) -> Window:
         raise NotImplementedError
@@ -78,6 +83,10 @@ class LogitsSource:
             tokens = torch.cat([tokens, tokens.masked_fill(prompt, self.mask_id)])
             logits_at = torch.cat([logits_at, logits_at])
         self.forward_passes += 1
+        self.query_positions += tokens.numel()
+        keys = x.shape[1] if (self.uses_cache and not window.fills_cache) else tokens.shape[1]
+        self.attended_pairs += tokens.numel() * keys
+        self.head_positions += int(logits_at.sum())
         if not self.uses_cache:
             mask = self.attention_mask
             if guided and mask is not None:
