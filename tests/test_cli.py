@@ -115,7 +115,11 @@ def test_chat_keeps_history_as_the_reference(chat_checkpoint, monkeypatch, capsy
     assert session.history.count(model.special_tokens.bos_id) == 1
 
     monkeypatch.setattr(
-        "sys.stdin", io.StringIO("hello\n/set steps=4\n/set bogus=1\nagain\n/quit\n")
+        "sys.stdin",
+        io.StringIO(
+            "hello\n/set steps=4\n/set bogus=1\n/set preset=fastest\n/set preset=warp\n"
+            "again\n/quit\n"
+        ),
     )
     code = main(
         [
@@ -132,3 +136,4 @@ def test_chat_keeps_history_as_the_reference(chat_checkpoint, monkeypatch, capsy
     )
     out = capsys.readouterr()
     assert code == 0 and "bogus" not in out.out and "NAME one of" in out.err
+    assert "preset: fastest" in out.out and "unknown preset 'warp'" in out.err
