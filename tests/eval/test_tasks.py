@@ -46,10 +46,10 @@ def test_synthetic_answers_are_right():
         question = example.prompt.removeprefix("What is ").removesuffix("?")
         assert str(eval(question)) == example.answer  # noqa: S307 - our own generated text
         sort = SYNTHETIC_TASKS["sort"](rng)
-        numbers = [int(n) for n in sort.prompt.split(": ")[1].split()]
+        numbers = [int(n) for n in sort.prompt.split(":\n")[1].split()]
         assert sort.answer == " ".join(map(str, sorted(numbers)))
         reverse = SYNTHETIC_TASKS["reverse"](rng)
-        assert reverse.answer.split() == reverse.prompt.split(": ")[1].split()[::-1]
+        assert reverse.answer.split() == reverse.prompt.split(":\n")[1].split()[::-1]
 
 
 def test_synthetic_questions_are_held_out_and_line_questions_are_taught(tmp_path):

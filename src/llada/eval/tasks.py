@@ -76,6 +76,11 @@ def arithmetic(rng: random.Random) -> Example:
     return Example("arithmetic", f"What is {a} {operation} {b}?", str(value))
 
 
+# The items follow a line break so that the first one is tokenized as at the start of the
+# answer (byte-level BPE gives " sun" after a space but "sun" after a newline): the answer then
+# repeats the question's very tokens.
+
+
 def _sequence(rng: random.Random) -> list[str]:
     length = rng.randint(3, 6)
     if rng.random() < 0.5:
@@ -85,18 +90,18 @@ def _sequence(rng: random.Random) -> list[str]:
 
 def copy(rng: random.Random) -> Example:
     items = _sequence(rng)
-    return Example("copy", f"Repeat exactly: {' '.join(items)}", " ".join(items))
+    return Example("copy", f"Repeat exactly:\n{' '.join(items)}", " ".join(items))
 
 
 def reverse(rng: random.Random) -> Example:
     items = _sequence(rng)
-    return Example("reverse", f"Reverse the order: {' '.join(items)}", " ".join(reversed(items)))
+    return Example("reverse", f"Reverse the order:\n{' '.join(items)}", " ".join(reversed(items)))
 
 
 def sort(rng: random.Random) -> Example:
     numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
     shown = " ".join(map(str, numbers))
-    return Example("sort", f"Sort in ascending order: {shown}", " ".join(map(str, sorted(numbers))))
+    return Example("sort", f"Sort in ascending order:\n{shown}", " ".join(map(str, sorted(numbers))))
 
 
 SYNTHETIC_TASKS: dict[str, Callable[[random.Random], Example]] = {
