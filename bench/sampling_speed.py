@@ -99,20 +99,24 @@ def answer_tokens(row: list[int], stop: tuple[int, ...]) -> list[int]:
     return row
 
 
-def run_setting(model, tokenizer, examples, prompts, config, batch, methods, device):
+def run_setting(model, tokenizer, examples, prompts, config, batch, methods, device, warmup=2):
     stop = model.special_tokens.stop_ids
-    figures = {m: {"seconds": [], "tokens": [], "nfe": [], "correct": 0, "n": 0} for m in methods}
+    figures = {
+        m: {"seconds": [], "tokens": [], "nfe": [], "correct": 0, "n": 0, "same": 0}
+        for m in methods
+    }
     work = {m: {"query_positions": 0, "attended_pairs": 0, "head_positions": 0} for m in methods}
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     groups = [g for g in groups if len(g) == batch]
     warm = groups[0]
     for method in methods:
-        for _ in range(2):
+        for _ in range(warmup):
             ids, mask = left_pad(warm, model.special_tokens.pad_id)
             sample(model, ids.to(device), mask.to(device), config, PRESETS[method])
     for index, group in enumerate(groups):
         ids, mask = left_pad(group, model.special_tokens.pad_id)
         ids, mask = ids.to(device), mask.to(device)
+        reference_answers = None
         for method in methods:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -127,6 +131,10 @@ def run_setting(model, tokenizer, examples, prompts, config, batch, methods, dev
             f["seconds"].append(elapsed)
             f["tokens"].append(sum(map(len, answers)))
             f["nfe"].append(result.forward_passes)
+            if method == "reference":
+                reference_answers = answers
+            if reference_answers is not None:
+                f["same"] += sum(a == b for a, b in zip(answers, reference_answers, strict=True))
             for key in work[method]:
                 work[method][key] += result.work[key]
             if tokenizer is not None:
@@ -143,6 +151,8 @@ def run_setting(model, tokenizer, examples, prompts, config, batch, methods, dev
             "nfe_per_seq": sum(f["nfe"]) / len(f["nfe"]),
             "tpf": sum(f["tokens"]) / (sum(f["nfe"]) * batch),
             "accuracy": f["correct"] / f["n"] if f["n"] else None,
+            # Answers identical to the reference sampler's (a quality figure without labels).
+            "same_as_reference": f["same"] / (len(f["seconds"]) * batch),
             "flops": forward_flops(model.config, work[method]) / sum(f["seconds"]),
         }
     return out
@@ -162,6 +172,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per method")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,7 +218,15 @@ def main() -> None:
             config = GenerateConfig(steps=gen_length, gen_length=gen_length, block_length=block)
             for batch in args.batch_sizes:
                 figures = run_setting(
-                    model, tokenizer, examples, prompts, config, batch, args.methods, device
+                    model,
+                    tokenizer,
+                    examples,
+                    prompts,
+                    config,
+                    batch,
+                    args.methods,
+                    device,
+                    args.warmup,
                 )
                 reference = figures.get("reference")
                 best = max(
@@ -218,7 +237,7 @@ def main() -> None:
                 print(f"\ngen_length {gen_length}, block {block}, batch {batch}")
                 print(
                     f"{'method':<17}{'tok/s':>9}{'x ref':>8}{'x best FD':>10}{'NFE':>8}"
-                    f"{'TPF':>6}{'acc':>7}{'%peak':>7}"
+                    f"{'TPF':>6}{'acc':>7}{'=ref':>6}{'%peak':>7}"
                 )
                 for method, f in figures.items():
                     vs_ref = f["tokens_per_s"] / reference["tokens_per_s"] if reference else None
@@ -227,7 +246,8 @@ def main() -> None:
                     print(
                         f"{method:<17}{f['tokens_per_s']:>9.1f}"
                         f"{(vs_ref or 0):>8.2f}{(vs_fd or 0):>10.2f}{f['nfe_per_seq']:>8.1f}"
-                        f"{f['tpf']:>6.2f}{acc:>7}{f['flops'] / peak:>7.1%}"
+                        f"{f['tpf']:>6.2f}{acc:>7}{f['same_as_reference']:>6.0%}"
+                        f"{f['flops'] / peak:>7.1%}"
                     )
                     f.update(x_reference=vs_ref, x_best_fastdllm=vs_fd)
                 results.append(
