@@ -101,7 +101,9 @@ def reverse(rng: random.Random) -> Example:
 def sort(rng: random.Random) -> Example:
     numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
     shown = " ".join(map(str, numbers))
-    return Example("sort", f"Sort in ascending order:\n{shown}", " ".join(map(str, sorted(numbers))))
+    return Example(
+        "sort", f"Sort in ascending order:\n{shown}", " ".join(map(str, sorted(numbers)))
+    )
 
 
 SYNTHETIC_TASKS: dict[str, Callable[[random.Random], Example]] = {
