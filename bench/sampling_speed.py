@@ -30,11 +30,18 @@ from llada.api import load
 from llada.eval.tasks import build_task_sets, is_correct
 from llada.model.config import LLaDAConfig
 from llada.model.transformer import LLaDAModel
-from llada.sampling.config import PRESETS, GenerateConfig
+from llada.sampling.config import PRESETS, DecodeConfig, GenerateConfig
 from llada.sampling.fast import sample
 from llada.tokenizer import encode_chat, left_pad
 
 METHODS = ("reference", "fastdllm-prefix", "fastdllm-dual", "fast", "fastest")
+# Further compositions, selectable with --methods.
+EXTRA = {
+    "fast-factor": DecodeConfig(source="dual", commit="factor", factor=1.0),
+    "fast-entropy": DecodeConfig(source="dual", commit="entropy", entropy_bound=0.5),
+    "fastest-vicinity8": DecodeConfig(source="block", commit="threshold", vicinity=8),
+}
+DECODERS = {**PRESETS, **EXTRA}
 BASELINES = ("reference", "fastdllm-prefix", "fastdllm-dual")
 
 
@@ -112,7 +119,7 @@ def run_setting(model, tokenizer, examples, prompts, config, batch, methods, dev
     for method in methods:
         for _ in range(warmup):
             ids, mask = left_pad(warm, model.special_tokens.pad_id)
-            sample(model, ids.to(device), mask.to(device), config, PRESETS[method])
+            sample(model, ids.to(device), mask.to(device), config, DECODERS[method])
     for index, group in enumerate(groups):
         ids, mask = left_pad(group, model.special_tokens.pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -121,7 +128,7 @@ def run_setting(model, tokenizer, examples, prompts, config, batch, methods, dev
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            result = sample(model, ids, mask, config, PRESETS[method])
+            result = sample(model, ids, mask, config, DECODERS[method])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
@@ -168,7 +175,9 @@ def main() -> None:
     parser.add_argument("--gen-lengths", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--blocks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=sorted(DECODERS), metavar="METHOD"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
