@@ -9,6 +9,8 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
+from ..sampling.config import PRESETS
+
 
 def _field_help(cls: type) -> dict[str, str]:
     """'name: text' paragraphs of a dataclass docstring -> {name: text}."""
@@ -79,14 +81,13 @@ CHAT_SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
 
 # The decoding preset of commands that talk to people (chat, generate).
 INTERACTIVE_PRESET = "reference"
-PRESET_NAMES = ("reference", "fast", "fastest", "fastdllm-prefix", "fastdllm-dual")
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--preset",
         default=default,
-        choices=PRESET_NAMES,
+        choices=sorted(PRESETS),
         help="decoding method: 'reference' is the published sampler token for token; 'fast' "
         "and 'fastest' use KV caches, confidence-threshold parallel decoding and early stop; "
         f"the 'fastdllm-*' presets are Fast-dLLM's methods (default: {default})",

@@ -109,7 +109,11 @@ def denoise(
     softmax_dtype = None
     if decode.reference_numerics:
         softmax_dtype = model.dtype if isinstance(model.dtype, torch.dtype) else torch.float32
-    total_steps = 0
+    # Random draws follow the reference only when they cover every position.
+    draws_all = decode.reference_numerics and (
+        config.temperature > 0 or config.remasking == "random"
+    )
+    never_propose = None if decode.reference_numerics else mask_id
     for block in range(config.num_blocks):
         block_start = prompt_length + block * config.block_length
         block_end = block_start + config.block_length
@@ -118,22 +122,13 @@ def denoise(
         )
         step = 0
         while True:
-            if decode.commit == "schedule" and step == config.steps_per_block:
-                break
-            block_masked = x[rows, block_start:block_end] == mask_id
-            if not bool(block_masked.any()) and (
-                decode.commit != "schedule" or not decode.reference_numerics
-            ):
+            if _block_done(x, rows, block_start, block_end, mask_id, decode, step, config):
                 break
             window = source.window(block_start, block_end, length, first_step=step == 0)
             span = positions[window.start : window.end]
             canvas = x[rows]
             is_masked = canvas[:, window.start : window.end] == mask_id
             candidate = is_masked & (span < block_end)[None, :]
-            # Random draws follow the reference only when they cover every position.
-            draws_all = decode.reference_numerics and (
-                config.temperature > 0 or config.remasking == "random"
-            )
             logits_at = torch.ones_like(candidate) if draws_all else candidate
             logits = source.logits(canvas, window, logits_at)
             proposal, confidence, entropy = propose(
@@ -142,7 +137,7 @@ def denoise(
                 tokens,
                 softmax_dtype=softmax_dtype,
                 need_entropy=decode.commit == "entropy",
-                never_propose=None if decode.reference_numerics else mask_id,
+                never_propose=never_propose,
             )
             dense_token = torch.full_like(candidate, mask_id, dtype=torch.long)
             dense_conf = torch.full(candidate.shape, -torch.inf, device=device)
@@ -164,7 +159,6 @@ def denoise(
             updated = torch.where(commit, dense_token, updated)
             x[rows, window.start : window.end] = updated
             step += 1
-            total_steps += 1
 
             ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
             if decode.early_stop:
@@ -205,12 +199,15 @@ def denoise(
                 return
         if len(rows) == 0:
             return
-    finished[:] = True
 
 
 def _block_done(x, rows, block_start, block_end, mask_id, decode, step, config) -> bool:
-    if decode.commit == "schedule":
-        return step == config.steps_per_block
+    """Whether the loop leaves this block: the schedule's steps are spent, or (except for the
+    reference's fixed step count) no masks are left in it."""
+    if decode.commit == "schedule" and step == config.steps_per_block:
+        return True
+    if decode.commit == "schedule" and decode.reference_numerics:
+        return False
     return not bool((x[rows, block_start:block_end] == mask_id).any())
 
 

@@ -77,25 +77,21 @@ class LogitsSource:
     def logits(self, x: torch.Tensor, window: Window, logits_at: torch.Tensor) -> torch.Tensor:
         """Logits (N, V) at the positions `logits_at` (B, window width) of the window of x."""
         tokens = x[:, window.start : window.end]
+        mask = self.attention_mask
         guided = self.cfg_scale > 0
         if guided:
             prompt = self.prompt_index[:, window.start : window.end]
             tokens = torch.cat([tokens, tokens.masked_fill(prompt, self.mask_id)])
             logits_at = torch.cat([logits_at, logits_at])
+            mask = None if mask is None else torch.cat([mask, mask])
         self.forward_passes += 1
         self.query_positions += tokens.numel()
         keys = x.shape[1] if (self.uses_cache and not window.fills_cache) else tokens.shape[1]
         self.attended_pairs += tokens.numel() * keys
         self.head_positions += int(logits_at.sum())
         if not self.uses_cache:
-            mask = self.attention_mask
-            if guided and mask is not None:
-                mask = torch.cat([mask, mask])
             out = self.model(tokens, attention_mask=mask, logits_at=logits_at).logits
         elif window.fills_cache:
-            mask = self.attention_mask
-            if guided and mask is not None:
-                mask = torch.cat([mask, mask])
             self.cache = KVCache()
             out = self.model(
                 tokens, attention_mask=mask, logits_at=logits_at, kv_cache=self.cache
