@@ -188,19 +188,20 @@ def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, par
     config_file = tmp_path / "two.json"
     config_file.write_text(
         json.dumps(
-            dict(single.to_dict(), out_dir=str(tmp_path / "two"), grad_accum=1, parallel="fsdp")
+            dict(single.to_dict(), out_dir=str(tmp_path / "two"), grad_accum=1, parallel=parallel)
         )
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(
+    run = subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
+            # --standalone picks a free rendezvous port: a fixed one can still be held by
+            # the previous parametrisation's run.
+            "--standalone",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29533",
             "-m",
             "llada.cli.main",
             "train",
@@ -208,11 +209,12 @@ def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, par
             "--config",
             str(config_file),
         ],
-        check=True,
         env=env,
         timeout=300,
         capture_output=True,
+        text=True,
     )
+    assert run.returncode == 0, run.stderr[-4000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two, strict=True):
