@@ -88,3 +88,23 @@ def test_line_pairs_skip_labels_and_the_validation_work(tmp_path):
 def test_exact_match():
     example = Example("copy", "Repeat exactly: a b", "a b")
     assert is_correct(example, " a b\n") and not is_correct(example, "a b c")
+
+
+def test_make_sft_counts_per_task_and_refuses_unknown_tasks(tmp_path, capsys):
+    import json
+
+    from llada.cli.main import main
+
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "sft.jsonl"
+    args = ["eval", "make-sft", "--corpus", str(corpus), "--out", str(out)]
+    counts = ["--count", "arithmetic=7", "--count", "copy=0", "--count", "reverse=3"]
+    counts += ["--count", "sort=2", "--count", "verse=1", "--recall-repeats", "1"]
+    assert main([*args, *counts]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    prompts = [r["messages"][0]["content"] for r in records]
+    assert sum(p.startswith("What is") for p in prompts) == 7
+    assert sum(p.startswith("Reverse the order") for p in prompts) == 3
+    assert not any(p.startswith("Repeat exactly") for p in prompts)
+    assert main([*args, "--count", "poems=3"]) != 0
+    assert "TASK one of arithmetic" in capsys.readouterr().err

