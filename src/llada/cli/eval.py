@@ -143,9 +143,7 @@ def run_make_sft(args: argparse.Namespace) -> int:
         counts[task] = int(number)
     if args.recall_repeats < 0:
         raise ValueError(f"--recall-repeats must be >= 0, got {args.recall_repeats}")
-    sets = build_task_sets(
-        _corpus(args), sft_per_task=counts, recall_repeats=args.recall_repeats
-    )
+    sets = build_task_sets(_corpus(args), sft_per_task=counts, recall_repeats=args.recall_repeats)
     path = write_chat_jsonl(sets.sft, args.out)
     print(f"{len(sets.sft)} SFT records written to {path}")
     if args.val_out:

@@ -202,7 +202,13 @@ EVAL_SEED = "eval"
 SFT_SEED = "sft"
 
 
-DEFAULT_SFT_COUNTS = {"arithmetic": 6000, "copy": 4000, "reverse": 4000, "sort": 4000, "verse": 1000}
+DEFAULT_SFT_COUNTS = {
+    "arithmetic": 6000,
+    "copy": 4000,
+    "reverse": 4000,
+    "sort": 4000,
+    "verse": 1000,
+}
 
 
 @dataclass(frozen=True)
