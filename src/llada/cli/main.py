@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import chat, data, eval, export, generate, train
+from . import chat, data, demo, eval, export, generate, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     generate.add_parser(subparsers)
     chat.add_parser(subparsers)
+    serve.add_parser(subparsers)
+    demo.add_parser(subparsers)
     train.add_parser(subparsers)
     data.add_parser(subparsers)
     export.add_parser(subparsers)
