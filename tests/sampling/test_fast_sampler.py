@@ -3,6 +3,7 @@ stop, caches, commit rules and streaming behave as documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -235,3 +236,22 @@ def test_bad_settings_are_clear():
         DecodeConfig(threshold=1.5)
     with pytest.raises(ValueError, match="unknown preset"):
         sample(make_random_model(), torch.tensor([[1, 2]]), decode="warp")
+
+
+@pytest.mark.parametrize("preset", ["reference", "fast", "fastest"])
+def test_fixed_answer_tokens_are_kept_and_only_free_positions_decoded(preset):
+    model = make_random_model(seed=7)
+    mask_id = model.special_tokens.mask_id
+    config = GenerateConfig(steps=8, gen_length=8, block_length=4, cfg_scale=1.0)
+    answer = torch.full((2, 8), mask_id)
+    answer[0, 1], answer[0, 5], answer[1, 2] = 20, 21, 22
+    decode = dataclasses.replace(PRESETS[preset], early_stop=False)
+    prompt = torch.tensor([[5, 9, 11], [6, 9, 12]])
+    events = list(denoise(model, prompt, None, config, decode, answer=answer))
+    out = events[-1].tokens[:, 3:]
+    assert out[0, 1] == 20 and out[0, 5] == 21 and out[1, 2] == 22
+    assert not (out == mask_id).any()
+    committed = sum(e.committed for e in events)
+    assert committed[:, 3:].tolist() == (answer == mask_id).long().tolist()
+    with pytest.raises(ValueError, match="answer must have shape"):
+        sample(model, prompt, None, config, decode, answer=answer[:, :4])

@@ -75,6 +75,7 @@ def denoise(
     config: GenerateConfig | None = None,
     decode: DecodeConfig | str = "fast",
     mask_id: int | None = None,
+    answer: torch.Tensor | None = None,
 ) -> Iterator[StepEvent]:
     """Generate as `sample` does, yielding a `StepEvent` after every step."""
     config = config or GenerateConfig()
@@ -88,6 +89,14 @@ def denoise(
     length = prompt_length + config.gen_length
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_length] = prompt
+    if answer is not None:
+        answer = check_token_ids("answer", answer, 2, vocab_size_of(model)).to(device)
+        if answer.shape != (batch, config.gen_length):
+            raise ValueError(
+                f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
+                f"got {tuple(answer.shape)}"
+            )
+        x[:, prompt_length:] = answer
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
         attention_mask = torch.cat(
@@ -220,6 +229,7 @@ def sample(
     decode: DecodeConfig | str = "fast",
     mask_id: int | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    answer: torch.Tensor | None = None,
 ) -> SampleResult:
     """Generate `config.gen_length` tokens after each prompt row with the fast loop.
 
@@ -227,11 +237,15 @@ def sample(
     `DecodeConfig` or a preset name ('reference', 'fastdllm-prefix', 'fastdllm-dual', 'fast',
     'fastest'). Returns the canvas (B, Lp + gen_length), the number of forward passes and of
     steps. `on_step` sees every step (for streaming and visualisation).
+
+    answer: optional (B, gen_length) starting answer, the mask id where free and a token id
+    where fixed (the reference demo's word constraints). Fixed tokens are never changed and,
+    as in the reference demo, count as prompt for CFG's unconditional pass.
     """
     config = config or GenerateConfig()
     last = None
     steps = 0
-    for event in denoise(model, prompt, attention_mask, config, decode, mask_id):
+    for event in denoise(model, prompt, attention_mask, config, decode, mask_id, answer):
         steps += 1
         last = event
         if on_step is not None:
