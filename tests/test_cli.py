@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,10 +54,16 @@ def test_generate_reads_a_file(chat_checkpoint, tmp_path, capsys):
             "--raw",
             "--batch-size",
             "2",
+            "--jsonl",
+            "--progress",
         ]
     )
     assert code == 0
-    assert len(capsys.readouterr().out.splitlines()) >= 3
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["prompt"] for r in records] == ["first", "second", "third"]
+    assert all(isinstance(r["answer"], str) for r in records)
+    assert "3/3" in captured.err  # the progress bar
 
 
 def test_bad_settings_exit_with_a_message(chat_checkpoint, capsys):
@@ -137,3 +144,39 @@ def test_chat_keeps_history_as_the_reference(chat_checkpoint, monkeypatch, capsy
     out = capsys.readouterr()
     assert code == 0 and "bogus" not in out.out and "NAME one of" in out.err
     assert "preset: fastest" in out.out and "unknown preset 'warp'" in out.err
+
+
+def test_live_chat_view_redraws_the_canvas_and_answers_as_plain_chat(
+    chat_checkpoint, monkeypatch, capsys
+):
+    import io
+
+    import torch
+
+    from llada import load_model, load_tokenizer
+    from llada.cli.live import MASK_GLYPH, answer_view
+    from llada.sampling.config import GenerateConfig
+    from llada.sampling.fast import denoise
+
+    model = load_model(chat_checkpoint)
+    tokenizer = load_tokenizer(chat_checkpoint)
+    mask_id = model.special_tokens.mask_id
+    config = GenerateConfig(steps=8, gen_length=8, block_length=4)
+    events = list(denoise(model, torch.tensor([[5, 9, 11]]), None, config, "reference"))
+    views = [answer_view(e, 8, tokenizer, mask_id) for e in events]
+    masks = [int((e.tokens[0, 3:] == mask_id).sum()) for e in events]
+    assert [v.plain.count(MASK_GLYPH) for v in views] == masks == list(range(7, -1, -1))
+    # The token committed at each step is the highlighted span.
+    for event, view in zip(events, views, strict=True):
+        fresh = event.tokens[0, 3:][event.committed[0, 3:]].tolist()
+        shown = "".join(view.plain[s.start : s.end] for s in view.spans if s.style == "bold green")
+        assert shown == tokenizer.decode(fresh, skip_special_tokens=True)
+
+    args = ["chat", "--model", str(chat_checkpoint), "--gen-length", "8", "--steps", "8"]
+    args += ["--block-length", "4"]
+    answers = []
+    for live in ("--live", "--no-live"):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+        assert main([*args, live]) == 0
+        answers.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answers[0] == answers[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from .model.checkpoint import load_model, resolve_checkpoint
 from .model.config import LLaDAConfig
 from .model.transformer import LLaDAModel
 from .sampling.config import DecodeConfig, GenerateConfig
-from .sampling.fast import sample
+from .sampling.fast import StepEvent, sample
 from .tokenizer import encode_chat, left_pad, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -148,13 +148,16 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def reply(self, text: str) -> str:
+    def reply(self, text: str, on_step: Callable[[StepEvent], None] | None = None) -> str:
+        """The answer to one user turn; `on_step` sees every denoising step."""
         tokens = self.model.special_tokens
         turn = encode_chat(self.tokenizer, [{"role": "user", "content": text}])
         if self.history and tokens.bos_id is not None and turn[:1] == [tokens.bos_id]:
             turn = turn[1:]
         prompt = self.history + turn
-        out = sample(self.model, torch.tensor([prompt]), None, self.config, self.decode)
+        out = sample(
+            self.model, torch.tensor([prompt]), None, self.config, self.decode, on_step=on_step
+        )
         out = out.tokens[0].tolist()
         self.history = [t for t in out if t != tokens.eos_id]
         answer = out[len(prompt) :]

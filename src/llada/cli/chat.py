@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Multi-turn chat; the history is kept as the reference chat.py keeps it. "
         + HELP,
     )
+    parser.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the denoising live (default: when the terminal is interactive)",
+    )
     add_model_arguments(parser)
     add_preset_argument(parser, INTERACTIVE_PRESET)
     add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     session = ChatSession(model, tokenizer, config, decode=args.preset)
     interactive = sys.stdin.isatty()
+    live = args.live if args.live is not None else interactive and sys.stdout.isatty()
     if interactive:
         print(f"llada chat ({model.checkpoint_folder}); {HELP}")
     while True:
@@ -95,4 +102,18 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as error:
                 print(f"error: {error}", file=sys.stderr)
             continue
-        print(("llada> " if interactive else "") + session.reply(text), flush=True)
+        answer = _reply_live(session, text) if live else session.reply(text)
+        print(("llada> " if interactive else "") + answer, flush=True)
+
+
+def _reply_live(session, text: str) -> str:
+    """The reply, with its canvas redrawn after every step while it is denoised."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .live import LiveAnswer
+
+    mask_id = session.model.special_tokens.mask_id
+    with Live(console=Console(), transient=True, refresh_per_second=20) as display:
+        redraw = LiveAnswer(display, session.config.gen_length, session.tokenizer, mask_id)
+        return session.reply(text, on_step=redraw)

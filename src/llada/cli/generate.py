@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..sampling.config import GenerateConfig
@@ -31,6 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch-size", type=int, default=8, help="prompts per sampler call (default: 8)"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar over the prompts on stderr (default: with several batches on a terminal)",
+    )
+    parser.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='print one JSON object per prompt ({"prompt": ..., "answer": ...}) instead of text',
     )
     add_model_arguments(parser)
     add_preset_argument(parser, INTERACTIVE_PRESET)
@@ -66,11 +78,23 @@ def run(args: argparse.Namespace) -> int:
             f"created at {model.checkpoint_folder}; its text is noise. Pass --model PATH for a real one.",
             file=sys.stderr,
         )
+    from tqdm import tqdm
+
+    progress = args.progress
+    if progress is None:
+        progress = sys.stderr.isatty() and len(prompts) > args.batch_size
     torch.manual_seed(args.seed)
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        for answer in generate_texts(
-            model, tokenizer, batch, config, chat=not args.raw, decode=args.preset
-        ):
-            print(answer, flush=True)
+    with tqdm(total=len(prompts), unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            done: list[str] = []
+            for answer in generate_texts(
+                model, tokenizer, batch, config, chat=not args.raw, decode=args.preset
+            ):
+                if args.jsonl:
+                    answer = json.dumps({"prompt": prompts[start + len(done)], "answer": answer})
+                done.append(answer)
+                bar.write(answer, file=sys.stdout)
+                sys.stdout.flush()
+            bar.update(len(batch))
     return 0
