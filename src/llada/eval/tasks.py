@@ -202,6 +202,7 @@ EVAL_SEED = "eval"
 SFT_SEED = "sft"
 
 
+DEFAULT_NUM_RECALL_PAIRS = 400
 DEFAULT_SFT_COUNTS = {
     "arithmetic": 6000,
     "copy": 4000,
@@ -221,7 +222,7 @@ def build_task_sets(
     corpus: str | Path | None,
     eval_per_task: int = 200,
     sft_per_task: dict[str, int] | None = None,
-    num_recall_pairs: int = 400,
+    num_recall_pairs: int = DEFAULT_NUM_RECALL_PAIRS,
     recall_repeats: int = 4,
 ) -> TaskSet:
     """The SFT examples and the evaluation examples.

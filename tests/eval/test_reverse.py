@@ -1,0 +1,86 @@
+"""The reversal-curse evaluation: the reference's data format and prompts, batched replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llada import load_model, load_tokenizer
+from llada.eval import reverse
+from llada.eval.reverse import LinePair, evaluate_reversal, load_pairs, question
+from llada.sampling.config import GenerateConfig
+
+POEMS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "data" / "poem_data.json"
+
+
+def test_reference_poem_data_and_prompts():
+    if not POEMS.is_file():
+        pytest.skip(f"the reference data is not beside the repo ({POEMS})")
+    pairs = load_pairs(POEMS)
+    assert len(pairs) == 469 and all(p.first and p.second for p in pairs)
+    prompt, target = question(pairs[0], "ftb", "reference")
+    assert prompt == pairs[0].first + "的下一句是什么？ 直接输出句子即可。"
+    assert target == pairs[0].second
+    prompt, target = question(pairs[0], "btf", "reference")
+    assert prompt.startswith(pairs[0].second + "的上一句是什么？") and target == pairs[0].first
+
+
+def test_bad_pair_files_are_explained(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"first": "a"}]))
+    with pytest.raises(ValueError, match="item 0 must be an object"):
+        load_pairs(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_pairs(bad)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        question(LinePair("a", "b"), "up", "reference")
+
+
+def test_accuracy_counts_replies_that_contain_the_target(monkeypatch):
+    pairs = [LinePair(f"line {i}", f"next {i}") for i in range(5)]
+
+    def knows_forward_only(model, tokenizer, prompts, config, decode="reference"):
+        # Answers forward questions with extra words around the line, backward ones wrongly.
+        return [
+            f'It is "{p.split(chr(34))[1].replace("line", "next")}".'
+            if p.startswith("Which line follows")
+            else "no idea"
+            for p in prompts
+        ]
+
+    monkeypatch.setattr("llada.api.generate_texts", knows_forward_only)
+    config = GenerateConfig(steps=4, gen_length=4, block_length=4)
+    forward = evaluate_reversal(None, None, pairs, "ftb", config, style="english", batch_size=2)
+    backward = evaluate_reversal(None, None, pairs, "btf", config, style="english")
+    assert (forward.accuracy, forward.n) == (1.0, 5) and backward.accuracy == 0.0
+    assert forward.replies[3]["target"] == "next 3"
+
+
+def test_batched_replies_equal_one_at_a_time(chat_checkpoint):
+    model, tokenizer = load_model(chat_checkpoint), load_tokenizer(chat_checkpoint)
+    pairs = [LinePair("To be, or not to be", "that is the question"), LinePair("ay", "me")]
+    pairs += [LinePair("Now is the winter", "of our discontent")]
+    config = GenerateConfig(steps=8, gen_length=8, block_length=8, logits_eos_inf=True)
+    one = evaluate_reversal(model, tokenizer, pairs, "btf", config, batch_size=1)
+    batched = evaluate_reversal(model, tokenizer, pairs, "btf", config, batch_size=3)
+    assert [r["reply"] for r in one.replies] == [r["reply"] for r in batched.replies]
+
+
+def test_corpus_pairs_are_written_in_the_reference_format(tmp_path):
+    from test_tasks import _corpus
+
+    corpus = _corpus(tmp_path)
+    taught = load_pairs(
+        reverse.corpus_pairs_json(corpus, tmp_path / "taught.json", count=20, num_recall_pairs=50)
+    )
+    other = load_pairs(
+        reverse.corpus_pairs_json(
+            corpus, tmp_path / "other.json", count=20, taught=False, num_recall_pairs=50
+        )
+    )
+    assert len(taught) == 20 and len(other) == 20
+    taught_lines = {line for p in taught for line in (p.first, p.second)}
+    assert not taught_lines & {line for p in other for line in (p.first, p.second)}
