@@ -1,9 +1,79 @@
-"""`llada serve` (being written)."""
+"""`llada serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with request batching."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from ..sampling.config import GenerateConfig
+from ..serve.config import ServeConfig
+from .options import (
+    add_dataclass_arguments,
+    add_model_arguments,
+    add_preset_argument,
+    dataclass_from_args,
+)
+
+# Kept equal to llada.serve.app.SERVE_SAMPLER_DEFAULTS / SERVE_PRESET, which import FastAPI.
+SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
+PRESET = "fast"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (with "
+        "streaming), /health and /metrics. Concurrent requests with the same sampler settings "
+        "share sampler calls. The sampler flags are the defaults of a request; a request may "
+        "override them with extra body fields (steps, gen_length, block_length, cfg_scale, "
+        "remasking, threshold, preset) and temperature / max_tokens.",
+    )
+    add_model_arguments(parser)
+    add_preset_argument(parser, PRESET)
+    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=SAMPLER_DEFAULTS)
+    add_dataclass_arguments(parser, ServeConfig, "server")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as error:
+        raise ValueError(
+            f"llada serve needs FastAPI and uvicorn ({error}): pip install 'llada-kit[serve]'"
+        ) from None
+    import torch
+
+    from ..api import load
+
+    if args.api_key is None and os.environ.get("LLADA_API_KEY"):
+        args.api_key = os.environ["LLADA_API_KEY"]
+    config = dataclass_from_args(ServeConfig, args)
+    sampler = dataclass_from_args(GenerateConfig, args)
+    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
+    if is_random:
+        print(
+            "note: no trained model is shipped yet, so this serves a small random-weight LLaDA "
+            f"created at {model.checkpoint_folder}; its text is noise. Pass --model PATH.",
+            file=sys.stderr,
+        )
+    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {config.host} without an API key (--api-key or LLADA_API_KEY)",
+            file=sys.stderr,
+        )
+    torch.manual_seed(args.seed)
+    app = create_app(model, tokenizer, config, sampler, preset=args.preset)
+    name = app.state.llada.model_name
+    print(
+        f"llada serve: model {name!r} on http://{config.host}:{config.port}/v1 "
+        f"(preset {args.preset}, gen_length {sampler.gen_length}, block_length "
+        f"{sampler.block_length}, steps {sampler.steps})",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
