@@ -1,0 +1,574 @@
+"""The OpenAI-compatible HTTP app: /v1/models, /v1/completions, /v1/chat/completions (with SSE
+streaming), /health and /metrics.
+
+Handlers validate a request, encode its prompt and hand one `Job` per prompt to the `Batcher`,
+then wait for the job's updates: a streaming request forwards each newly final piece of text as
+an SSE chunk, a plain request joins them. Every error is an OpenAI-style JSON body
+`{"error": {"message", "type", "param", "code"}}`; a client that goes away cancels its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as error:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "the server needs FastAPI and uvicorn: pip install 'llada-kit[serve]'"
+    ) from error
+
+from ..sampling.config import GenerateConfig
+from ..tokenizer import encode_chat
+from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
+from .config import ServeConfig
+from .metrics import CONTENT_TYPE, Metrics
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    SamplerFields,
+    Sampling,
+    parse_body,
+    resolve_sampling,
+)
+
+logger = logging.getLogger(__name__)
+
+# The server's sampler defaults: answers of 64 tokens in blocks of 32, one step per token (the
+# 'fast' preset's threshold rule usually needs fewer).
+SERVE_SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
+SERVE_PRESET = "fast"
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+# Status of a request whose client went away before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {"message": message, "type": _error_type(status), "param": param, "code": code}
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _RequestMetrics:
+    """ASGI middleware: count every HTTP request by endpoint and status, and time it until its
+    response (a stream included) has been sent."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path in ENDPOINTS:
+            endpoint = path
+        elif path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{model}"
+        else:
+            endpoint = "other"
+        status = [500]
+        started = time.perf_counter()
+
+        async def record_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.observe_request(endpoint, status[0], time.perf_counter() - started)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+async def _read_json(request: Request, max_bytes: int) -> object:
+    """The request body as JSON, refusing bodies over `max_bytes` (413) and bad JSON (400)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise RequestError(
+            413, f"the request body is larger than {max_bytes} bytes", code="too_large"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise RequestError(
+                413, f"the request body is larger than {max_bytes} bytes", code="too_large"
+            )
+    if not body:
+        raise RequestError(400, "the request body is empty; send a JSON object")
+    try:
+        return json.loads(bytes(body), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise RequestError(400, f"the request body is not valid JSON: {error}") from None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client has closed the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _State:
+    """What the handlers share: the model, its tokenizer, the scheduler and the settings."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: ServeConfig,
+        sampler: GenerateConfig,
+        preset: str,
+        model_name: str,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.sampler = sampler
+        self.preset = preset
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.tokenizer_lock = threading.Lock()
+        self.batcher = Batcher(
+            model,
+            tokenizer,
+            self.metrics,
+            max_queue=config.max_queue,
+            max_batch_size=config.max_batch_size,
+            batch_window_s=config.batch_window_ms / 1000,
+            tokenizer_lock=self.tokenizer_lock,
+        )
+        model_config = getattr(model, "config", None)
+        self.vocab_size = getattr(model_config, "vocab_size", None)
+        self.max_sequence_length = getattr(model_config, "max_sequence_length", None)
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise RequestError(
+                404,
+                f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def encode_text(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        with self.tokenizer_lock:
+            return encode_chat(self.tokenizer, messages)
+
+    def check_prompt(self, ids: list[int], sampling: Sampling, param: str) -> None:
+        if not ids:
+            raise RequestError(400, "the prompt is empty", param)
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(
+                400, f"the prompt holds token ids outside [0, {self.vocab_size})", param
+            )
+        limit = self.config.max_prompt_tokens
+        if len(ids) > limit:
+            raise RequestError(
+                400,
+                f"the prompt has {len(ids)} tokens; this server takes at most {limit}",
+                param,
+                "context_length_exceeded",
+            )
+        total = len(ids) + sampling.config.gen_length
+        if self.max_sequence_length is not None and total > self.max_sequence_length:
+            raise RequestError(
+                400,
+                f"prompt ({len(ids)} tokens) + answer canvas ({sampling.config.gen_length}) "
+                f"= {total} tokens, more than the model's {self.max_sequence_length}; "
+                "shorten the prompt or ask for fewer tokens",
+                param,
+                "context_length_exceeded",
+            )
+
+    def make_jobs(
+        self,
+        prompts: Sequence[list[int]],
+        sampling: Sampling,
+        request: SamplerFields,
+        queue: asyncio.Queue,
+    ) -> list[Job]:
+        loop = asyncio.get_running_loop()
+        stops = request.stop_strings()
+        jobs = []
+        for index, ids in enumerate(prompts):
+
+            def sink(update: Update, index: int = index) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, update))
+
+            jobs.append(
+                Job(
+                    prompt=list(ids),
+                    config=sampling.config,
+                    decode=sampling.decode,
+                    sink=sink,
+                    max_tokens=sampling.max_tokens,
+                    stop=stops,
+                    seed=request.seed,
+                )
+            )
+        try:
+            self.batcher.submit(jobs)
+        except QueueFull:
+            self.metrics.inc("llada_rejected_total", reason="queue_full")
+            raise RequestError(
+                429,
+                "the server is busy (its queue is full); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(self.config.retry_after)},
+            ) from None
+        except ServerStopping:
+            self.metrics.inc("llada_rejected_total", reason="stopping")
+            raise RequestError(503, "the server is shutting down", code="unavailable") from None
+        return jobs
+
+
+async def _next_update(queue: asyncio.Queue, watcher: asyncio.Future) -> tuple[int, Update] | None:
+    """The next (choice index, update), or None if the client went away first."""
+    get = asyncio.ensure_future(queue.get())
+    try:
+        done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():  # the client left, or this task was cancelled
+            get.cancel()
+    return get.result() if get in done else None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(data: dict | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+class _Reply:
+    """Builds the response bodies of one request (chat or text completion)."""
+
+    def __init__(self, chat: bool, model_name: str, choices: int, prompt_tokens: int) -> None:
+        self.chat = chat
+        self.model_name = model_name
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.choices = choices
+        self.prompt_tokens = prompt_tokens
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model_name,
+            "choices": choices,
+        }
+
+    def whole(self, texts: list[str], reasons: list[str | None], tokens: list[int]) -> dict:
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+                for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+            ]
+            body = self._envelope("chat.completion", choices)
+        else:
+            choices = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+            ]
+            body = self._envelope("text_completion", choices)
+        body["usage"] = _usage(self.prompt_tokens, sum(tokens))
+        return body
+
+    def chunk(
+        self, index: int, text: str | None, reason: str | None = None, role: bool = False
+    ) -> dict:
+        if self.chat:
+            delta: dict = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, tokens: list[int]) -> dict:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = _usage(self.prompt_tokens, sum(tokens))
+        return body
+
+
+async def _respond(
+    request: Request,
+    state: _State,
+    fields: SamplerFields,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    chat: bool,
+) -> Response:
+    queue: asyncio.Queue = asyncio.Queue()
+    jobs = state.make_jobs(prompts, sampling, fields, queue)
+    reply = _Reply(chat, state.model_name, len(jobs), sum(len(p) for p in prompts))
+    if fields.stream:
+        stream = _stream(request, state, jobs, queue, reply, fields.include_usage)
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    texts = [""] * len(jobs)
+    reasons: list[str | None] = [None] * len(jobs)
+    tokens = [0] * len(jobs)
+    open_jobs = set(range(len(jobs)))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        while open_jobs:
+            item = await _next_update(queue, watcher)
+            if item is None:
+                return Response(status_code=CLIENT_CLOSED)
+            index, update = item
+            if update.error is not None:
+                raise RequestError(500, update.error, code="generation_failed")
+            texts[index] += update.text
+            tokens[index] = update.completion_tokens
+            if update.finished:
+                reasons[index] = update.finish_reason
+                open_jobs.discard(index)
+    finally:
+        watcher.cancel()
+        for index in open_jobs:
+            state.batcher.cancel(jobs[index])
+    return JSONResponse(reply.whole(texts, reasons, tokens))
+
+
+async def _stream(
+    request: Request,
+    state: _State,
+    jobs: list[Job],
+    queue: asyncio.Queue,
+    reply: _Reply,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE chunks: the role (chat), then each newly final piece of text, a chunk with the
+    finish reason per choice, the usage if asked, and `data: [DONE]`."""
+    tokens = [0] * len(jobs)
+    open_jobs = set(range(len(jobs)))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        if reply.chat:
+            for index in range(len(jobs)):
+                yield _sse(reply.chunk(index, "", role=True))
+        while open_jobs:
+            item = await _next_update(queue, watcher)
+            if item is None:
+                return  # the client went away; `finally` cancels its jobs
+            index, update = item
+            if update.error is not None:
+                error = {"message": update.error, "type": "server_error", "param": None}
+                yield _sse({"error": {**error, "code": "generation_failed"}})
+                break
+            tokens[index] = update.completion_tokens
+            if update.text:
+                yield _sse(reply.chunk(index, update.text))
+            if update.finished:
+                open_jobs.discard(index)
+                yield _sse(reply.chunk(index, None if reply.chat else "", update.finish_reason))
+        if include_usage and not open_jobs:
+            yield _sse(reply.usage_chunk(tokens))
+        yield _sse("[DONE]")
+    finally:
+        watcher.cancel()
+        for index in open_jobs:
+            state.batcher.cancel(jobs[index])
+
+
+def create_app(
+    model,
+    tokenizer,
+    config: ServeConfig | None = None,
+    sampler: GenerateConfig | None = None,
+    preset: str = SERVE_PRESET,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `model`.
+
+    sampler: default sampler settings of a request (default: 64 tokens, blocks of 32, 64 steps);
+    preset: default decoding preset ('fast'); model_name: the id clients use (default:
+    config.served_model_name, else the model folder's name).
+    """
+    config = config or ServeConfig()
+    sampler = sampler or GenerateConfig(**SERVE_SAMPLER_DEFAULTS)
+    folder = getattr(model, "checkpoint_folder", None)
+    name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
+    state = _State(model, tokenizer, config, sampler, preset, name)
+    resolve_sampling(SamplerFields(), sampler, preset, config)  # the defaults must be valid
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.batcher.stop)
+
+    app = FastAPI(title="llada serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.llada = state
+    app.add_middleware(_RequestMetrics, metrics=state.metrics)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, error: RequestError) -> JSONResponse:
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = error.detail if isinstance(error.detail, str) else "request failed"
+        if error.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return error_response(error.status_code, message, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, str(error))
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return error_response(500, f"internal error: {type(error).__name__}", code="internal")
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            key.strip().encode(), config.api_key.encode()
+        ):
+            raise RequestError(
+                401,
+                "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        healthy = state.batcher.healthy
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "model": state.model_name,
+            "queue_depth": state.batcher.queue_depth,
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    def model_card() -> dict:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "llada",
+        }
+
+    @v1.get("/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        state.check_model(model_id)
+        return model_card()
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        fields = parse_body(CompletionRequest, await _read_json(request, config.max_body_bytes))
+        fields.check_unsupported()
+        state.check_model(fields.model)
+        sampling = resolve_sampling(fields, state.sampler, state.preset, config)
+        prompts = fields.prompts()
+        if len(prompts) > config.max_batch_size:
+            raise RequestError(
+                400, f"at most {config.max_batch_size} prompts per request", "prompt"
+            )
+        encoded = []
+        for prompt in prompts:
+            ids = (
+                prompt
+                if isinstance(prompt, list)
+                else await run_in_threadpool(state.encode_text, prompt)
+            )
+            state.check_prompt(ids, sampling, "prompt")
+            encoded.append(ids)
+        return await _respond(request, state, fields, encoded, sampling, chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _read_json(request, config.max_body_bytes)
+        fields = parse_body(ChatCompletionRequest, body)
+        fields.check_unsupported()
+        state.check_model(fields.model)
+        messages = fields.chat_messages()
+        sampling = resolve_sampling(
+            fields, state.sampler, state.preset, config, fields.max_completion_tokens
+        )
+        ids = await run_in_threadpool(state.encode_messages, messages)
+        state.check_prompt(ids, sampling, "messages")
+        return await _respond(request, state, fields, [ids], sampling, chat=True)
+
+    app.include_router(v1)
+    return app

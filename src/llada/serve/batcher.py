@@ -1,0 +1,344 @@
+"""The request scheduler: one thread that runs the sampler for queued requests, in batches.
+
+Requests wait in a bounded FIFO queue. Whenever the model is free, the scheduler takes the
+oldest waiting request and every other waiting request with the same sampler settings (the same
+`GenerateConfig`, hence the same gen_length, and the same `DecodeConfig`), up to
+`max_batch_size`, left-pads their prompts into one batch and runs `denoise` once for all of them.
+Requests that arrive while the model is busy therefore share the next call; with the fast
+presets' early stop, rows whose answer has ended leave the batch early.
+
+The scheduler watches the loop through its per-step events (it never re-implements it). After
+each step, a row whose next block of answer tokens has become final (a block completed, or the
+row finished) sends the newly final text to its client. A row whose client has gone away, or
+whose answer is complete for its client (max_tokens reached, a stop string seen), is no longer
+followed; when no row of a batch is wanted any more the sampler call is stopped at that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling.config import DecodeConfig, GenerateConfig
+from ..sampling.fast import denoise
+from ..tokenizer import left_pad
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already; the client should retry later."""
+
+
+class ServerStopping(Exception):
+    """The scheduler is shutting down and takes no more requests."""
+
+
+@dataclass
+class Update:
+    """What a client is sent after a step.
+
+    text: the text that became final since the previous update (a delta).
+    completion_tokens: answer tokens so far, up to the first EOS/EoT and at most max_tokens.
+    finished: this is the job's last update.
+    finish_reason: 'stop' (EOS/EoT or a stop string) or 'length' (max_tokens reached), when
+        finished.
+    error: set (with finished) when the sampler failed; the text is then incomplete.
+    """
+
+    text: str
+    completion_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt to answer, with its sampler settings and where its updates go.
+
+    sink: called from the scheduler thread with each `Update`; it must not block.
+    max_tokens: answer tokens the client wants at most (<= config.gen_length).
+    stop: strings that end the answer; the text is cut before the first one.
+    seed: if set, the sampler's random draws are seeded with it and the job runs alone, so that
+        the same request gives the same answer whatever else is queued.
+    """
+
+    prompt: list[int]
+    config: GenerateConfig
+    decode: DecodeConfig
+    sink: Callable[[Update], None]
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # The scheduler's bookkeeping.
+    final_tokens: int = 0  # answer positions known to be final when last looked at
+    sent: str = ""  # text sent so far
+    done: bool = False  # no more updates will be sent
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys may share a sampler call."""
+        if self.seed is not None:
+            return (self.config, self.decode, self.seed, id(self))
+        return (self.config, self.decode)
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> str:
+    """The part of a not yet final text that is safe to send: without a trailing start of a
+    stop string (the next tokens may complete it) or of a character whose bytes are split
+    between tokens (decoded as U+FFFD)."""
+    keep = len(text)
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                keep = min(keep, len(text) - k)
+                break
+    return text[:keep].rstrip("\ufffd")
+
+
+class Batcher:
+    """Runs the sampler for submitted jobs on one background thread (see the module docstring).
+
+    tokenizer_lock: held around every tokenizer call of this thread; share it with other threads
+    that use the same tokenizer (a fast tokenizer must not be used by two threads at once).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        metrics: Metrics,
+        *,
+        max_queue: int,
+        max_batch_size: int,
+        batch_window_s: float = 0.0,
+        tokenizer_lock: threading.Lock | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self._special = model.special_tokens
+        self._cond = threading.Condition()
+        self._waiting: list[Job] = []
+        self._running: list[Job] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        metrics.set("llada_queue_capacity", max_queue)
+        metrics.set("llada_queue_depth", 0)
+        metrics.set("llada_running_rows", 0)
+
+    # -- the event loop's side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._serve, name="llada-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, end the running sampler call at its next step, and tell every
+        waiting or running job that the server stopped."""
+        with self._cond:
+            self._stopping = True
+            waiting, self._waiting = self._waiting, []
+            self._cond.notify_all()
+            thread = self._thread
+        for job in waiting:
+            self._fail(job, "the server is shutting down")
+        if thread is not None:
+            thread.join(timeout)
+        self._thread = None
+        self.metrics.set("llada_queue_depth", 0)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """Taking jobs, and the scheduler thread (once started) is running."""
+        return not self._stopping and (self._thread is None or self._thread.is_alive())
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` (all or none). Raises `QueueFull` or `ServerStopping`."""
+        with self._cond:
+            if self._stopping:
+                raise ServerStopping("the server is shutting down")
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.extend(jobs)
+            self.metrics.set("llada_queue_depth", len(self._waiting))
+            self._cond.notify_all()
+        self.start()
+
+    def cancel(self, job: Job) -> None:
+        """The client of `job` has gone: drop it from the queue, or stop following its row
+        (the sampler call stops at its next step if no other row is wanted)."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.done = True
+                self.metrics.set("llada_queue_depth", len(self._waiting))
+                self.metrics.inc("llada_rows_cancelled_total", where="queued")
+
+    # -- the scheduler thread -----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                idle = not self._waiting
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            if idle and self.batch_window_s > 0:
+                # The model was free: give requests sent at about the same time a moment to
+                # join this batch.
+                time.sleep(self.batch_window_s)
+            with self._cond:
+                batch = self._take_batch()
+                self._running = batch
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as error:  # the server must outlive a failed sampler call
+                logger.exception("sampler call failed")
+                for job in batch:
+                    self._fail(job, f"generation failed: {type(error).__name__}: {error}")
+            finally:
+                with self._cond:
+                    self._running = []
+                self.metrics.set("llada_running_rows", 0)
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest waiting job and the next waiting jobs with its settings (under the lock)."""
+        if not self._waiting:
+            return []
+        key = self._waiting[0].key
+        batch = [job for job in self._waiting if job.key == key][: self.max_batch_size]
+        self._waiting = [job for job in self._waiting if job not in batch]
+        self.metrics.set("llada_queue_depth", len(self._waiting))
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        config, decode, seed = batch[0].config, batch[0].decode, batch[0].seed
+        ids, attention_mask = left_pad([job.prompt for job in batch], self._special.pad_id)
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: the plain (faster) attention path
+        width = ids.shape[1]
+        self.metrics.inc("llada_batches_total")
+        self.metrics.observe_batch_size(len(batch))
+        self.metrics.inc("llada_prompt_tokens_total", sum(len(job.prompt) for job in batch))
+        self.metrics.set("llada_running_rows", len(batch))
+        if seed is not None:
+            # denoise draws from the global generator; this thread is its only user here.
+            torch.manual_seed(seed)
+        started = time.perf_counter()
+        forward_passes = 0
+        event = None
+        events = denoise(self.model, ids, attention_mask, config, decode)
+        try:
+            for event in events:
+                self.metrics.inc("llada_denoise_steps_total")
+                self.metrics.inc(
+                    "llada_forward_passes_total", event.forward_passes - forward_passes
+                )
+                forward_passes = event.forward_passes
+                answers = event.tokens[:, width:]  # (B, gen_length)
+                is_masked = answers == self._special.mask_id
+                # Answer positions before the first mask are final (LLaDA never remasks).
+                leading = torch.where(
+                    is_masked.any(-1), is_masked.int().argmax(-1), config.gen_length
+                )
+                for row, job in enumerate(batch):
+                    if job.done:
+                        continue
+                    if job.cancelled.is_set():
+                        job.done = True
+                        self.metrics.inc("llada_rows_cancelled_total", where="running")
+                        continue
+                    finished = bool(event.finished[row])
+                    blocks = int(leading[row]) // config.block_length
+                    final = config.gen_length if finished else blocks * config.block_length
+                    if final > job.final_tokens:
+                        self._advance(job, answers[row, :final].tolist(), finished)
+                wanted = sum(not job.done for job in batch)
+                self.metrics.set("llada_running_rows", wanted)
+                if self._stopping:
+                    for job in batch:
+                        self._fail(job, "the server is shutting down")
+                    break
+                if wanted == 0:
+                    if not bool(event.finished.all()):
+                        self.metrics.inc("llada_batches_stopped_total")
+                    break
+        finally:
+            events.close()
+            self.metrics.inc("llada_batch_seconds_total", time.perf_counter() - started)
+        for row, job in enumerate(batch):  # the sampler ended; nothing may be left hanging
+            if not job.done and not job.cancelled.is_set() and event is not None:
+                self._advance(job, event.tokens[row, width:].tolist(), True)
+
+    def _advance(self, job: Job, final_ids: list[int], finished: bool) -> None:
+        """Send `job` the text of its answer's final tokens `final_ids` that is new."""
+        job.final_tokens = len(final_ids)
+        ids, reason = final_ids, None
+        stop_at = next((i for i, t in enumerate(ids) if t in self._special.stop_ids), None)
+        if stop_at is not None and stop_at <= job.max_tokens:
+            ids, reason = ids[:stop_at], "stop"
+        elif len(ids) >= job.max_tokens or finished:
+            ids, reason = ids[: job.max_tokens], "length"
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        found = [i for i in (text.find(s) for s in job.stop) if i >= 0]
+        if found:
+            text, reason = text[: min(found)], "stop"
+        if reason is None:
+            text = _hold_back(text, job.stop)
+        if text.startswith(job.sent):
+            delta = text[len(job.sent) :]
+            job.sent = text
+        else:  # a decoder that rewrites earlier text; the stream keeps what it sent
+            logger.warning("decoded text of a longer prefix does not extend the shorter one")
+            delta = ""
+        ended = reason is not None
+        if ended:
+            job.done = True
+            self.metrics.inc("llada_completion_tokens_total", len(ids))
+        if delta or ended:
+            self._send(job, Update(delta, len(ids), ended, reason))
+
+    def _fail(self, job: Job, message: str) -> None:
+        if job.done:
+            return
+        job.done = True
+        self._send(job, Update("", 0, True, None, error=message))
+
+    def _send(self, job: Job, update: Update) -> None:
+        try:
+            job.sink(update)
+        except Exception:  # e.g. the event loop has closed: the client is gone
+            logger.debug("could not deliver an update", exc_info=True)
+            job.done = True
+            job.cancelled.set()

@@ -1,0 +1,348 @@
+"""Request bodies of the OpenAI-compatible endpoints, and their translation into sampler settings.
+
+Bodies are validated strictly (no "5" for 5, no unknown fields) so that a typo in a LLaDA
+extra field is an error, not a silently ignored setting. Every problem becomes a `RequestError`,
+which the app turns into an OpenAI-style JSON error.
+
+Sampler settings per request (extra body fields next to the OpenAI ones): preset, steps,
+block_length, gen_length, cfg_scale, remasking, threshold, and the OpenAI temperature (0, greedy,
+when not given). How the answer length is chosen:
+
+- `max_tokens` (or `max_completion_tokens`) caps the answer. The sampler's canvas is max_tokens
+  rounded up to a multiple of block_length, and the answer is cut at max_tokens; when
+  block_length is not given and max_tokens is smaller than the default block, the block is
+  max_tokens (one block).
+- `gen_length` asks for the canvas itself; it must then be a multiple of block_length (400
+  otherwise, with the sampler's own message). Given with max_tokens, it must be >= max_tokens.
+- `steps` defaults to the server's steps per answer token times the canvas length, rounded to a
+  multiple of the number of blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..sampling.config import PRESETS, DecodeConfig, GenerateConfig
+from .config import ServeConfig
+
+# OpenAI allows at most this many stop sequences.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 200
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """A client error: HTTP status, message, and the OpenAI error fields `param` and `code`.
+
+    A ValueError, so that invalid server defaults read as a plain settings error in the CLI."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplerFields(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # LLaDA's sampler, as extra body fields.
+    preset: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    gen_length: int | None = Field(default=None, ge=1)
+    block_length: int | None = Field(default=None, ge=1)
+    cfg_scale: float | None = Field(default=None, ge=0)
+    remasking: Literal["low_confidence", "random"] | None = None
+    threshold: float | None = None
+
+    def check_unsupported(self) -> None:
+        """Refuse OpenAI options this server cannot honour rather than ignore them."""
+        if self.n not in (None, 1):
+            raise RequestError(400, "only n=1 is supported; send n requests instead", "n")
+        if self.top_p not in (None, 1, 1.0):
+            raise RequestError(400, "top_p is not supported by the LLaDA samplers", "top_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise RequestError(400, f"{name} is not supported", name)
+        if self.logit_bias:
+            raise RequestError(400, "logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError(400, "stream_options needs stream=true", "stream_options")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = self.stop
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise RequestError(400, "stop must be a string or a list of strings", "stop")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise RequestError(400, f"stop takes at most {MAX_STOP_SEQUENCES} strings", "stop")
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
+            raise RequestError(
+                400, f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long", "stop"
+            )
+        return tuple(stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplerFields):
+    """POST /v1/completions. prompt: a string, a list of strings (one choice each), a list of
+    token ids, or a list of such lists."""
+
+    prompt: Any
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo:
+            raise RequestError(400, "echo is not supported", "echo")
+        if self.logprobs is not None:
+            raise RequestError(400, "logprobs is not supported", "logprobs")
+        if self.suffix is not None:
+            raise RequestError(400, "suffix is not supported", "suffix")
+        if self.best_of not in (None, 1):
+            raise RequestError(400, "only best_of=1 is supported", "best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return list(prompt)
+            if all(_is_int(t) for t in prompt):
+                return [list(prompt)]
+            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+                return [list(p) for p in prompt]
+        raise RequestError(
+            400,
+            "prompt must be a string, a non-empty list of strings, a list of token ids, or a "
+            "list of such lists",
+            "prompt",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Any = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """The message text; content parts of type 'text' are joined."""
+        content = self.content
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            return "".join(part["text"] for part in content)
+        raise RequestError(
+            400,
+            f"messages[{index}].content must be a string or a list of text parts "
+            "({'type': 'text', 'text': ...}); other content is not supported",
+            f"messages.{index}.content",
+        )
+
+
+class ChatCompletionRequest(SamplerFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.logprobs:
+            raise RequestError(400, "logprobs is not supported", "logprobs")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise RequestError(400, "tools are not supported", "tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise RequestError(400, "only response_format type 'text' is supported")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise RequestError(
+                400, "max_tokens and max_completion_tokens differ; send one", "max_tokens"
+            )
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """{'role', 'content'} dicts for the chat template ('developer' is rendered as
+        'system')."""
+        if not self.messages:
+            raise RequestError(400, "messages is empty; send at least one message", "messages")
+        out = []
+        for i, message in enumerate(self.messages):
+            if message.role not in CHAT_ROLES:
+                raise RequestError(
+                    400,
+                    f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {message.role!r}",
+                    f"messages.{i}.role",
+                )
+            role = "system" if message.role == "developer" else message.role
+            out.append({"role": role, "content": message.text(i)})
+        return out
+
+
+def parse_body(cls: type[_Body], body: object) -> Any:
+    """Validate a decoded JSON body into `cls`, or raise a `RequestError` naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            message = f"unrecognized request argument: {param}"
+        elif first["type"] == "missing":
+            message = f"missing required argument: {param}"
+        else:
+            message = f"invalid value for {param}: {first['msg']} (got {first['input']!r})"
+        raise RequestError(400, message, param) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What the scheduler needs to know about a request's sampler settings."""
+
+    config: GenerateConfig
+    decode: DecodeConfig
+    max_tokens: int
+
+
+def resolve_sampling(
+    request: SamplerFields,
+    defaults: GenerateConfig,
+    preset: str,
+    limits: ServeConfig,
+    max_tokens: int | None = None,
+) -> Sampling:
+    """The sampler settings of a request: the server's defaults, overridden by the request
+    (see the module docstring for how the answer length is chosen)."""
+    name = request.preset or preset
+    if name not in PRESETS:
+        raise RequestError(400, f"unknown preset {name!r}; choose from {sorted(PRESETS)}", "preset")
+    decode = PRESETS[name]
+    if request.threshold is not None:
+        try:
+            decode = dataclasses.replace(decode, threshold=request.threshold)
+        except ValueError as error:
+            raise RequestError(400, str(error), "threshold") from None
+
+    max_tokens = max_tokens if max_tokens is not None else request.max_tokens
+    param = "max_tokens" if max_tokens is not None else "gen_length"
+    wanted = max_tokens or request.gen_length or defaults.gen_length
+    if wanted > limits.max_gen_length:
+        raise RequestError(
+            400,
+            f"{param} ({wanted}) is more than this server allows ({limits.max_gen_length})",
+            param,
+        )
+    if request.gen_length is not None:
+        if request.gen_length > limits.max_gen_length:
+            raise RequestError(
+                400,
+                f"gen_length ({request.gen_length}) is more than this server allows "
+                f"({limits.max_gen_length})",
+                "gen_length",
+            )
+        if wanted > request.gen_length:
+            raise RequestError(
+                400,
+                f"max_tokens ({wanted}) is more than gen_length ({request.gen_length})",
+                "max_tokens",
+            )
+        gen_length = request.gen_length
+        block_length = request.block_length or min(defaults.block_length, gen_length)
+    else:
+        block_length = request.block_length or min(defaults.block_length, wanted)
+        gen_length = math.ceil(wanted / block_length) * block_length
+    if request.steps is not None:
+        steps = request.steps
+        if steps > limits.max_gen_length:
+            raise RequestError(
+                400,
+                f"steps ({steps}) is more than this server allows ({limits.max_gen_length})",
+                "steps",
+            )
+    else:
+        # The server's steps per answer token, on this canvas, whole steps for every block.
+        blocks = max(1, gen_length // block_length)
+        per_token = defaults.steps / defaults.gen_length
+        steps = blocks * max(1, round(gen_length * per_token / blocks))
+    temperature = defaults.temperature if request.temperature is None else request.temperature
+    try:
+        config = dataclasses.replace(
+            defaults,
+            steps=steps,
+            gen_length=gen_length,
+            block_length=block_length,
+            temperature=temperature,
+            cfg_scale=defaults.cfg_scale if request.cfg_scale is None else request.cfg_scale,
+            remasking=request.remasking or defaults.remasking,
+        )
+    except ValueError as error:
+        raise RequestError(400, str(error), _field_named_in(str(error))) from None
+    return Sampling(config, decode, min(wanted, gen_length))
+
+
+def _field_named_in(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first in {f.name for f in dataclasses.fields(GenerateConfig)} else None

@@ -1,0 +1,207 @@
+"""The server under load: concurrent clients share sampler calls and each gets the answer it
+gets alone; a full queue answers 429; a client that goes away stops its work."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from serve_helpers import live_server, metrics, slow_down, wait_until
+
+from llada.api import load
+from llada.sampling.config import GenerateConfig
+from llada.serve.app import create_app
+from llada.serve.batcher import Batcher, Job
+from llada.serve.config import ServeConfig
+from llada.serve.metrics import Metrics
+from llada.serve.schemas import SamplerFields, resolve_sampling
+
+openai = pytest.importorskip("openai")
+
+CLIENTS = 32
+DEFAULTS = GenerateConfig(steps=64, gen_length=64, block_length=32)
+
+
+@pytest.fixture(scope="module")
+def server(chat_checkpoint):
+    model, tokenizer, _ = load(chat_checkpoint)
+    app = create_app(model, tokenizer, ServeConfig(max_batch_size=16, max_queue=64))
+    with live_server(app) as url:
+        yield url, chat_checkpoint.name
+
+
+def _batches_over_one(url: str) -> float:
+    m = metrics(url)
+    return m["llada_batch_size_count"] - m['llada_batch_size_bucket{le="1"}']
+
+
+def test_parallel_clients_share_batches_and_get_their_own_answers(server):
+    url, name = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    # Prompts of different lengths, so that batches are left-padded.
+    prompts = [f"Question {i}: " + "to be or not " * (i % 4) for i in range(8)]
+
+    def ask(prompt: str):
+        return client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=48,
+            extra_body={"block_length": 16},
+        )
+
+    grouped_before = _batches_over_one(url)
+    alone = {p: ask(p) for p in prompts}  # one at a time: every call is a batch of one
+    assert _batches_over_one(url) == grouped_before
+    assert len({a.choices[0].message.content for a in alone.values()}) > len(prompts) // 2
+    requests = prompts * (CLIENTS // len(prompts))
+    started = time.monotonic()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        replies = list(pool.map(ask, requests, timeout=120))
+    assert time.monotonic() - started < 120
+    assert len(replies) == CLIENTS and len({r.id for r in replies}) == CLIENTS
+    for prompt, reply in zip(requests, replies, strict=True):
+        assert len(reply.choices) == 1
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.choices[0].message.content == alone[prompt].choices[0].message.content
+        assert reply.usage == alone[prompt].usage
+    assert _batches_over_one(url) > grouped_before  # some sampler call served several
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    m = metrics(url)
+    assert m['llada_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= CLIENTS + 8
+    assert m["llada_queue_depth"] == 0 and m["llada_running_rows"] == 0
+
+
+def test_jobs_with_equal_settings_share_a_call_and_others_wait(chat_checkpoint):
+    """The batching rule, seen from the scheduler: the oldest waiting job and every waiting job
+    with its settings run together; other settings wait for the next call."""
+    model, tokenizer, _ = load(chat_checkpoint)
+    metrics_ = Metrics()
+    batcher = Batcher(model, tokenizer, metrics_, max_queue=8, max_batch_size=8)
+    short = resolve_sampling(SamplerFields(max_tokens=8), DEFAULTS, "fast", ServeConfig())
+    longer = resolve_sampling(SamplerFields(max_tokens=16), DEFAULTS, "fast", ServeConfig())
+    order: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def job(index: int, sampling) -> Job:
+        def sink(update) -> None:
+            if update.finished:
+                with lock:
+                    order.append((index, int(metrics_.get("llada_batches_total"))))
+
+        return Job([5 + index, 9, 11], sampling.config, sampling.decode, sink, sampling.max_tokens)
+
+    jobs = [job(i, short if i % 2 == 0 else longer) for i in range(5)]
+    batcher.submit(jobs)  # queued before the scheduler starts: all wait together
+    try:
+        wait_until(lambda: len(order) == 5)
+    finally:
+        batcher.stop()
+    calls = dict(order)
+    assert calls[0] == calls[2] == calls[4] == 1  # the oldest job's settings go first
+    assert calls[1] == calls[3] == 2
+    assert metrics_.get("llada_batches_total") == 2
+
+
+@pytest.fixture(scope="module")
+def slow_server(chat_checkpoint):
+    """One row at a time, one waiting request at most, 20 ms per forward pass."""
+    model, tokenizer, _ = load(chat_checkpoint)
+    slow_down(model, 0.02)
+    app = create_app(model, tokenizer, ServeConfig(max_batch_size=1, max_queue=1, retry_after=7))
+    with live_server(app) as url:
+        yield url
+
+
+# 256 steps of the reference preset (one forward pass each): about 5 s unless stopped.
+LONG = {
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 256,
+    "preset": "reference",
+}
+
+
+def _idle(url: str) -> bool:
+    m = metrics(url)
+    return m["llada_running_rows"] == 0 and m["llada_queue_depth"] == 0
+
+
+def _open_stream(client: httpx.Client, url: str, body: dict) -> Iterator[str]:
+    """Send a streaming request and read its first line (the role chunk, sent before any
+    generation); the caller keeps the returned line iterator alive (dropping it closes the
+    response)."""
+    request = client.build_request("POST", f"{url}/v1/chat/completions", json=body)
+    response = client.send(request, stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    assert next(lines).startswith("data: ")
+    return lines
+
+
+def test_streaming_client_that_disconnects_stops_its_work(slow_server):
+    url = slow_server
+    wait_until(lambda: _idle(url))
+    before = metrics(url)
+    with httpx.Client(timeout=30) as client:
+        lines = _open_stream(client, url, {**LONG, "stream": True})
+        wait_until(lambda: metrics(url)["llada_running_rows"] == 1)
+        assert lines is not None
+    # Closing the client closed the connection in the middle of the stream.
+    closed = time.monotonic()
+    wait_until(lambda: _idle(url), timeout=5)
+    stopped_after = time.monotonic() - closed
+    after = metrics(url)
+    assert stopped_after < 2.0
+    assert after["llada_forward_passes_total"] - before["llada_forward_passes_total"] < 128
+    assert (
+        after['llada_rows_cancelled_total{where="running"}']
+        - before.get('llada_rows_cancelled_total{where="running"}', 0)
+        == 1
+    )
+    stopped = "llada_batches_stopped_total"
+    assert after[stopped] - before.get(stopped, 0) == 1
+    short = {**LONG, "max_tokens": 4, "preset": "fast"}
+    assert httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).status_code == 200
+
+
+def test_plain_client_that_disconnects_stops_its_work(slow_server):
+    url = slow_server
+    wait_until(lambda: _idle(url))
+    before = metrics(url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=LONG, timeout=httpx.Timeout(30, read=0.5))
+    wait_until(lambda: _idle(url), timeout=5)
+    after = metrics(url)
+    assert after["llada_forward_passes_total"] - before["llada_forward_passes_total"] < 128
+    assert after['llada_requests_total{endpoint="/v1/chat/completions",status="499"}'] >= 1
+    short = {**LONG, "max_tokens": 4, "preset": "fast"}
+    assert httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after(slow_server):
+    url = slow_server
+    wait_until(lambda: _idle(url))
+    body = {**LONG, "stream": True}
+    with httpx.Client(timeout=30) as running_client:
+        running = _open_stream(running_client, url, body)
+        wait_until(lambda: metrics(url)["llada_running_rows"] == 1)
+        with httpx.Client(timeout=30) as waiting_client:
+            waiting = _open_stream(waiting_client, url, body)
+            wait_until(lambda: metrics(url)["llada_queue_depth"] == 1)
+            refused = httpx.post(f"{url}/v1/chat/completions", json=LONG, timeout=30)
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "7"
+            error = refused.json()["error"]
+            assert error["code"] == "queue_full" and "retry" in error["message"]
+        # The waiting client left: its request leaves the queue without running.
+        wait_until(lambda: metrics(url)["llada_queue_depth"] == 0, timeout=5)
+        assert metrics(url)['llada_rows_cancelled_total{where="queued"}'] >= 1
+        assert metrics(url)["llada_running_rows"] == 1
+        assert running is not None and waiting is not None
+    wait_until(lambda: _idle(url), timeout=5)
+    assert metrics(url)['llada_rejected_total{reason="queue_full"}'] >= 1
+    short = {**LONG, "max_tokens": 4, "preset": "fast"}
+    assert httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).status_code == 200
