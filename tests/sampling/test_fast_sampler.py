@@ -255,3 +255,25 @@ def test_fixed_answer_tokens_are_kept_and_only_free_positions_decoded(preset):
     assert committed[:, 3:].tolist() == (answer == mask_id).long().tolist()
     with pytest.raises(ValueError, match="answer must have shape"):
         sample(model, prompt, None, config, decode, answer=answer[:, :4])
+
+
+@pytest.mark.parametrize("preset", ["fast", "fastest", "reference"])
+def test_abandoned_rows_leave_and_the_others_are_unchanged(preset):
+    model = make_random_model(seed=8)
+    pad = model.special_tokens.pad_id
+    config = GenerateConfig(steps=8, gen_length=8, block_length=4)
+    decode = dataclasses.replace(PRESETS[preset], early_stop=False)
+    ids = torch.tensor([[5, 9, 11], [pad, 6, 12]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    alone = sample(model, ids[1:, 1:], None, config, decode).tokens
+    gone: set[int] = set()
+    events = []
+    for event in denoise(model, ids, mask, config, decode, abandoned=lambda: gone):
+        events.append(event)
+        gone.add(0)  # row 0's client leaves after the first step
+    assert torch.equal(events[-1].tokens[1, 1:], alone[0])
+    assert not bool(events[0].finished[0]) and bool(events[1].finished[0])
+    assert not bool(events[1].finished[1])
+    # After the second step only row 1 is computed: at most 4 candidates per step.
+    late = events[-1].work["head_positions"] - events[1].work["head_positions"]
+    assert 0 < late <= (len(events) - 2) * 4

@@ -161,8 +161,8 @@ def test_streaming_client_that_disconnects_stops_its_work(slow_server):
         - before.get('llada_rows_cancelled_total{where="running"}', 0)
         == 1
     )
-    stopped = "llada_batches_stopped_total"
-    assert after[stopped] - before.get(stopped, 0) == 1
+    left = "llada_rows_left_early_total"
+    assert after[left] - before.get(left, 0) == 1
     short = {**LONG, "max_tokens": 4, "preset": "fast"}
     assert httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).status_code == 200
 

@@ -12,7 +12,7 @@ With `DecodeConfig(source="full", commit="schedule", reference_numerics=True)` (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +76,14 @@ def denoise(
     decode: DecodeConfig | str = "fast",
     mask_id: int | None = None,
     answer: torch.Tensor | None = None,
+    abandoned: Callable[[], Collection[int]] | None = None,
 ) -> Iterator[StepEvent]:
-    """Generate as `sample` does, yielding a `StepEvent` after every step."""
+    """Generate as `sample` does, yielding a `StepEvent` after every step.
+
+    abandoned: called after every step; the batch rows it names are no longer wanted (e.g. a
+    server's client disconnected). They leave the batch and the cache as ended rows do (their
+    undecided positions become EOS and they count as finished), so the other rows go on with
+    less work and unchanged results."""
     config = config or GenerateConfig()
     if isinstance(decode, str):
         decode = decode_preset(decode)
@@ -172,6 +178,8 @@ def denoise(
             ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
             if decode.early_stop:
                 ended = _answer_ended(x[rows, prompt_length:], mask_id, stop)
+            if abandoned is not None and (gone := abandoned()):
+                ended |= torch.isin(rows, torch.tensor(sorted(gone), device=device))
             committed = torch.zeros((batch, length), dtype=torch.bool, device=device)
             committed[rows, window.start : window.end] = commit
             shown = torch.full((batch, length), torch.nan, device=device)

@@ -11,7 +11,8 @@ The scheduler watches the loop through its per-step events (it never re-implemen
 each step, a row whose next block of answer tokens has become final (a block completed, or the
 row finished) sends the newly final text to its client. A row whose client has gone away, or
 whose answer is complete for its client (max_tokens reached, a stop string seen), is no longer
-followed; when no row of a batch is wanted any more the sampler call is stopped at that step.
+followed and leaves the sampler call at the next step (`denoise(abandoned=...)`), so the other
+rows go on with less work; when no row is wanted any more the call is stopped at that step.
 """
 
 from __future__ import annotations
@@ -257,7 +258,20 @@ class Batcher:
         started = time.perf_counter()
         forward_passes = 0
         event = None
-        events = denoise(self.model, ids, attention_mask, config, decode)
+        # Rows whose request is over (answered, or its client gone) leave the sampler call at
+        # the next step, so the rest of the batch goes on with less work.
+        finished_rows = [False] * len(batch)  # as of the last event seen
+        left_early: set[int] = set()
+
+        def abandoned() -> set[int]:
+            gone = {row for row, job in enumerate(batch) if job.done or job.cancelled.is_set()}
+            for row in gone - left_early:
+                if not finished_rows[row]:
+                    left_early.add(row)
+                    self.metrics.inc("llada_rows_left_early_total")
+            return gone
+
+        events = denoise(self.model, ids, attention_mask, config, decode, abandoned=abandoned)
         try:
             for event in events:
                 self.metrics.inc("llada_denoise_steps_total")
@@ -265,6 +279,7 @@ class Batcher:
                     "llada_forward_passes_total", event.forward_passes - forward_passes
                 )
                 forward_passes = event.forward_passes
+                finished_rows[:] = event.finished.tolist()
                 answers = event.tokens[:, width:]  # (B, gen_length)
                 is_masked = answers == self._special.mask_id
                 # Answer positions before the first mask are final (LLaDA never remasks).
@@ -290,8 +305,6 @@ class Batcher:
                         self._fail(job, "the server is shutting down")
                     break
                 if wanted == 0:
-                    if not bool(event.finished.all()):
-                        self.metrics.inc("llada_batches_stopped_total")
                     break
         finally:
             events.close()

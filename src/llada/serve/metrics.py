@@ -39,9 +39,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Rows dropped because their client went away, by where they were (queued, running).",
     ),
-    "llada_batches_stopped_total": (
+    "llada_rows_left_early_total": (
         "counter",
-        "Sampler calls stopped before the sampler finished, because no row was wanted any more.",
+        "Rows that left a sampler call before their answer was finished (client gone, "
+        "max_tokens or a stop string reached), sparing the work of their remaining steps.",
     ),
     "llada_rejected_total": ("counter", "Requests refused before running, by reason."),
 }
@@ -56,7 +57,7 @@ INITIAL_SERIES: tuple[tuple[str, dict[str, str]], ...] = (
     ("llada_completion_tokens_total", {}),
     ("llada_rows_cancelled_total", {"where": "queued"}),
     ("llada_rows_cancelled_total", {"where": "running"}),
-    ("llada_batches_stopped_total", {}),
+    ("llada_rows_left_early_total", {}),
     ("llada_rejected_total", {"reason": "queue_full"}),
     ("llada_rejected_total", {"reason": "stopping"}),
 )
