@@ -71,6 +71,78 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     data.set_defaults(run=run_make_sft)
 
+    harness = commands.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness tasks (the `llada` model)",
+        description="Run lm-evaluation-harness tasks with the `llada` model: likelihoods by the "
+        "Monte Carlo ELBO, generation by the diffusion sampler. --preset NAME applies a "
+        "published setting (task, shots, model args); --list-presets shows them.",
+    )
+    harness.add_argument("--tasks", default=None, help="comma-separated lm-eval task names")
+    harness.add_argument(
+        "--model-args",
+        default="",
+        help="llada model args, e.g. pretrained=PATH,mc_num=128,batch_size=8,cfg=0.5,steps=256,"
+        "gen_length=256,block_length=32,preset=reference (the decoding preset)",
+    )
+    harness.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (same as pretrained=...)"
+    )
+    harness.add_argument(
+        "--preset",
+        default=None,
+        help="published evaluation setting, e.g. llada-8b-instruct/gsm8k; it sets the task, the "
+        "shot count and the model args (explicit --model-args still win)",
+    )
+    harness.add_argument(
+        "--list-presets", action="store_true", help="list the evaluation presets and exit"
+    )
+    harness.add_argument(
+        "--include-path", default=None, help="folder of extra task YAML files (local tasks)"
+    )
+    harness.add_argument("--num-fewshot", type=int, default=None)
+    harness.add_argument(
+        "--limit", type=float, default=None, help="documents per task (a fraction if < 1)"
+    )
+    harness.add_argument(
+        "--batch-size", type=int, default=None, help="Monte Carlo samples per draw (batch_size)"
+    )
+    harness.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
+    harness.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
+    )
+    harness.add_argument(
+        "--apply-chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the chat template (Instruct models)",
+    )
+    harness.add_argument(
+        "--fewshot-as-multiturn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with the chat template, few-shot examples as turns (lm-eval's default: on)",
+    )
+    harness.add_argument(
+        "--gen-kwargs", default=None, help="generation kwargs, e.g. max_gen_toks=256"
+    )
+    harness.add_argument("--output-path", default=None, help="write the results JSON here")
+    harness.add_argument(
+        "--log-samples", action="store_true", help="also write every sample (with --output-path)"
+    )
+    harness.add_argument(
+        "--seed", type=int, default=1234, help="seed of the Monte Carlo draws and the harness"
+    )
+    harness.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that execute generated code (HumanEval, MBPP)",
+    )
+    harness.add_argument(
+        "--bootstrap-iters", type=int, default=100000, help="bootstrap samples for stderr"
+    )
+    harness.set_defaults(run=run_lm_eval)
+
 
 def _corpus(args: argparse.Namespace):
     from ..corpora import fetch_shakespeare
@@ -149,4 +221,121 @@ def run_make_sft(args: argparse.Namespace) -> int:
     if args.val_out:
         write_chat_jsonl(sets.evaluation, args.val_out)
         print(f"{len(sets.evaluation)} evaluation records written to {args.val_out}")
+    return 0
+
+
+def _parse_key_values(text: str | None, flag: str) -> dict:
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'}, values typed as lm-eval types them."""
+    if not text:
+        return {}
+    from lm_eval.utils import simple_parse_args_string
+
+    for item in text.split(","):
+        if item and "=" not in item:
+            raise ValueError(f"{flag}: expected KEY=VALUE pairs separated by commas, got {item!r}")
+    return simple_parse_args_string(text)
+
+
+def lm_eval_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `lm_eval.simple_evaluate` for these flags (preset applied)."""
+    from ..eval.presets import get_preset
+
+    model_args: dict = {}
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    num_fewshot = args.num_fewshot
+    gen_kwargs: dict = {}
+    chat = args.apply_chat_template
+    if args.preset:
+        preset = get_preset(args.preset)
+        if tasks and tasks != [preset.task]:
+            raise ValueError(
+                f"--preset {preset.name} runs task {preset.task!r}; leave out --tasks "
+                f"(got {','.join(tasks)})"
+            )
+        tasks = [preset.task]
+        model_args.update(preset.model_args())
+        gen_kwargs.update(preset.gen_kwargs() or {})
+        if num_fewshot is None:
+            num_fewshot = preset.num_fewshot
+        if chat is None:
+            chat = preset.apply_chat_template
+    if not tasks:
+        raise ValueError("name the tasks with --tasks (or a setting with --preset)")
+    user_args = _parse_key_values(args.model_args, "--model-args")
+    model_args.update(user_args)
+    if args.model is not None:
+        model_args.setdefault("pretrained", args.model)
+    if args.dtype is not None:
+        model_args["dtype"] = args.dtype
+    if args.batch_size is not None:
+        model_args["batch_size"] = args.batch_size
+    model_args.setdefault("seed", args.seed)
+    gen_kwargs.update(_parse_key_values(args.gen_kwargs, "--gen-kwargs"))
+    kwargs = {
+        "model": "llada",
+        "model_args": model_args,
+        "tasks": tasks,
+        "num_fewshot": num_fewshot,
+        "device": args.device,
+        "limit": int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+        "gen_kwargs": gen_kwargs or None,
+        "apply_chat_template": bool(chat),
+        "log_samples": bool(args.log_samples),
+        "random_seed": args.seed,
+        "numpy_random_seed": args.seed,
+        "torch_random_seed": args.seed,
+        "fewshot_random_seed": args.seed,
+        "bootstrap_iters": args.bootstrap_iters,
+    }
+    # Passed only when set, for lm-eval versions without these arguments.
+    if args.fewshot_as_multiturn is not None:
+        kwargs["fewshot_as_multiturn"] = args.fewshot_as_multiturn
+    if args.confirm_run_unsafe_code:
+        kwargs["confirm_run_unsafe_code"] = True
+    return kwargs
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        from ..eval.presets import PRESETS
+
+        for name, preset in PRESETS.items():
+            shots = "default" if preset.num_fewshot is None else preset.num_fewshot
+            settings = ",".join(f"{k}={v}" for k, v in preset.model_args().items())
+            print(f"{name:<36}{preset.task:<30}shots={shots:<8}{settings}")
+        return 0
+    kwargs = lm_eval_arguments(args)
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise ValueError(
+            "llada eval lm-eval needs lm-evaluation-harness: pip install 'llada-kit[eval]'"
+        ) from None
+    import torch
+
+    from ..eval import lm_eval as _registers_the_model  # noqa: F401
+
+    kwargs["task_manager"] = TaskManager(include_path=args.include_path)
+    tracker = None
+    if args.output_path:
+        from lm_eval.loggers import EvaluationTracker
+
+        tracker = EvaluationTracker(output_path=args.output_path)
+        kwargs["evaluation_tracker"] = tracker
+    try:
+        results = lm_eval.simple_evaluate(**kwargs)
+        if results is not None:  # rank 0 (or a single process)
+            samples = results.pop("samples", None)
+            print(make_table(results))
+            if "groups" in results:
+                print(make_table(results, "groups"))
+            if tracker is not None:
+                tracker.save_results_aggregated(results=results, samples=samples)
+                for task_name in results["configs"] if samples else ():
+                    tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

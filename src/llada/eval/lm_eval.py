@@ -1,0 +1,751 @@
+"""The `llada` model of lm-evaluation-harness (importing this module registers it).
+
+    lm_eval --model llada ...            (after `import llada.eval.lm_eval`)
+    llada eval lm-eval --tasks ... --model-args pretrained=PATH
+
+It is the reference `eval_llada.py` (SPEC §5) made batched, data-parallel and complete:
+
+* `loglikelihood`: the Monte Carlo ELBO of paper Eq. 6 / Appendix B.5, exactly as
+  `llada.likelihood.get_log_likelihood` computes it (same stratified masks, same 1 / p_mask
+  weights, same averaging), with the masked copies of several requests of equal length packed
+  into one forward pass. Each request draws its masks from its own seed, derived from `seed` and
+  its token ids (`request_seed`), so a score depends neither on batching nor on the process
+  that computes it: `torch.manual_seed(request_seed(...))` followed by `get_log_likelihood`
+  gives the same number. The optional greedy check (`is_check_greedy`) decodes the answer one
+  most-confident token per step, as the reference, batched over requests of equal shape.
+* `loglikelihood_rolling`: the document is split into windows of at most `max_length` tokens;
+  each window's new tokens are scored as the answer to the tokens before them (the first
+  window's prompt is the prefix token, BOS by default). The sum of ELBOs is a lower bound on
+  log p(document), so the reported perplexities are upper bounds.
+* `generate_until`: left-padded batches through the fast sampling loop (`llada.sampling.fast`)
+  with a decoding preset ('reference' by default, token for token the published sampler);
+  `max_gen_toks` sets gen_length (rounded up to whole blocks, the answer cut back), `until`
+  strings cut the text, and the 'fast' presets stop a row once its answer has ended.
+
+Under `torchrun` / `accelerate launch` every process loads the model on its own device; the
+harness shards the documents by `rank` and gathers the metrics through `all_gather`,
+`gather_object` and `barrier` (lm-eval >= 0.4.12) or through `accelerator` (<= 0.4.11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "llada.eval.lm_eval needs lm-evaluation-harness: pip install 'llada-kit[eval]' "
+        "(or pip install lm_eval)"
+    ) from error
+
+from ..diffusion import stratified_masking
+from ..likelihood import LikelihoodConfig
+from ..sampling.config import REMASKING_CHOICES, GenerateConfig, decode_preset
+from ..settings import require_non_negative_numbers, require_positive_ints
+
+logger = logging.getLogger(__name__)
+
+PREFIX_CHOICES = ("bos", "eos", "none")
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    """The model_args of the `llada` lm-eval model (besides pretrained, dtype, device).
+
+    Defaults are the reference eval_llada.py's (SPEC §5) unless said otherwise.
+
+    mc_num: Monte Carlo samples per likelihood (128 in the paper; 1 for single-token answers).
+    batch_size: samples per stratified draw (the reference's MC mini-batch; lm-eval's
+        --batch_size sets it). mc_num must be a multiple of it (or smaller: one draw of mc_num).
+    cfg: classifier-free guidance scale for likelihoods and generation (0 = off).
+    is_check_greedy: also report whether greedy one-token-at-a-time decoding reproduces the
+        answer (lm-eval's is_greedy, used by e.g. LAMBADA's acc); costs one forward per token.
+    max_length: longest sequence scored or generated (None: the model's max_sequence_length,
+        4096 for LLaDA-8B as the reference); longer prompts lose their oldest tokens.
+    steps: sampler forward passes for gen_length tokens (scaled with max_gen_toks).
+    gen_length: answer tokens when a request names no max_gen_toks.
+    block_length: semi-autoregressive block size of the sampler.
+    temperature: sampling temperature; None takes the request's (0 unless do_sample).
+    remasking: 'low_confidence' or 'random'.
+    logits_eos_inf: forbid EOS during generation (the published HumanEval setting).
+    confidence_eos_eot_inf: unmask EOS/EoT last (the published GSM8K/Math/GPQA/MBPP setting).
+    preset: decoding preset of llada.sampling ('reference' is the published sampler token for
+        token; 'fast' and 'fastest' add caches, parallel decoding and early stop).
+    gen_batch_size: generation requests per batch (left-padded).
+    token_budget: most tokens (rows x length, both CFG halves) in one likelihood forward; the
+        masked copies of several requests share a forward up to it (ours; the reference runs
+        one request's batch_size copies at a time).
+    seed: base seed of the per-request Monte Carlo draws (ours).
+    rolling_stride: new tokens per window after the first in loglikelihood_rolling (None:
+        max_length // 2); each window's remaining positions hold the preceding context.
+    prefix_token: the prompt of a document's first window: 'bos' (EOS in a vocabulary without
+        one), 'eos' or 'none' (empty).
+    """
+
+    mc_num: int = 128
+    batch_size: int = 32
+    cfg: float = 0.0
+    is_check_greedy: bool = True
+    max_length: int | None = None
+    steps: int = 1024
+    gen_length: int = 1024
+    block_length: int = 1024
+    temperature: float | None = None
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    preset: str = "reference"
+    gen_batch_size: int = 8
+    token_budget: int = 32768
+    seed: int = 1234
+    rolling_stride: int | None = None
+    prefix_token: str = "bos"
+
+    def __post_init__(self) -> None:
+        require_positive_ints(self, "mc_num", "batch_size", "gen_batch_size", "token_budget")
+        for name in ("max_length", "rolling_stride"):
+            if getattr(self, name) is not None:
+                require_positive_ints(self, name)
+        if self.batch_size < self.mc_num and self.mc_num % self.batch_size:
+            raise ValueError(
+                f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch_size}), "
+                "as in the reference; e.g. mc_num=128 with batch_size 8, 16 or 32"
+            )
+        require_non_negative_numbers(self, "cfg")
+        if self.temperature is not None:
+            require_non_negative_numbers(self, "temperature")
+        if self.remasking not in REMASKING_CHOICES:
+            raise ValueError(
+                f"remasking must be one of {REMASKING_CHOICES}, got {self.remasking!r}"
+            )
+        if self.prefix_token not in PREFIX_CHOICES:
+            raise ValueError(
+                f"prefix_token must be one of {PREFIX_CHOICES}, got {self.prefix_token!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        decode_preset(self.preset)
+        self.generate_config()  # validates steps, gen_length and block_length together
+
+    def likelihood_config(self) -> LikelihoodConfig:
+        return LikelihoodConfig(mc_num=self.mc_num, batch_size=self.batch_size, cfg_scale=self.cfg)
+
+    def generate_config(self, temperature: float = 0.0) -> GenerateConfig:
+        return GenerateConfig(
+            steps=self.steps,
+            gen_length=self.gen_length,
+            block_length=self.block_length,
+            temperature=temperature,
+            cfg_scale=self.cfg,
+            remasking=self.remasking,  # type: ignore[arg-type]
+            logits_eos_inf=self.logits_eos_inf,
+            confidence_eos_eot_inf=self.confidence_eos_eot_inf,
+        )
+
+    @classmethod
+    def from_model_args(cls, args: dict[str, Any]) -> HarnessSettings:
+        """Settings from lm-eval's parsed model_args (strings, numbers or booleans)."""
+        hints = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for name, value in args.items():
+            hint = str(hints[name])
+            if value is None or (isinstance(value, str) and value.lower() == "none"):
+                values[name] = None
+            elif hint.startswith("bool"):
+                values[name] = _as_bool(name, value)
+            elif hint.startswith("int"):
+                values[name] = _as_number(name, value, int)
+            elif hint.startswith("float"):
+                values[name] = _as_number(name, value, float)
+            else:
+                values[name] = str(value)
+        return cls(**values)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, (int, float)) else value
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if kind is int:
+        if float(number) != int(number):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
+    return float(number)
+
+
+def request_seed(seed: int, prompt: Sequence[int], answer: Sequence[int]) -> int:
+    """The seed of one likelihood request's Monte Carlo draws: a hash of the base seed and the
+    token ids, so that a score does not depend on batching, order or process."""
+    text = f"{seed}|{','.join(map(str, prompt))}|{','.join(map(str, answer))}"
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def rolling_windows(
+    tokens: Sequence[int], max_length: int, stride: int, prefix: Sequence[int] = ()
+) -> list[tuple[list[int], list[int]]]:
+    """(context, answer) windows that score every token of a document exactly once.
+
+    The first window predicts the first `max_length - len(prefix)` tokens from `prefix`; each
+    later one predicts the next `stride` tokens (fewer at the end) from as many preceding tokens
+    as fit, so every window holds at most `max_length` tokens.
+    """
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must lie in [1, max_length={max_length}], got {stride}")
+    first = max_length - len(prefix)
+    if first <= 0:
+        raise ValueError(f"max_length ({max_length}) leaves no room after the prefix")
+    full = list(prefix) + list(tokens)
+    offset = len(prefix)
+    windows: list[tuple[list[int], list[int]]] = []
+    start, end = 0, min(len(tokens), first)
+    while start < len(tokens):
+        context_start = max(0, offset + end - max_length)
+        windows.append((full[context_start : offset + start], list(tokens[start:end])))
+        start, end = end, min(len(tokens), end + stride)
+    return windows
+
+
+def answer_generation(
+    config: GenerateConfig, max_gen_toks: int | None
+) -> tuple[GenerateConfig, int]:
+    """The sampler settings for a request's max_gen_toks, and how many tokens to keep.
+
+    gen_length becomes max_gen_toks rounded up to whole blocks, with the steps per block kept;
+    the answer is then cut back to max_gen_toks tokens.
+    """
+    if max_gen_toks is None:
+        return config, config.gen_length
+    keep = _as_number("max_gen_toks", max_gen_toks, int)
+    if keep <= 0:
+        raise ValueError(f"max_gen_toks must be a positive integer, got {max_gen_toks!r}")
+    blocks = math.ceil(keep / config.block_length)
+    longer = replace(
+        config, gen_length=blocks * config.block_length, steps=blocks * config.steps_per_block
+    )
+    return longer, keep
+
+
+def cut_at_stops(text: str, until: Iterable[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+@dataclass
+class _Unit:
+    """One stratified draw of `size` masked copies of a request's sequence."""
+
+    request: int
+    size: int
+    clean: torch.Tensor  # (size, L)
+    noisy: torch.Tensor  # (size, L)
+    p_mask: torch.Tensor  # (size, L)
+    prompt_index: torch.Tensor  # (size, L) bool
+
+
+@dataclass
+class _Accumulator:
+    """Per-request running sums of the ELBO (as get_log_likelihood keeps them)."""
+
+    loss: list[float]
+    samples: list[int]
+    units_left: list[int]
+    done: Callable[[int], None]  # told how many requests are complete
+
+
+class _Accelerator:
+    """The part of `accelerate.Accelerator` that lm-eval <= 0.4.11 calls on `lm.accelerator`."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.process_index = rank
+        self.num_processes = world_size
+        self.device = device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _all_gather(tensor, self.num_processes)
+
+    def wait_for_everyone(self) -> None:
+        torch.distributed.barrier()
+
+
+def _all_gather(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's tensor concatenated along dim 0 (0-d tensors become one entry each)."""
+    local = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins the process group under a launcher."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if world_size > 1 and resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if world_size <= 1:
+        return 0, 1, resolved
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), resolved
+
+
+@register_model("llada")
+class LLaDAEvalLM(LM):
+    """LLaDA (any checkpoint `llada.api.load` reads) as an lm-evaluation-harness model.
+
+    model_args: pretrained (checkpoint folder or hub id; default: the shipped model),
+    dtype (float32 | bfloat16; default: the checkpoint's), device (default: cuda when
+    available), and every field of `HarnessSettings`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        model_path: str | None = None,
+        max_batch_size: int | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__()
+        del max_batch_size  # lm-eval's automatic batch sizing; batches here are token budgets
+        known = {f.name for f in fields(HarnessSettings)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            accepted = sorted(known | {"pretrained", "model_path", "dtype", "device"})
+            raise TypeError(f"unknown llada model_args {unknown}; accepted: {accepted}")
+        if settings.get("batch_size") == "auto":  # lm-eval's automatic batch size
+            logger.warning("batch_size=auto is not supported; using the MC mini-batch default")
+            settings.pop("batch_size")
+        self.settings = HarnessSettings.from_model_args(settings)
+        self._rank, self._world_size, self._device = _init_distributed(device)
+        self.accelerator = (
+            _Accelerator(self._rank, self._world_size, self._device)
+            if self._world_size > 1
+            else None
+        )
+        from ..api import load
+
+        if dtype in ("auto", ""):
+            dtype = None
+        self.model, self.tokenizer, is_random = load(
+            pretrained or model_path, dtype=dtype, device=self._device
+        )
+        if is_random:
+            logger.warning("no model given and none shipped: scoring the random stand-in")
+        self.tokens = self.model.special_tokens
+        self.max_length = self.settings.max_length or int(self.model.config.max_sequence_length)
+        stride = self.settings.rolling_stride or max(1, self.max_length // 2)
+        self.rolling_stride = min(stride, self.max_length)
+        self._warned: set[str] = set()
+
+    # -- distributed primitives (lm-eval >= 0.4.12) --------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size <= 1:
+            return tensor
+        return _all_gather(tensor, self._world_size)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if self._world_size <= 1:
+            return [obj]
+        result = [None] * self._world_size if self._rank == dst else None
+        torch.distributed.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            torch.distributed.barrier()
+
+    # -- tokenizer and chat template ------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+        from ..tokenizer import LLADA_CHAT_TEMPLATE
+
+        return self.tokenizer.chat_template or LLADA_CHAT_TEMPLATE
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The chat rendered with the checkpoint's template (LLaDA's when it has none).
+
+        LLaDA's template always ends with the assistant header, whatever add_generation_prompt
+        says (SPEC §3); it is passed on for templates that honour it.
+        """
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            chat_template=self.chat_template(True),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokens.eos_id
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {
+            "model_checkpoint": str(getattr(self.model, "checkpoint_folder", "")),
+            "model_dtype": str(self.model.dtype),
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "llada_settings": dataclasses.asdict(self.settings),
+        }
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids as the reference tokenizes (default special tokens), without a second
+        BOS when the text already starts with one (a rendered chat)."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """The reference's split: trailing spaces of the context move to the continuation, and
+        the continuation's ids are what tokenizing the whole adds after the context's."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation = context[-spaces:] + continuation
+            context = context[:-spaces]
+        whole = self._encode(context + continuation)
+        prompt = self._encode(context)
+        return prompt, whole[len(prompt) :]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _fit(self, prompt: list[int], answer: list[int]) -> list[int]:
+        """The prompt, left-truncated so that prompt + answer fit in max_length."""
+        if len(answer) > self.max_length:
+            raise ValueError(
+                f"an answer of {len(answer)} tokens exceeds max_length={self.max_length}; "
+                "raise max_length in --model-args"
+            )
+        room = self.max_length - len(answer)
+        if len(prompt) > room:
+            self._warn_once(
+                "truncate", f"prompts longer than max_length={self.max_length} lose their start"
+            )
+            prompt = prompt[len(prompt) - room :]
+        return prompt
+
+    # -- likelihood ----------------------------------------------------------------------------
+    def _masked_logits(
+        self, x: torch.Tensor, prompt_index: torch.Tensor, is_masked: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (N, V) at the N masked positions of x (B, L), row-major, guided with cfg > 0
+        as `llada.guidance.predict_logits` (the unconditional copy masks the prompt)."""
+        cfg = self.settings.cfg
+        if cfg <= 0:
+            return self.model(x, logits_at=is_masked).logits
+        unconditional = x.masked_fill(prompt_index, self.tokens.mask_id)
+        both = torch.cat([x, unconditional], dim=0)
+        logits = self.model(both, logits_at=torch.cat([is_masked, is_masked], dim=0)).logits
+        conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
+        return unconditional_logits + (cfg + 1) * (conditional - unconditional_logits)
+
+    def _rows_per_forward(self, length: int) -> int:
+        copies = 2 if self.settings.cfg > 0 else 1
+        return max(1, self.settings.token_budget // (length * copies))
+
+    def _draw_units(self, index: int, prompt: list[int], answer: list[int]) -> list[_Unit]:
+        """The request's masked copies, drawn as get_log_likelihood draws them after
+        `torch.manual_seed(request_seed(seed, prompt, answer))`."""
+        device = self._device
+        sequence = torch.tensor(prompt + answer, dtype=torch.long, device=device)
+        prompt_index = torch.arange(len(sequence), device=device) < len(prompt)
+        fork_devices = [device] if device.type == "cuda" else []
+        units = []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(request_seed(self.settings.seed, prompt, answer))
+            for size in self.settings.likelihood_config().batch_sizes():
+                clean = sequence[None, :].repeat((size, 1))
+                noisy, p_mask = stratified_masking(clean, prompt_index, self.tokens.mask_id)
+                units.append(
+                    _Unit(index, size, clean, noisy, p_mask, prompt_index.expand(size, -1))
+                )
+        return units
+
+    @torch.no_grad()
+    def _score_units(self, units: list[_Unit], totals: _Accumulator) -> None:
+        noisy = torch.cat([u.noisy for u in units])
+        clean = torch.cat([u.clean for u in units])
+        p_mask = torch.cat([u.p_mask for u in units])
+        prompt_index = torch.cat([u.prompt_index for u in units])
+        is_masked = noisy == self.tokens.mask_id
+        logits = self._masked_logits(noisy, prompt_index, is_masked)
+        token_loss = F.cross_entropy(logits, clean[is_masked], reduction="none") / p_mask[is_masked]
+        counts = is_masked.sum(dim=1).split([u.size for u in units])
+        parts = token_loss.split([int(c.sum()) for c in counts])
+        for unit, part in zip(units, parts, strict=True):
+            # As get_log_likelihood: the mean over the draw's copies, weighted by their number.
+            totals.loss[unit.request] += (part.clone().sum() / unit.size).item() * unit.size
+            totals.samples[unit.request] += unit.size
+            totals.units_left[unit.request] -= 1
+            if totals.units_left[unit.request] == 0:
+                totals.done(1)
+
+    def elbo_scores(
+        self,
+        pairs: Sequence[tuple[list[int], list[int]]],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[float]:
+        """Monte Carlo ELBO estimates of log p(answer | prompt) for (prompt, answer) id lists;
+        masked copies of requests with the same total length share forward passes."""
+        if any(not answer for _, answer in pairs):
+            raise ValueError("an answer is empty: there is nothing to score")
+        draws = len(self.settings.likelihood_config().batch_sizes())
+        totals = _Accumulator(
+            loss=[0.0] * len(pairs),
+            samples=[0] * len(pairs),
+            units_left=[draws] * len(pairs),
+            done=progress or (lambda count: None),
+        )
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, (prompt, answer) in enumerate(pairs):
+            by_length[len(prompt) + len(answer)].append(i)
+        for length in sorted(by_length, reverse=True):
+            limit = self._rows_per_forward(length)
+            pending: list[_Unit] = []
+            rows = 0
+            for i in by_length[length]:
+                new = self._draw_units(i, *pairs[i])
+                pending += new
+                rows += sum(u.size for u in new)
+                while rows >= limit:
+                    take, taken = 0, 0
+                    while take < len(pending) and (
+                        take == 0 or taken + pending[take].size <= limit
+                    ):
+                        taken += pending[take].size
+                        take += 1
+                    self._score_units(pending[:take], totals)
+                    pending, rows = pending[take:], rows - taken
+            if pending:
+                self._score_units(pending, totals)
+        return [-loss / n for loss, n in zip(totals.loss, totals.samples, strict=True)]
+
+    @torch.no_grad()
+    def greedy_matches(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
+        """Whether unmasking the single most confident prediction per step, starting from the
+        prompt and len(answer) masks, reproduces the answer (the reference's greedy check)."""
+        mask_id = self.tokens.mask_id
+        results = [False] * len(pairs)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (prompt, answer) in enumerate(pairs):
+            groups[(len(prompt), len(answer))].append(i)
+        for (prompt_length, answer_length), members in groups.items():
+            length = prompt_length + answer_length
+            limit = self._rows_per_forward(length)
+            for start in range(0, len(members), limit):
+                chunk = members[start : start + limit]
+                x = torch.full((len(chunk), length), mask_id, dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    x[row, :prompt_length] = torch.tensor(pairs[i][0], dtype=torch.long)
+                x = x.to(self._device)
+                prompt_index = (torch.arange(length, device=self._device) < prompt_length).expand(
+                    len(chunk), -1
+                )
+                rows = torch.arange(len(chunk), device=self._device)
+                for _ in range(answer_length):
+                    is_masked = x == mask_id
+                    logits = self._masked_logits(x, prompt_index, is_masked)
+                    prediction = logits.argmax(dim=-1)
+                    confidence = torch.softmax(logits.float(), dim=-1)
+                    confidence = confidence.gather(-1, prediction[:, None]).squeeze(-1)
+                    dense = torch.full(x.shape, -torch.inf, device=self._device)
+                    dense[is_masked] = confidence
+                    dense_prediction = torch.full_like(x, mask_id)
+                    dense_prediction[is_masked] = prediction
+                    best = dense.argmax(dim=-1)
+                    has_mask = is_masked.any(dim=-1)
+                    x[rows[has_mask], best[has_mask]] = dense_prediction[rows, best][has_mask]
+                answers = torch.tensor([pairs[i][1] for i in chunk], device=self._device)
+                matches = (x[:, prompt_length:] == answers).all(dim=-1).tolist()
+                for i, match in zip(chunk, matches, strict=True):
+                    results[i] = bool(match)
+        return results
+
+    def _progress(self, total: int, description: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=description, disable=self._rank != 0)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            prompt, answer = self._encode_pair(*request.args)
+            pairs.append((self._fit(prompt, answer), answer))
+        scored = [i for i, (_, answer) in enumerate(pairs) if answer]
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)  # empty answer: log 1
+        with self._progress(len(scored), "llada loglikelihood") as bar:
+            scores = self.elbo_scores([pairs[i] for i in scored], progress=bar.update)
+        greedy = [False] * len(scored)
+        if self.settings.is_check_greedy:
+            greedy = self.greedy_matches([pairs[i] for i in scored])
+        for i, score, is_greedy in zip(scored, scores, greedy, strict=True):
+            results[i] = (score, is_greedy)
+        for request, result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def _prefix(self) -> list[int]:
+        choice = self.settings.prefix_token
+        if choice == "bos" and self.tokens.bos_id is not None:
+            return [self.tokens.bos_id]
+        if choice in ("bos", "eos"):
+            return [self.tokens.eos_id]
+        return []
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """ELBO of whole documents over windows (see `rolling_windows`): a lower bound on
+        log p(document), so word/byte perplexity and bits per byte are upper bounds."""
+        windows: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
+        for i, request in enumerate(requests):
+            text = request.args[0]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for window in rolling_windows(
+                ids, self.max_length, self.rolling_stride, self._prefix()
+            ):
+                windows.append(window)
+                owner.append(i)
+        with self._progress(len(windows), "llada loglikelihood_rolling") as bar:
+            scores = self.elbo_scores(windows, progress=bar.update)
+        totals = [0.0] * len(requests)
+        for i, score in zip(owner, scores, strict=True):
+            totals[i] += score
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # -- generation ----------------------------------------------------------------------------
+    def _request_generation(self, gen_kwargs: dict[str, Any]) -> tuple[GenerateConfig, int]:
+        known = {"until", "max_gen_toks", "do_sample", "temperature"}
+        ignored = sorted(set(gen_kwargs) - known)
+        if ignored:
+            self._warn_once(
+                "gen_kwargs", f"generation kwargs {ignored} have no LLaDA meaning; ignored"
+            )
+        temperature = self.settings.temperature
+        if temperature is None:
+            temperature = (
+                float(gen_kwargs.get("temperature") or 0.0) if gen_kwargs.get("do_sample") else 0.0
+            )
+        config = self.settings.generate_config(temperature)
+        return answer_generation(config, gen_kwargs.get("max_gen_toks"))
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from ..sampling.fast import sample
+        from ..tokenizer import left_pad
+
+        jobs: dict[GenerateConfig, list[tuple[int, list[int], int, list[str]]]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            gen_kwargs = dict(gen_kwargs or {})
+            config, keep = self._request_generation(gen_kwargs)
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            prompt = self._encode(context)
+            room = self.max_length - config.gen_length
+            if room <= 0:
+                raise ValueError(
+                    f"gen_length {config.gen_length} leaves no room for a prompt in "
+                    f"max_length={self.max_length}"
+                )
+            if len(prompt) > room:
+                self._warn_once(
+                    "truncate", f"prompts longer than max_length={self.max_length} lose their start"
+                )
+                prompt = prompt[len(prompt) - room :]
+            jobs[config].append((i, prompt, keep, until))
+        results: list[str] = [""] * len(requests)
+        with self._progress(len(requests), "llada generate_until") as bar:
+            for config, items in jobs.items():
+                items.sort(key=lambda item: -len(item[1]))
+                size = self.settings.gen_batch_size
+                for start in range(0, len(items), size):
+                    chunk = items[start : start + size]
+                    ids, attention_mask = left_pad([p for _, p, _, _ in chunk], self.tokens.pad_id)
+                    if bool(attention_mask.all()):
+                        attention_mask = None  # no padding: exactly the reference's call
+                    else:
+                        attention_mask = attention_mask.to(self._device)
+                    out = sample(
+                        self.model,
+                        ids.to(self._device),
+                        attention_mask,
+                        config,
+                        self.settings.preset,
+                    ).tokens
+                    answers = out[:, ids.shape[1] :].tolist()
+                    for (i, _, keep, until), answer in zip(chunk, answers, strict=True):
+                        results[i] = self._answer_text(answer[:keep], until)
+                        self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+                    bar.update(len(chunk))
+        return results
+
+    def _answer_text(self, answer: list[int], until: list[str]) -> str:
+        """As the reference: decode with special tokens, cut at the stop strings, then drop
+        the special tokens (EOS padding, EoT) by re-encoding and decoding without them."""
+        text = cut_at_stops(self.tokenizer.decode(answer, skip_special_tokens=False), until)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
