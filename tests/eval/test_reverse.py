@@ -84,3 +84,35 @@ def test_corpus_pairs_are_written_in_the_reference_format(tmp_path):
     assert len(taught) == 20 and len(other) == 20
     taught_lines = {line for p in taught for line in (p.first, p.second)}
     assert not taught_lines & {line for p in other for line in (p.first, p.second)}
+
+
+def test_cli_reports_both_directions_and_writes_replies(chat_checkpoint, tmp_path, capsys):
+    from llada.cli.main import main
+
+    data = tmp_path / "pairs.json"
+    data.write_text(
+        json.dumps([{"first": "To be", "second": "or not"}, {"first": "a b", "second": "c d"}])
+    )
+    out = tmp_path / "result.json"
+    args = ["eval", "reverse", "--data", str(data), "--model", str(chat_checkpoint)]
+    args += ["--gen-length", "8", "--steps", "8", "--block-length", "8", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "forward (ftb)" in printed and "backward (btf)" in printed
+    result = json.loads(out.read_text())
+    assert result["style"] == "reference" and result["sampler"]["logits_eos_inf"] is True
+    replies = result["results"]["btf"]["replies"]
+    assert [r["target"] for r in replies] == ["To be", "a b"]
+    assert result["results"]["btf"]["accuracy"] == sum(r["correct"] for r in replies) / 2
+
+    from test_tasks import _corpus
+
+    (tmp_path / "corpus").mkdir()
+    corpus = _corpus(tmp_path / "corpus")
+    lines = ["--corpus", str(corpus), "--count", "3", "--type", "ftb", "--json", str(out)]
+    assert main([*args[:2], *args[4:-2], *lines]) == 0
+    result = json.loads(out.read_text())
+    assert result["style"] == "english" and result["results"]["ftb"]["n"] == 3
+    assert result["results"]["ftb"]["replies"][0]["prompt"].startswith("Which line follows")
+    assert main([*args[:2], "--corpus", str(tmp_path / "nowhere"), "--type", "ftb"]) == 2
+    assert "no .txt files" in capsys.readouterr().err

