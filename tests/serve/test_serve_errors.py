@@ -317,3 +317,30 @@ def test_cli_registers_serve_without_importing_fastapi_or_torch():
         "False",
         "False",
     ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # OpenCompass's `OpenAI` model posts exactly these fields (plus model and messages).
+        {"n": 1, "logprobs": False, "top_logprobs": None, "stop": None, "temperature": 0.0},
+        # Its `OpenAISDK` model, through the openai client: temperature may be None.
+        {"n": 1, "temperature": None},
+    ],
+)
+def test_opencompass_request_bodies_are_served(client, extra):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 3 + 4?"},
+    ]
+    body = {"model": client.get("/v1/models", headers=AUTH).json()["data"][0]["id"]}
+    body.update(messages=messages, max_tokens=8, **extra)
+    response = client.post(CHAT, json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in (
+        "stop",
+        "length",
+    )
