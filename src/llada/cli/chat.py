@@ -14,6 +14,7 @@ from .options import (
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    load_from_args,
 )
 
 HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64, /set preset=fast), /settings, /quit"
@@ -57,15 +58,10 @@ def _set(config: GenerateConfig, assignment: str) -> GenerateConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..api import ChatSession, load
+    from ..api import ChatSession
 
     config = dataclass_from_args(GenerateConfig, args)
-    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
-    if is_random:
-        print(
-            "note: no trained model is shipped; chatting with a random-weight stand-in.",
-            file=sys.stderr,
-        )
+    model, tokenizer, _ = load_from_args(args)
     torch.manual_seed(args.seed)
     session = ChatSession(model, tokenizer, config, decode=args.preset)
     interactive = sys.stdin.isatty()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import INTERACTIVE_PRESET, add_model_arguments, add_preset_argument
+from .options import INTERACTIVE_PRESET, add_model_arguments, add_preset_argument, load_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,12 +48,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from ..api import load
     from ..demo.app import build_app, launch
 
-    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
-    if is_random:
-        print("note: no trained model is shipped; the demo uses a random-weight stand-in.")
+    model, tokenizer, is_random = load_from_args(args)
     torch.manual_seed(args.seed)
     folder = getattr(model, "checkpoint_folder", None)
     name = args.model or (Path(folder).name if folder is not None else "")

@@ -236,17 +236,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     for task, figures in results.items():
         print(f"{task:<15}{figures['accuracy']:>10.1%}{figures['n']:>6}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "model": str(model.checkpoint_folder),
-                    "sampler": vars(config),
-                    "preset": args.preset,
-                    "results": results,
-                },
-                f,
-                indent=2,
-            )
+        _write_results(args.json, model, config, args.preset, results)
     return 0
 
 
@@ -446,20 +436,15 @@ def run_reverse(args: argparse.Namespace) -> int:
     for direction, result in results.items():
         print(f"{names[direction]:<22}{result.accuracy:>10.1%}{result.n:>6}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "model": str(model.checkpoint_folder),
-                    "sampler": vars(config),
-                    "preset": args.preset,
-                    "style": style,
-                    "results": {
-                        d: {"accuracy": r.accuracy, "n": r.n, "replies": r.replies}
-                        for d, r in results.items()
-                    },
-                },
-                f,
-                indent=2,
-                ensure_ascii=False,
-            )
+        replies = {
+            d: {"accuracy": r.accuracy, "n": r.n, "replies": r.replies} for d, r in results.items()
+        }
+        _write_results(args.json, model, config, args.preset, replies, style=style)
     return 0
+
+
+def _write_results(path: str, model, config, preset: str, results: dict, **extra) -> None:
+    """The results of an evaluation command, with the model and settings that produced them."""
+    record = {"model": str(model.checkpoint_folder), "sampler": vars(config), "preset": preset}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**record, **extra, "results": results}, f, indent=2, ensure_ascii=False)

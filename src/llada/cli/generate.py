@@ -14,6 +14,7 @@ from .options import (
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    load_from_args,
 )
 
 
@@ -63,7 +64,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..api import generate_texts, load
+    from ..api import generate_texts
 
     config = dataclass_from_args(GenerateConfig, args)
     if args.batch_size <= 0:
@@ -71,13 +72,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if not prompts:
         raise ValueError("no prompts: pass them as arguments, with --file, or on standard input")
-    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
-    if is_random:
-        print(
-            "note: no trained model is shipped yet, so this runs on a small random-weight LLaDA "
-            f"created at {model.checkpoint_folder}; its text is noise. Pass --model PATH for a real one.",
-            file=sys.stderr,
-        )
+    model, tokenizer, _ = load_from_args(args)
     from tqdm import tqdm
 
     progress = args.progress

@@ -106,3 +106,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
     )
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer, is_random) for --model/--dtype/--device, with a note on stderr when
+    no model is given and none is shipped, so the command runs on a random stand-in."""
+    import sys
+
+    from ..api import load
+
+    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
+    if is_random:
+        print(
+            "note: no trained model is shipped with this install, so this runs on a small "
+            f"random-weight LLaDA created at {model.checkpoint_folder}; its text is noise. "
+            "Pass --model PATH for a real one.",
+            file=sys.stderr,
+        )
+    return model, tokenizer, is_random

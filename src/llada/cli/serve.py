@@ -13,6 +13,7 @@ from .options import (
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    load_from_args,
 )
 
 # Kept equal to llada.serve.app.SERVE_SAMPLER_DEFAULTS / SERVE_PRESET, which import FastAPI.
@@ -48,19 +49,11 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
-    from ..api import load
-
     if args.api_key is None and os.environ.get("LLADA_API_KEY"):
         args.api_key = os.environ["LLADA_API_KEY"]
     config = dataclass_from_args(ServeConfig, args)
     sampler = dataclass_from_args(GenerateConfig, args)
-    model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
-    if is_random:
-        print(
-            "note: no trained model is shipped yet, so this serves a small random-weight LLaDA "
-            f"created at {model.checkpoint_folder}; its text is noise. Pass --model PATH.",
-            file=sys.stderr,
-        )
+    model, tokenizer, _ = load_from_args(args)
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: serving on {config.host} without an API key (--api-key or LLADA_API_KEY)",
