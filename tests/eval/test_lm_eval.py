@@ -183,8 +183,9 @@ def test_multiple_choice_scores_are_get_log_likelihood(harness, model_and_tokeni
                 model, *reference_split(tokenizer, context, continuation)
             )
             ((score, _greedy),) = response
-            assert score == expected
-            scores.append(expected)
+            # Packed with other requests, the forward's shapes differ: equal up to rounding.
+            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            scores.append(score)
         correct.append(float(max(range(len(scores)), key=scores.__getitem__) == sample_["target"]))
     assert harness["results"]["llada_test_choice"]["acc,none"] == sum(correct) / len(correct)
 
@@ -221,8 +222,9 @@ def test_perplexity_is_the_sum_of_window_elbos(harness, model_and_tokenizer):
         windows = rolling_windows(ids, 32, 8, [tokenizer.bos_token_id])
         windows_seen = max(windows_seen, len(windows))
         expected = sum(seeded_log_likelihood(model, c, a) for c, a in windows)
-        assert sample_["resps"] == [[expected]]
-        total_loglik += expected
+        ((score,),) = sample_["resps"]
+        assert score == pytest.approx(expected, rel=1e-5)
+        total_loglik += score
         total_bytes += len(text.encode("utf-8"))
     assert windows_seen == 3  # the longest document needs three windows
     bits_per_byte = harness["results"]["llada_test_text"]["bits_per_byte,none"]
