@@ -89,8 +89,8 @@ def main() -> None:
             "",
             "## Task accuracy",
             "",
-            f"Exact match on {sum(r['n'] for r in tasks['results'].values())} generated questions never seen in "
-            f"training (`llada eval tasks`; reference sampler, gen_length {sampler['gen_length']}, "
+            f"Exact match on {sum(r['n'] for r in tasks['results'].values())} generated questions "
+            f"(`llada eval tasks`; the synthetic ones never appear in SFT, the line ones ask again about taught pairs; preset {tasks.get('preset', 'reference')}, gen_length {sampler['gen_length']}, "
             f"steps {sampler['steps']}, block_length {sampler['block_length']}, temperature {sampler['temperature']}).",
             "",
             "| task | accuracy | n |",

@@ -38,7 +38,7 @@ def test_shipped_models_load_by_name_with_their_tokenizer(name):
 
 
 @shipped("llada-tiny-base")
-def test_a_shipped_model_is_the_default_and_writes_text():
+def test_a_shipped_model_is_the_default_and_does_its_job():
     from llada.api import generate_texts, load
 
     model, tokenizer, is_random = load(None)
@@ -48,6 +48,10 @@ def test_a_shipped_model_is_the_default_and_writes_text():
     )
     assert model.checkpoint_folder.name == expected
     config = GenerateConfig(steps=16, gen_length=16, block_length=16)
+    if expected == "llada-tiny-instruct":  # the README's first command
+        (text,) = generate_texts(model, tokenizer, ["Reverse the order:\nking moon sword"], config)
+        assert text == "sword moon king"
+        return
     (text,) = generate_texts(model, tokenizer, ["ROMEO.\n"], config, chat=False)
     # A trained model writes mostly letters and spaces, not byte noise.
     assert len(text) >= 8
@@ -61,6 +65,8 @@ def test_instruct_model_answers_generated_tasks_well_above_chance():
     examples = [e for task in SYNTHETIC_TASKS for e in synthetic_examples(task, 24, "eval")]
     config = GenerateConfig(steps=16, gen_length=16, block_length=16)
     results = evaluate_tasks(model, tokenizer, examples, config, batch_size=48)
-    # Chance is about 1% for arithmetic and far less for the sequence tasks.
-    for task in ("copy", "reverse", "sort", "arithmetic"):
-        assert results[task]["accuracy"] >= 0.2, results
+    # Chance is about 1% for arithmetic and far less for the sequence tasks; the model card
+    # measures 100% copy, 98% reverse, 90% sort and 22.5% arithmetic on 200 questions each.
+    floors = {"copy": 0.8, "reverse": 0.8, "sort": 0.6, "arithmetic": 0.08}
+    for task, floor in floors.items():
+        assert results[task]["accuracy"] >= floor, results
