@@ -12,7 +12,10 @@ once with the masked-diffusion objective and once as a causal next-token model
   needs the forward statement read backwards: the reversal curse of left-to-right models.
 
 Prints a markdown table of exact-match accuracies (held-out and train couplets, both
-directions) and writes it to OUT/results.json. About 10 minutes on a 2-core CPU.
+directions) and writes it to OUT/results.json. STATUS: not yet run to completion (see the
+evaluation issue): the first attempt (3000 steps, lr 2e-3) left the masked-diffusion model far
+from memorising the couplets (loss 1.46 nats/token, 0% everywhere) while the autoregressive one
+reached 0.15 and then diverged; the masked-diffusion objective needs many more steps here.
 
     python recipes/reversal_curse.py --out runs/reversal
 """
@@ -158,10 +161,11 @@ def main() -> int:
     parser.add_argument("--couplets", type=int, default=300)
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--statements", type=int, default=4, help="forward statements each")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    # 2e-3 diverged (NaN) in the autoregressive run at step ~1450 of the first attempt.
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
