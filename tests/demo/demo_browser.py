@@ -127,13 +127,13 @@ def screenshot(path: str) -> None:
         ),
     ):
         set_number(page, "gen_length", 32)
-        send(page, "Good morrow! Who art thou?")
+        set_number(page, "steps", 32)
+        send(page, "Reverse the order:\nking moon sword")
         wait_until_done(page)
-        set_number(page, "gen_length", 96)
-        set_number(page, "steps", 96)
-        page.locator("#constraints textarea, #constraints input").first.fill("6:king, 20:love")
+        set_number(page, "gen_length", 64)
+        set_number(page, "steps", 64)
         page.evaluate("() => { window.__canvasFrames = []; }")
-        send(page, "And what of the king?")
+        send(page, "Sort in ascending order:\n42 17 9 63 5 88")
         page.wait_for_function(
             """() => {
               const c = document.querySelector('#canvas .llada-canvas');
