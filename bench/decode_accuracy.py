@@ -6,7 +6,11 @@ choosing commit rules and thresholds against the reference sampler.
 
 A decode is a preset name or SOURCE:COMMIT[:THRESHOLD] (sources full, prefix, dual, block;
 commits schedule, threshold, factor, entropy), always with early stop except for 'reference'.
-Prints a markdown table; the last line is one JSON object with every figure.
+Prints a markdown table; the last line is one JSON object with every figure. `--replies FILE`
+keeps every reply (JSON, per decode) and reuses the decodes already in it, so the slow reference
+run is done once; the table then also shows how many answers differ from the first decode's
+(a paired comparison: far less noisy than the difference of two accuracies). Wall times of
+reused decodes come from the run that made them; the table marks them.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
-from llada.api import load
-from llada.eval.tasks import SYNTHETIC_TASKS, build_task_sets, evaluate_tasks
+from llada.api import generate_texts, load
+from llada.eval.tasks import SYNTHETIC_TASKS, build_task_sets, is_correct
 from llada.sampling.config import PRESETS, DecodeConfig, GenerateConfig
 
 
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--decodes", nargs="+", default=["reference", "fast"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--replies", default=None, help="JSON file keeping every reply")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,30 +60,58 @@ def main() -> None:
     config = GenerateConfig(
         steps=args.gen_length, gen_length=args.gen_length, block_length=args.block_length
     )
+    saved_path = Path(args.replies) if args.replies else None
+    saved = json.loads(saved_path.read_text()) if saved_path and saved_path.exists() else {}
+    key = f"{args.model}|{args.per_task}|{args.gen_length}|{args.block_length}"
+    cache = saved.setdefault(key, {})
     rows = {}
     for text in args.decodes:
+        if text in cache:
+            rows[text] = {**cache[text], "reused": True}
+            continue
         started = time.perf_counter()
-        results = evaluate_tasks(
-            model,
-            tokenizer,
-            examples,
-            config,
-            batch_size=args.batch_size,
-            decode=parse_decode(text),
-        )
-        accuracy = {task: r["accuracy"] for task, r in results.items()}
+        replies = []
+        for start in range(0, len(examples), args.batch_size):
+            chunk = examples[start : start + args.batch_size]
+            replies += generate_texts(
+                model, tokenizer, [e.prompt for e in chunk], config, decode=parse_decode(text)
+            )
+        seconds = time.perf_counter() - started
+        correct = [is_correct(e, r) for e, r in zip(examples, replies, strict=True)]
+        accuracy = {
+            task: sum(c for e, c in zip(examples, correct, strict=True) if e.task == task)
+            / sum(e.task == task for e in examples)
+            for task in {e.task for e in examples}
+        }
         rows[text] = {
             "accuracy": accuracy,
-            "mean": sum(accuracy.values()) / len(accuracy),
-            "seconds": time.perf_counter() - started,
+            "mean": sum(correct) / len(correct),
+            "seconds": seconds,
+            "replies": replies,
+            "correct": correct,
         }
-    names = list(SYNTHETIC_TASKS)
-    print(f"| decode | {' | '.join(names)} | mean | wall |")
-    print("|---|" + "---|" * (len(names) + 2))
+        if saved_path:
+            cache[text] = rows[text]
+            saved_path.write_text(json.dumps(saved))
+
+    names = sorted({e.task for e in examples})
+    first = rows[args.decodes[0]]
+    print(f"first decode: {args.decodes[0]}; {len(examples)} questions")
+    print(f"| decode | {' | '.join(names)} | mean | wall | speed-up | right/wrong vs first |")
+    print("|---|" + "---|" * (len(names) + 4))
     for text, row in rows.items():
         cells = " | ".join(f"{100 * row['accuracy'][n]:.1f}%" for n in names)
-        print(f"| {text} | {cells} | {100 * row['mean']:.1f}% | {row['seconds']:.1f} s |")
-    print(json.dumps({"settings": vars(args), "results": rows}))
+        gained = sum(c and not f for c, f in zip(row["correct"], first["correct"], strict=True))
+        lost = sum(f and not c for c, f in zip(row["correct"], first["correct"], strict=True))
+        wall = f"{row['seconds']:.1f} s" + (" (saved)" if row.get("reused") else "")
+        print(
+            f"| {text} | {cells} | {100 * row['mean']:.1f}% | {wall} | "
+            f"{first['seconds'] / row['seconds']:.1f}x | +{gained} / -{lost} |"
+        )
+    summary = {
+        t: {k: v for k, v in r.items() if k not in ("replies", "correct")} for t, r in rows.items()
+    }
+    print(json.dumps({"settings": vars(args), "results": summary}))
 
 
 if __name__ == "__main__":

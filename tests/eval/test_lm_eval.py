@@ -396,6 +396,33 @@ def test_chat_template_is_the_checkpoints(lm, model_and_tokenizer):
     assert lm.chat_template(True) == tokenizer.chat_template
 
 
+def test_chat_rendered_contexts_score_the_answer_tokenized_on_its_own(
+    chat_checkpoint, lm, model_and_tokenizer
+):
+    _, tokenizer = model_and_tokenizer
+    context = render_chat(tokenizer, [{"role": "user", "content": "Repeat exactly:\nking sun"}])
+    answer = "king sun"
+    separate = (
+        tokenizer(context, add_special_tokens=False)["input_ids"],
+        tokenizer(answer, add_special_tokens=False)["input_ids"],
+    )
+    # The reference's split scores the template's trailing "\n\n" as part of the answer, and
+    # tokenizes it together with the answer.
+    reference = reference_split(tokenizer, context, answer)
+    assert reference != separate
+    assert lm._encode_pair(context, answer) == separate  # pair_split="auto"
+    plain = ("Question: What is 2 + 3?\nAnswer: ", "5")
+    assert lm._encode_pair(*plain) == reference_split(tokenizer, *plain)
+    as_reference = LLaDAEvalLM(
+        pretrained=str(chat_checkpoint), device="cpu", **{**MODEL_ARGS, "pair_split": "reference"}
+    )
+    assert as_reference._encode_pair(context, answer) == reference
+    with pytest.raises(ValueError, match="pair_split must be one of"):
+        LLaDAEvalLM(
+            pretrained=str(chat_checkpoint), device="cpu", **{**MODEL_ARGS, "pair_split": "x"}
+        )
+
+
 def test_harness_applies_the_chat_template(chat_checkpoint, task_folder, model_and_tokenizer):
     import lm_eval
     from lm_eval.tasks import TaskManager

