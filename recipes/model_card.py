@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--title", required=True)
     parser.add_argument("--summary", required=True)
     parser.add_argument("--data", required=True, help="a sentence on the training data")
-    parser.add_argument("--tasks", type=Path, default=None, help="JSON written by `llada eval tasks --json`")
+    parser.add_argument(
+        "--tasks", type=Path, default=None, help="JSON written by `llada eval tasks --json`"
+    )
     parser.add_argument("--notes", default="", help="extra markdown appended at the end")
     args = parser.parse_args()
 
