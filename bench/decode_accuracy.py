@@ -4,8 +4,9 @@ choosing commit rules and thresholds against the reference sampler.
     python bench/decode_accuracy.py --per-task 50 --gen-length 256 --block-length 32 \
         --decodes reference fast dual:threshold:0.99 block:threshold:0.99 dual:schedule
 
-A decode is a preset name or SOURCE:COMMIT[:THRESHOLD] (sources full, prefix, dual, block;
-commits schedule, threshold, factor, entropy), always with early stop except for 'reference'.
+A decode is a preset name or SOURCE:COMMIT[:THRESHOLD][:FIELD=VALUE...] (sources full, prefix,
+dual, block; commits schedule, threshold, factor, entropy; fields of DecodeConfig, e.g.
+refresh=8), always with early stop except for 'reference'.
 Prints a markdown table; the last line is one JSON object with every figure. `--replies FILE`
 keeps every reply (JSON, per decode) and reuses the decodes already in it, so the slow reference
 run is done once; the table then also shows how many answers differ from the first decode's
@@ -28,15 +29,20 @@ from llada.sampling.config import PRESETS, DecodeConfig, GenerateConfig
 
 
 def parse_decode(text: str) -> DecodeConfig | str:
+    """A preset name, or SOURCE:COMMIT[:THRESHOLD][:FIELD=VALUE...] (DecodeConfig fields,
+    e.g. dual:threshold:0.99:refresh=8)."""
     if text in PRESETS:
         return text
     source, _, rest = text.partition(":")
-    commit, _, threshold = rest.partition(":")
-    if not commit:
+    items = rest.split(":")
+    if not items[0]:
         raise ValueError(f"{text!r}: expected a preset name or SOURCE:COMMIT[:THRESHOLD]")
-    settings = {"source": source, "commit": commit}
-    if threshold:
-        settings["threshold"] = float(threshold)
+    settings: dict = {"source": source, "commit": items[0]}
+    for item in items[1:]:
+        name, equals, value = item.partition("=")
+        if not equals:
+            name, value = "threshold", item
+        settings[name] = float(value) if "." in value else int(value)
     return DecodeConfig(**settings)
 
 

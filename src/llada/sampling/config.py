@@ -87,6 +87,10 @@ class DecodeConfig:
         summed entropy <= entropy_bound). With every rule but 'schedule' a block takes as many
         steps as it needs; `steps` then only sets the schedule's table.
     vicinity: with source='block', also refresh this many positions after the current block.
+    refresh: with a cache ('prefix', 'dual', 'block'), run a full forward that refills the
+        cache once this many tokens were committed in a row since the last fill (0: never
+        within a block, as Fast-dLLM). Bounds how stale the cached keys and values of the
+        prompt and the rest of the canvas get as the block fills in.
     early_stop: a row stops once its answer has ended (EOS/EoT committed with no mask before
         it); its remaining masks become EOS. The text is unchanged; the work is not done.
     reference_numerics: confidences from a full softmax in the logits' dtype and every
@@ -100,6 +104,7 @@ class DecodeConfig:
     factor: float = 1.0
     entropy_bound: float = 0.5
     vicinity: int = 0
+    refresh: int = 0
     early_stop: bool = True
     reference_numerics: bool = False
 
@@ -108,11 +113,13 @@ class DecodeConfig:
             raise ValueError(f"source must be one of {LOGITS_SOURCES}, got {self.source!r}")
         if self.commit not in COMMIT_RULES:
             raise ValueError(f"commit must be one of {COMMIT_RULES}, got {self.commit!r}")
-        require_non_negative_numbers(self, "factor", "entropy_bound", "vicinity")
+        require_non_negative_numbers(self, "factor", "entropy_bound", "vicinity", "refresh")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
-        if isinstance(self.vicinity, bool) or not isinstance(self.vicinity, int):
-            raise ValueError(f"vicinity must be an integer, got {self.vicinity!r}")
+        for name in ("vicinity", "refresh"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
 # Named decoding presets, for every command and the Python API.

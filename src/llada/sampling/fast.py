@@ -116,6 +116,7 @@ def denoise(
         mask_id,
         config.cfg_scale,
         vicinity=decode.vicinity,
+        refresh=decode.refresh,
     )
     stop = torch.tensor(tokens.stop_ids, device=device)
     rows = torch.arange(batch, device=device)  # the batch rows still decoding
@@ -170,6 +171,7 @@ def denoise(
                 dense_entropy[logits_at] = entropy
                 commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
             commit &= candidate
+            source.note_commits(int(commit.sum(dim=-1).max()) if len(rows) else 0)
             updated = canvas[:, window.start : window.end]
             updated = torch.where(commit, dense_token, updated)
             x[rows, window.start : window.end] = updated

@@ -46,6 +46,7 @@ class LogitsSource:
         mask_id: int,
         cfg_scale: float,
         vicinity: int = 0,
+        refresh: int = 0,
     ) -> None:
         self.model = model
         self.attention_mask = attention_mask
@@ -53,6 +54,9 @@ class LogitsSource:
         self.mask_id = mask_id
         self.cfg_scale = cfg_scale
         self.vicinity = vicinity
+        self.refresh = refresh
+        # Tokens committed (in the row with most) since the cache was last filled.
+        self.committed_since_fill = 0
         self.cache: KVCache | None = None
         self.forward_passes = 0
         # Work done, for achieved-FLOP/s figures: query positions run through the blocks,
@@ -63,6 +67,13 @@ class LogitsSource:
 
     def window(self, block_start: int, block_end: int, length: int, first_step: bool) -> Window:
         raise NotImplementedError
+
+    def stale(self) -> bool:
+        """Whether the refresh rule asks for a cache fill before this step."""
+        return self.refresh > 0 and self.committed_since_fill >= self.refresh
+
+    def note_commits(self, most_in_a_row: int) -> None:
+        self.committed_since_fill += most_in_a_row
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only these rows of the batch go on (the others finished)."""
@@ -93,6 +104,7 @@ class LogitsSource:
             out = self.model(tokens, attention_mask=mask, logits_at=logits_at).logits
         elif window.fills_cache:
             self.cache = KVCache()
+            self.committed_since_fill = 0
             out = self.model(
                 tokens, attention_mask=mask, logits_at=logits_at, kv_cache=self.cache
             ).logits
@@ -115,21 +127,21 @@ class FullForward(LogitsSource):
 
 class PrefixCache(LogitsSource):
     def window(self, block_start, block_end, length, first_step):
-        if first_step:
+        if first_step or self.stale():
             return Window(0, length, fills_cache=True)
         return Window(block_start, length)
 
 
 class DualCache(LogitsSource):
     def window(self, block_start, block_end, length, first_step):
-        if first_step:
+        if first_step or self.stale():
             return Window(0, length, fills_cache=True)
         return Window(block_start, block_end)
 
 
 class BlockCache(LogitsSource):
     def window(self, block_start, block_end, length, first_step):
-        if self.cache is None:
+        if self.cache is None or self.stale():
             return Window(0, length, fills_cache=True)
         end = min(length, block_end + self.vicinity)
         if first_step:  # also run the block just finished, to commit its keys and values
