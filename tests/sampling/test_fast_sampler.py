@@ -179,6 +179,49 @@ def test_early_stop_drops_finished_rows_and_fills_eos():
     assert without.forward_passes == 16
 
 
+class ConfidentEndModel(EndsAtModel):
+    """Answer positions 0 and 1 propose token 7 with middling confidence; every later position
+    proposes EOS with near certainty, so a threshold commits the EOS tail first."""
+
+    def forward(self, x, attention_mask=None, logits_at=None, **kwargs):
+        full = torch.zeros((*x.shape, self.config.padded_vocab_size))
+        full[:, :, self.special_tokens.eos_id] = 30.0
+        full[:, self.prompt_length : self.prompt_length + 2, self.special_tokens.eos_id] = 0.0
+        full[:, self.prompt_length : self.prompt_length + 2, 7] = 3.0
+        self.rows_seen.append(x.shape[0])
+        logits = full if logits_at is None else full[logits_at]
+        return type("Out", (), {"logits": logits})()
+
+
+def test_eos_in_order_decides_the_end_after_the_text():
+    model = ConfidentEndModel(make_random_model(seed=0), prompt_length=3, end={})
+    eos = model.special_tokens.eos_id
+    prompt = torch.tensor([[5, 6, 7]])
+    config = GenerateConfig(steps=16, gen_length=16, block_length=8)
+    plain = DecodeConfig(source="full", commit="threshold", threshold=0.99)
+    events = list(denoise(model, prompt, None, config, plain))
+    # The whole EOS tail of the block at the first step, before the text: the answer is decided
+    # to end at position 2 before positions 0 and 1 are.
+    assert events[0].committed[0, 5:11].all() and not events[0].committed[0, 3:5].any()
+
+    ordered = dataclasses.replace(plain, eos_in_order=True)
+    events = list(denoise(model, prompt, None, config, ordered))
+    mask_id = model.special_tokens.mask_id
+    before = prompt.new_full((1, 19), mask_id)
+    before[0, :3] = prompt
+    for event in events:
+        for column in torch.nonzero(event.committed[0]).flatten().tolist():
+            if event.tokens[0, column] == eos:
+                assert not (before[0, 3:column] == mask_id).any(), "EOS before the text"
+        before = event.tokens
+    # Text first (one token a step: neither reaches the threshold), then one EOS, then the row
+    # has ended: three forwards, the tail never decoded.
+    assert len(events) == 3
+    assert events[-1].tokens[0, 3:].tolist() == [7, 7] + [eos] * 14
+    scheduled = dataclasses.replace(ordered, commit="schedule")
+    assert sample(model, prompt, None, config, scheduled).tokens[0, 3:5].tolist() == [7, 7]
+
+
 def test_streaming_events_show_every_commit():
     model = make_random_model(seed=4)
     prompt = torch.tensor([[5, 9, 11]])

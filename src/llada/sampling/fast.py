@@ -160,6 +160,12 @@ def denoise(
             dense_token[logits_at] = proposal
             dense_conf[logits_at] = confidence.to(dense_conf.dtype)
             dense_conf = dense_conf.masked_fill(~candidate, -torch.inf)
+            if decode.eos_in_order:
+                masked_before = (is_masked.cumsum(-1) - is_masked.long()) > 0
+                early_end = torch.isin(dense_token, stop) & masked_before
+                # Ranked below every other candidate (confidences lie in [0, 1]) and below any
+                # threshold, but still candidates: a schedule's quota can always be met.
+                dense_conf = torch.where(early_end, dense_conf - 2, dense_conf)
             if decode.commit == "schedule":
                 commit = commit_schedule(dense_conf, quota[:, step])
             elif decode.commit == "threshold":
