@@ -137,7 +137,7 @@ class ChatSession:
         model: LLaDAModel,
         tokenizer,
         config: GenerateConfig,
-        decode: DecodeConfig | str = "reference",
+        decode: DecodeConfig | str = "fast",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -21,7 +21,8 @@ from .render import MASKED, DenoiseTrace, render_canvas
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The controls of one demo turn. Defaults are the reference app's (SPEC §4.1).
+    """The controls of one demo turn. Defaults are the reference app's (SPEC §4.1), except the
+    preset: `fast` (the default of every interactive command).
 
     gen_length, steps, block_length, temperature, cfg_scale, remasking: as in `GenerateConfig`.
     preset: the decoding preset ('reference' repeats the published sampler token for token;
@@ -35,7 +36,7 @@ class DemoSettings:
     temperature: float = 0.0
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
-    preset: str = "reference"
+    preset: str = "fast"
     constraints: str = ""
 
     def __post_init__(self) -> None:
