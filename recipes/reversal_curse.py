@@ -172,6 +172,13 @@ def main() -> int:
     parser.add_argument("--lr-mdm", type=float, default=2e-3)
     parser.add_argument("--lr-ar", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        choices=("mdm", "ar"),
+        default=["mdm", "ar"],
+        help="train only these (results of the others are kept from OUT/results.json)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -188,8 +195,12 @@ def main() -> int:
         documents(pairs, train_pairs, args.statements), tokenizer, out / "corpus", eos_id=eos
     )
     (out / "model.json").write_text(json.dumps(MODEL))
-    results = {"settings": vars(args), "runs": {}}
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
+    results["settings"] = vars(args)
     for name, autoregressive in (("masked diffusion", False), ("autoregressive", True)):
+        if ("ar" if autoregressive else "mdm") not in args.objectives:
+            continue
         config = TrainConfig(
             autoregressive=autoregressive,
             model_config=str(out / "model.json"),
@@ -221,7 +232,7 @@ def main() -> int:
                 )
         results["runs"][name] = row
         print(name, row, flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        saved.write_text(json.dumps(results, indent=1))
     print()
     print("| objective | held-out forward | held-out backward | train forward | train backward |")
     print("|---|---|---|---|---|")

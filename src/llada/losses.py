@@ -99,5 +99,9 @@ def autoregressive_loss(
         predicts &= torch.arange(length, device=x0.device)[None, :] + 1 >= prompt_lengths[:, None]
     logits = model(x0, logits_at=predicts, causal=True).logits
     targets = torch.roll(x0, shifts=-1, dims=1)[predicts]
+    if targets.numel() == 0:
+        # A one-token batch (the random-length crop can make one) predicts nothing: a zero
+        # loss with zero gradients, not the NaN of an empty mean.
+        return LossOutput(loss=logits.float().sum() * 0.0, num_targets=0)
     loss = F.cross_entropy(logits.float(), targets, reduction="mean")
     return LossOutput(loss=loss, num_targets=int(predicts.sum()))

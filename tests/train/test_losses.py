@@ -72,6 +72,16 @@ def test_autoregressive_loss_is_causal():
     )
 
 
+def test_autoregressive_loss_of_a_one_token_crop_is_zero_not_nan():
+    """The random-length crop can leave one token, which predicts nothing (this was a NaN that
+    stopped the reversal-curse recipe's autoregressive run)."""
+    model = make_random_model(seed=2)
+    out = autoregressive_loss(model, torch.tensor([[5], [7]]))
+    assert out.num_targets == 0 and float(out.loss.detach()) == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_random_length_crop_happens_about_one_percent_of_the_time():
     x0 = torch.zeros(2, 50, dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
