@@ -37,6 +37,7 @@ from llada.sampling.autoregressive import generate_autoregressive
 from llada.sampling.config import GenerateConfig
 from llada.sampling.fast import sample
 from llada.tokenizer import left_pad
+from llada.train.checkpointing import latest_checkpoint
 from llada.train.config import TrainConfig
 from llada.train.data import write_token_file
 from llada.train.loop import train
@@ -157,6 +158,35 @@ def accuracy(model, tokenizer, pairs, direction: str, autoregressive: bool) -> f
     return correct / len(pairs)
 
 
+def statement_accuracy(model, tokenizer, pairs, direction: str, autoregressive: bool):
+    """The statements themselves, no question format. Forward: "{first}," continued, both
+    models. Backward: the masked-diffusion model infills "___, {second}." (as many masks as the
+    first line has tokens); a left-to-right model cannot condition on text to its right, so it
+    has no backward statement probe (None)."""
+    if direction == "forward":
+        correct = 0
+        for start in range(0, len(pairs), 50):
+            chunk = pairs[start : start + 50]
+            replies = answers(model, tokenizer, [f"{a}," for a, _ in chunk], autoregressive, gen=8)
+            correct += sum(r.startswith(b) for r, (_, b) in zip(replies, chunk, strict=True))
+        return correct / len(pairs)
+    if autoregressive:
+        return None
+    mask_id, eos = model.special_tokens.mask_id, model.special_tokens.eos_id
+    correct = 0
+    for first, second in pairs:
+        hidden = tokenizer(first, add_special_tokens=False)["input_ids"]
+        shown = tokenizer(f"{first}, {second}.", add_special_tokens=False)["input_ids"]
+        if shown[: len(hidden)] != hidden:  # the line tokenizes differently in context
+            continue
+        answer = torch.tensor([[mask_id] * len(hidden) + shown[len(hidden) :]])
+        gen = answer.shape[1]
+        config = GenerateConfig(steps=len(hidden), gen_length=gen, block_length=gen)
+        out = sample(model, torch.tensor([[eos]]), None, config, "reference", answer=answer)
+        correct += out.tokens[0, 1 : 1 + len(hidden)].tolist() == hidden
+    return correct / len(pairs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/reversal")
@@ -178,6 +208,9 @@ def main() -> int:
         choices=("mdm", "ar"),
         default=["mdm", "ar"],
         help="train only these (results of the others are kept from OUT/results.json)",
+    )
+    parser.add_argument(
+        "--eval-only", action="store_true", help="evaluate the checkpoints already in OUT"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -219,26 +252,40 @@ def main() -> int:
             log_every=100,
             seed=args.seed,
         )
-        started = time.perf_counter()
-        result = train(config, progress=sys.stderr.isatty())
-        seconds = time.perf_counter() - started
-        model = llada.load_model(result.checkpoint)
+        row = dict(results["runs"].get(name, {}))
+        if args.eval_only:
+            checkpoint = latest_checkpoint(config.out_dir)
+        else:
+            started = time.perf_counter()
+            checkpoint = train(config, progress=sys.stderr.isatty()).checkpoint
+            row = {"train_seconds": round(time.perf_counter() - started, 1)}
+        model = llada.load_model(checkpoint)
         model.eval()
-        row = {"train_seconds": round(seconds, 1)}
         for split, chosen in (("held_out", held_out), ("train", train_pairs)):
             for direction in ("forward", "backward"):
                 row[f"{split}_{direction}"] = accuracy(
+                    model, tokenizer, chosen, direction, autoregressive
+                )
+                row[f"{split}_{direction}_statement"] = statement_accuracy(
                     model, tokenizer, chosen, direction, autoregressive
                 )
         results["runs"][name] = row
         print(name, row, flush=True)
         saved.write_text(json.dumps(results, indent=1))
     print()
-    print("| objective | held-out forward | held-out backward | train forward | train backward |")
-    print("|---|---|---|---|---|")
+    print(
+        "| objective | probe | held-out forward | held-out backward | train forward | train backward |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, row in results["runs"].items():
-        cells = [row[f"{s}_{d}"] for s in ("held_out", "train") for d in ("forward", "backward")]
-        print(f"| {name} | " + " | ".join(f"{100 * c:.0f}%" for c in cells) + " |")
+        for probe, suffix in (("question", ""), ("statement", "_statement")):
+            cells = [
+                row.get(f"{s}_{d}{suffix}")
+                for s in ("held_out", "train")
+                for d in ("forward", "backward")
+            ]
+            shown = ["n/a" if c is None else f"{100 * c:.0f}%" for c in cells]
+            print(f"| {name} | {probe} | " + " | ".join(shown) + " |")
     return 0
 
 
