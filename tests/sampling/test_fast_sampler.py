@@ -218,8 +218,11 @@ def test_eos_in_order_decides_the_end_after_the_text():
     # has ended: three forwards, the tail never decoded.
     assert len(events) == 3
     assert events[-1].tokens[0, 3:].tolist() == [7, 7] + [eos] * 14
-    scheduled = dataclasses.replace(ordered, commit="schedule")
-    assert sample(model, prompt, None, config, scheduled).tokens[0, 3:5].tolist() == [7, 7]
+    for rule in ("schedule", "factor", "entropy"):
+        other = dataclasses.replace(ordered, commit=rule)
+        events = list(denoise(model, prompt, None, config, other))
+        assert events[0].committed[0, 3:5].any() and not (events[0].tokens[0] == eos).any(), rule
+        assert events[-1].tokens[0, 3:5].tolist() == [7, 7], rule
 
 
 def test_streaming_events_show_every_commit():

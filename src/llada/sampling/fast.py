@@ -160,6 +160,7 @@ def denoise(
             dense_token[logits_at] = proposal
             dense_conf[logits_at] = confidence.to(dense_conf.dtype)
             dense_conf = dense_conf.masked_fill(~candidate, -torch.inf)
+            early_end = None
             if decode.eos_in_order:
                 masked_before = (is_masked.cumsum(-1) - is_masked.long()) > 0
                 early_end = torch.isin(dense_token, stop) & masked_before
@@ -175,6 +176,8 @@ def denoise(
             else:
                 dense_entropy = torch.full(candidate.shape, torch.inf, device=device)
                 dense_entropy[logits_at] = entropy
+                if early_end is not None:  # last in line, and over any entropy bound
+                    dense_entropy = torch.where(early_end, dense_entropy + 1e4, dense_entropy)
                 commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
             commit &= candidate
             source.note_commits(int(commit.sum(dim=-1).max()) if len(rows) else 0)
