@@ -93,10 +93,9 @@ class DecodeConfig:
         prompt and the rest of the canvas get as the block fills in.
     eos_in_order: EOS/EoT proposals where an earlier answer position is still masked rank
         below every other proposal and below any threshold, so an answer's end is decided
-        after its text (ours). Parallel commits
-        otherwise fix a confident EOS tail in one step and cut answers short, notably when
-        gen_length is much longer than the answers; with early stop the row then ends one step
-        after its text, without decoding the tail.
+        after its text (ours). Parallel commits otherwise fix a confident EOS tail in one step
+        and cut answers short, notably when gen_length is much longer than the answers; with
+        early stop the row then ends one step after its text, without decoding the tail.
     early_stop: a row stops once its answer has ended (EOS/EoT committed with no mask before
         it); its remaining masks become EOS. The text is unchanged; the work is not done.
     reference_numerics: confidences from a full softmax in the logits' dtype and every

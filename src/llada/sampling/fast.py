@@ -180,7 +180,8 @@ def denoise(
                     dense_entropy = torch.where(early_end, dense_entropy + 1e4, dense_entropy)
                 commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
             commit &= candidate
-            source.note_commits(int(commit.sum(dim=-1).max()) if len(rows) else 0)
+            if decode.refresh:  # a host sync per step, only when the refresh rule needs it
+                source.note_commits(int(commit.sum(dim=-1).max()) if len(rows) else 0)
             updated = canvas[:, window.start : window.end]
             updated = torch.where(commit, dense_token, updated)
             x[rows, window.start : window.end] = updated
