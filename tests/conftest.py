@@ -4,6 +4,7 @@ models with a real tokenizer."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,20 @@ def training_setup(tmp_path_factory, chat_checkpoint):
         )
     )
     return {"tokens": tokens, "model_config": model_config, "tokenizer": chat_checkpoint}
+
+
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def go_offline(monkeypatch) -> None:
+    """No network: the environment for subprocesses, the already-read flags for this one."""
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    for module, names in (
+        ("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+    ):
+        loaded = sys.modules.get(module)
+        for name in names:
+            if loaded is not None and hasattr(loaded, name):
+                monkeypatch.setattr(loaded, name, True)

@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("lm_eval")
 yaml = pytest.importorskip("yaml")
 
+from conftest import OFFLINE, go_offline  # noqa: E402
 from llada.eval.lm_eval import (  # noqa: E402
     HarnessSettings,
     LLaDAEvalLM,
@@ -100,23 +101,6 @@ def write_tasks(folder: Path) -> Path:
     for name, config in task_configs(folder / "hf-cache").items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}))
     return folder
-
-
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def go_offline(monkeypatch) -> None:
-    """No network: the environment for subprocesses, the already-read flags for this one."""
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    for module, names in (
-        ("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
-        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-    ):
-        loaded = sys.modules.get(module)
-        for name in names:
-            if loaded is not None and hasattr(loaded, name):
-                monkeypatch.setattr(loaded, name, True)
 
 
 @pytest.fixture(scope="module")

@@ -279,7 +279,7 @@ def test_every_preset_decodes_every_position(preset):
 def test_refresh_after_every_commit_is_the_full_forward(source):
     """refresh=1 refills the cache after every step that commits: each step then sees exactly
     what a full forward sees, so the tokens are the full forward's; larger refresh values fill
-    less often (fewer full-canvas query positions) and still decode everything."""
+    less often (fewer query positions run) and still decode everything."""
     model = make_random_model(seed=8)
     prompt = torch.tensor([[5, 9, 11, 4], [3, 3, 8, 2]])
     config = GenerateConfig(steps=8, gen_length=16, block_length=8, cfg_scale=0.5)
@@ -289,14 +289,14 @@ def test_refresh_after_every_commit_is_the_full_forward(source):
     assert torch.equal(refreshed.tokens, full.tokens)
     assert refreshed.forward_passes == full.forward_passes
 
-    def full_canvas_positions(refresh: int) -> int:
+    def query_positions(refresh: int) -> int:
         events = list(
             denoise(model, prompt, None, config, dataclasses.replace(decode, refresh=refresh))
         )
         assert not (events[-1].tokens == model.special_tokens.mask_id).any()
         return events[-1].work["query_positions"]
 
-    assert full_canvas_positions(1) > full_canvas_positions(3) > full_canvas_positions(0)
+    assert query_positions(1) > query_positions(3) > query_positions(0)
 
 
 def test_bad_settings_are_clear():

@@ -58,37 +58,40 @@ def _wrong_answers(example: Example, rng: random.Random) -> list[str]:
     return [" ".join(c) for c in candidates]
 
 
-def choice_documents(per_task: int) -> list[dict]:
-    """Questions interleaved across tasks (so that `--limit` keeps every task), each with the
-    right answer and up to 4 distinct wrong ones, in a seeded order."""
-    rng = random.Random("choices")
+def interleaved_questions(per_task: int) -> list[Example]:
+    """The evaluation questions of every generated task, one of each in turn (so that lm-eval's
+    `--limit` keeps every task)."""
     by_task = [synthetic_examples(task, per_task, EVAL_SEED) for task in SYNTHETIC_TASKS]
+    return [example for group in zip(*by_task, strict=True) for example in group]
+
+
+def choice_documents(per_task: int) -> list[dict]:
+    """The questions, each with the right answer and up to 4 distinct wrong ones, in a seeded
+    order."""
+    rng = random.Random("choices")
     documents = []
-    for group in zip(*by_task, strict=True):
-        for example in group:
-            choices = [example.answer]
-            for wrong in _wrong_answers(example, rng):
-                if wrong not in choices:
-                    choices.append(wrong)
-            choices = choices[:5]
-            rng.shuffle(choices)
-            documents.append(
-                {
-                    "task": example.task,
-                    "question": example.prompt,
-                    "choices": choices,
-                    "answer": choices.index(example.answer),
-                }
-            )
+    for example in interleaved_questions(per_task):
+        choices = [example.answer]
+        for wrong in _wrong_answers(example, rng):
+            if wrong not in choices:
+                choices.append(wrong)
+        choices = choices[:5]
+        rng.shuffle(choices)
+        documents.append(
+            {
+                "task": example.task,
+                "question": example.prompt,
+                "choices": choices,
+                "answer": choices.index(example.answer),
+            }
+        )
     return documents
 
 
 def generate_documents(per_task: int) -> list[dict]:
-    by_task = [synthetic_examples(task, per_task, EVAL_SEED) for task in SYNTHETIC_TASKS]
     return [
         {"task": e.task, "question": e.prompt, "answer": e.answer}
-        for group in zip(*by_task, strict=True)
-        for e in group
+        for e in interleaved_questions(per_task)
     ]
 
 
