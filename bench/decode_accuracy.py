@@ -68,7 +68,8 @@ def main() -> None:
     )
     saved_path = Path(args.replies) if args.replies else None
     saved = json.loads(saved_path.read_text()) if saved_path and saved_path.exists() else {}
-    key = f"{args.model}|{args.per_task}|{args.gen_length}|{args.block_length}"
+    # Replies depend on the batching too (padding changes bf16 rounding), so it is in the key.
+    key = f"{args.model}|{args.per_task}|{args.gen_length}|{args.block_length}|{args.batch_size}"
     cache = saved.setdefault(key, {})
     rows = {}
     for text in args.decodes:
