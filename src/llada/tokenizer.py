@@ -1,14 +1,20 @@
 """Tokenizers: loading from a checkpoint folder, the LLaDA chat template, batch encoding,
 and training a byte-level BPE tokenizer with LLaDA's special tokens for small models.
 
-transformers is used for tokenization and chat rendering only, and imported on first use.
+transformers is used for tokenization only, and imported on first use. Chat templates come
+from the checkpoint folder, so they are untrusted: they are rendered here, in jinja2's
+immutable sandbox, with bounds on time, output size and the size of what `*` and `**` build.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +27,13 @@ from .tokens import (
     EOT_TOKEN,
     MASK_TOKEN,
     START_HEADER_TOKEN,
+    _json_object,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# The chat template of LLaDA-8B-Instruct's tokenizer_config.json, verbatim (SPEC §3). Its quirks
+# The chat template of GSAI-ML/LLaDA-8B-Instruct's tokenizer_config.json, verbatim. Its quirks
 # are kept on purpose: BOS comes from the template, and the assistant header is always appended.
 LLADA_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -50,7 +57,8 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, START_HEADER_TOKEN, END_HEAD
 def load_tokenizer(path: str | os.PathLike | Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json).
 
-    `path` may also be a model returned by `load_model`, whose folder is then used.
+    `path` may also be a model returned by `load_model`, whose folder is then used. The files
+    are checked first (`check_tokenizer_files`): a broken one gets a ValueError naming it.
     """
     folder = getattr(path, "checkpoint_folder", None) or path
     from .model.checkpoint import resolve_checkpoint
@@ -61,11 +69,88 @@ def load_tokenizer(path: str | os.PathLike | Any) -> PreTrainedTokenizerBase:
             f"{folder} has no tokenizer.json; LLaDA tokenizers ship as tokenizer.json + "
             "tokenizer_config.json. Copy them from the original checkpoint folder."
         )
+    check_tokenizer_files(folder)
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - any parse failure gets the same advice
+        raise ValueError(
+            f"the tokenizer files in {folder} cannot be loaded ({type(error).__name__}: "
+            f"{_one_line(error)}); copy them from the original checkpoint, or pass --model with "
+            "another folder"
+        ) from None
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> None:
+    """Check the tokenizer files of a folder without loading transformers.
+
+    tokenizer.json must parse as a tokenizer, tokenizer_config.json must be a JSON object, and
+    a chat template (in tokenizer_config.json or chat_template.jinja) must compile in the
+    sandbox and render a short conversation within the time bound. Raises ValueError naming
+    the file; absent files are fine (a folder may hold weights only).
+    """
+    folder = Path(folder)
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as error:  # noqa: BLE001 - the library raises plain Exceptions
+            raise ValueError(
+                f"{tokenizer_json} is not a valid tokenizer file ({_one_line(error)}); copy the "
+                "tokenizer files from the original checkpoint, or pass --model with another folder"
+            ) from None
+    for source, origin in _chat_templates(folder):
+        template = compile_chat_template(source, origin)
+        trial = [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": "How are you?"},
+        ]
+        # A template may refuse these messages on purpose (raise_exception), e.g. for a role
+        # it does not support: it ran, within its bounds, which is what is checked here.
+        with contextlib.suppress(ChatTemplateRefusal):
+            _render(template, {"messages": trial, **_token_strings(folder)}, origin)
+
+
+def _token_strings(folder: Path) -> dict[str, Any]:
+    """The variables a template sees besides the messages, as tokenizer_config.json gives them."""
+    config_json = folder / "tokenizer_config.json"
+    data = _json_object(config_json) if config_json.is_file() else {}
+    strings: dict[str, Any] = {"add_generation_prompt": True}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = data.get(name)
+        strings[name] = value.get("content") if isinstance(value, dict) else value
+    return strings
+
+
+def _chat_templates(folder: Path) -> Iterator[tuple[str, str]]:
+    """(template source, where it comes from) for each chat template of a folder."""
+    config_json = folder / "tokenizer_config.json"
+    if config_json.is_file():
+        value = _json_object(config_json).get("chat_template")
+        origin = f"the chat_template of {config_json}"
+        if isinstance(value, str):
+            yield value, origin
+        elif isinstance(value, list):
+            # The multi-template form: [{"name": ..., "template": ...}, ...].
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("template"), str):
+                    raise ChatTemplateError(f"{origin} has an entry without a 'template' string")
+                yield entry["template"], f"{origin} ('{entry.get('name')}')"
+        elif value is not None:
+            raise ChatTemplateError(f"{origin} is neither a string nor a list of templates")
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            text = jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ChatTemplateError(f"{jinja_file} is not UTF-8 text") from None
+        yield text, str(jinja_file)
 
 
 def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
@@ -88,7 +173,8 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     """Render chat messages with the tokenizer's template (LLaDA's, if the tokenizer has none).
 
     messages: [{"role": "user" | "assistant" | "system", "content": str}, ...]. The result ends
-    with the assistant header, ready for generation.
+    with the assistant header, ready for generation. The template runs sandboxed and bounded
+    (`CHAT_TEMPLATE_SECONDS`); one that does not finish raises `ChatTemplateError`.
     """
     if not messages:
         raise ValueError("messages is empty; pass at least one {'role': 'user', 'content': ...}")
@@ -101,8 +187,159 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
             raise ValueError(
                 f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}"
             )
-    template = tokenizer.chat_template or LLADA_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False)
+    source = tokenizer.chat_template or LLADA_CHAT_TEMPLATE
+    if isinstance(source, dict):  # several named templates: the default one, as transformers
+        source = source.get("default") or LLADA_CHAT_TEMPLATE
+    origin = f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
+    context = {
+        "messages": [dict(m) for m in messages],
+        "add_generation_prompt": True,
+        **{
+            name: getattr(tokenizer, name, None)
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        },
+    }
+    return _render(compile_chat_template(source, origin), context, origin)
+
+
+# Chat templates ------------------------------------------------------------------------------
+
+# Bounds on rendering an untrusted template. Real templates render a chat in milliseconds and
+# write a few KB; these stop a hostile one (nested loops, huge repetitions) in bounded time.
+CHAT_TEMPLATE_SECONDS = 2.0
+CHAT_TEMPLATE_MAX_CHARS = 20_000_000
+_MAX_BUILT_ITEMS = 10_000_000
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that is not valid, unsafe, or does not finish within its bounds."""
+
+
+class ChatTemplateRefusal(ChatTemplateError):
+    """The template itself refused the messages (its `raise_exception`)."""
+
+
+class _Overrun(Exception):
+    """Raised inside a template's frame when its time is up."""
+
+
+def _make_environment():
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # `'x' * 10**10` or `2 ** 10**10` would run in C, out of reach of the time bound.
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if (
+                        isinstance(sequence, (str, list, tuple))
+                        and isinstance(count, int)
+                        and len(sequence) * count > _MAX_BUILT_ITEMS
+                    ):
+                        raise ChatTemplateError(
+                            f"builds a sequence of {len(sequence) * count} items with '*'"
+                        )
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
+                raise ChatTemplateError(f"raises to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message: object) -> None:
+        raise ChatTemplateRefusal(str(message))
+
+    environment = BoundedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return environment
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str):
+    return _make_environment().from_string(source)
+
+
+def compile_chat_template(source: str, origin: str = "the chat template"):
+    """A sandboxed jinja2 template, or `ChatTemplateError` naming `origin`."""
+    import jinja2
+
+    try:
+        return _compile(source)
+    except (jinja2.TemplateError, RecursionError, MemoryError) as error:
+        raise ChatTemplateError(
+            f"{origin} is not a valid template ({_one_line(error)}); fix it, or remove it to "
+            "use LLaDA's"
+        ) from None
+
+
+def _render(template, context: dict, origin: str) -> str:
+    import jinja2
+
+    chunks: list[str] = []
+    size = 0
+    try:
+        with _time_bound(CHAT_TEMPLATE_SECONDS):
+            for chunk in template.generate(**context):
+                size += len(chunk)
+                if size > CHAT_TEMPLATE_MAX_CHARS:
+                    raise ChatTemplateError(
+                        f"writes more than {CHAT_TEMPLATE_MAX_CHARS} characters"
+                    )
+                chunks.append(chunk)
+    except ChatTemplateRefusal as error:
+        raise ChatTemplateRefusal(f"{origin} refused these messages: {error}") from None
+    except _Overrun:
+        raise ChatTemplateError(
+            f"{origin} did not finish within {CHAT_TEMPLATE_SECONDS:g} s (a runaway loop?); fix "
+            "it, or remove it to use LLaDA's"
+        ) from None
+    except (ChatTemplateError, jinja2.TemplateError, RecursionError, MemoryError) as error:
+        raise ChatTemplateError(
+            f"{origin} failed ({type(error).__name__}: {_one_line(error)}); fix it, or remove it "
+            "to use LLaDA's"
+        ) from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as error:
+        raise ChatTemplateError(
+            f"{origin} failed on these messages ({type(error).__name__}: {_one_line(error)})"
+        ) from None
+    return "".join(chunks)
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float) -> Iterator[None]:
+    """Raise `_Overrun` inside template code once `seconds` have passed.
+
+    A line tracer is attached to the frames of compiled templates only (their file name is
+    `<template>`), so a loop in a template is interrupted however it is nested, while other
+    code runs untraced. The previous tracer (a debugger, coverage) is restored afterwards.
+    """
+    deadline = time.monotonic() + seconds
+
+    def line_tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _Overrun
+        return line_tracer
+
+    def call_tracer(frame, event, arg):
+        return line_tracer if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(call_tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def encode_chat(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# The token strings of the LLaDA tokenizer (SPEC §3). Ids are looked up by these strings.
+# The token strings of the LLaDA tokenizer (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json). Ids are looked up by these strings.
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mdm_mask|>"
@@ -26,7 +26,8 @@ class SpecialTokens:
     """The special ids a sampler, a loss or a chat needs.
 
     mask_id: the diffusion mask token that every sampler starts from.
-    eos_id: end of text; the Instruct model also pads its answers with it (SPEC §6).
+    eos_id: end of text; the Instruct model also pads its answers with it (ML-GSAI/LLaDA
+        GUIDELINES.md).
     pad_id: used to left-pad batches (LLaDA uses EOS).
     bos_id: start of text, written by the chat template. None when the vocabulary has none.
     eot_id: end of turn (`<|eot_id|>`). None for models without a chat vocabulary.
@@ -47,7 +48,8 @@ class SpecialTokens:
         return tuple(i for i in (self.eos_id, self.eot_id) if i is not None)
 
 
-# LLaDA-8B-Base/-Instruct and LLaDA 1.5 (SPEC §2.1, §3).
+# LLaDA-8B-Base/-Instruct and LLaDA 1.5 (GSAI-ML/LLaDA-8B-Instruct config.json and
+# tokenizer_config.json).
 LLADA_8B = SpecialTokens(
     mask_id=126336,
     eos_id=126081,
@@ -63,27 +65,68 @@ def _added_tokens(folder: Path) -> dict[str, int]:
     """Token string -> id for the special tokens declared in the tokenizer files, if any.
 
     Reads JSON only (tokenizer.json's `added_tokens`, tokenizer_config.json's
-    `added_tokens_decoder`), so resolving ids never needs the tokenizer libraries.
+    `added_tokens_decoder`), so resolving ids never needs the tokenizer libraries. A file that
+    is not what a tokenizer file should be is refused with a ValueError naming it.
     """
     found: dict[str, int] = {}
     tokenizer_json = folder / "tokenizer.json"
     if tokenizer_json.is_file():
-        with open(tokenizer_json, encoding="utf-8") as f:
-            data = json.load(f)
-        for entry in data.get("added_tokens", []):
-            found[entry["content"]] = int(entry["id"])
-        vocab = (data.get("model") or {}).get("vocab")
+        data = _json_object(tokenizer_json)
+        entries = data.get("added_tokens", [])
+        if not isinstance(entries, list):
+            raise _bad_file(tokenizer_json, "'added_tokens' is not a list")
+        for entry in entries:
+            token_id = entry.get("id") if isinstance(entry, dict) else None
+            content, token_id = _token_entry(tokenizer_json, entry, token_id)
+            found[content] = token_id
+        model = data.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             for token in (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, EOT_TOKEN):
                 if token in vocab and token not in found:
-                    found[token] = int(vocab[token])
+                    found[token] = _token_id(tokenizer_json, token, vocab[token])
     config_json = folder / "tokenizer_config.json"
     if config_json.is_file():
-        with open(config_json, encoding="utf-8") as f:
-            data = json.load(f)
-        for token_id, entry in (data.get("added_tokens_decoder") or {}).items():
-            found.setdefault(entry["content"], int(token_id))
+        data = _json_object(config_json)
+        decoder = data.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise _bad_file(config_json, "'added_tokens_decoder' is not an object")
+        for token_id, entry in decoder.items():
+            content, number = _token_entry(config_json, entry, token_id)
+            found.setdefault(content, number)
     return found
+
+
+def _bad_file(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a valid tokenizer file ({what}); copy the tokenizer files from the "
+        "original checkpoint, or pass --model with another folder"
+    )
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise _bad_file(path, f"not JSON: {' '.join(str(error).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise _bad_file(path, "not a JSON object")
+    return data
+
+
+def _token_id(path: Path, content: object, value: object) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad_file(path, f"token {content!r} has the id {value!r}, not a token id")
+    return value
+
+
+def _token_entry(path: Path, entry: object, token_id: object) -> tuple[str, int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+        raise _bad_file(path, f"an added token has no string 'content': {str(entry)[:80]}")
+    return entry["content"], _token_id(path, entry["content"], token_id)
 
 
 def resolve_special_tokens(
@@ -100,7 +143,12 @@ def resolve_special_tokens(
 
     def pick(config_key: str | None, token: str, default: int | None) -> int | None:
         if config_key is not None and config.get(config_key) is not None:
-            return int(config[config_key])
+            value = config[config_key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"config key '{config_key}' must be an integer token id, got {value!r}"
+                )
+            return value
         if token in added:
             return added[token]
         if added:
@@ -119,7 +167,7 @@ def resolve_special_tokens(
             f"tokenizer files declare no matching token. Add '{missing}' to config.json."
         )
     pad_id = pick("pad_token_id", EOS_TOKEN, None)
-    return SpecialTokens(
+    tokens = SpecialTokens(
         mask_id=mask_id,
         eos_id=eos_id,
         pad_id=eos_id if pad_id is None else pad_id,
@@ -128,6 +176,26 @@ def resolve_special_tokens(
         start_header_id=pick(None, START_HEADER_TOKEN, LLADA_8B.start_header_id),
         end_header_id=pick(None, END_HEADER_TOKEN, LLADA_8B.end_header_id),
     )
+    if vocab is not None:
+        # An id the embedding has no row for would only fail later, inside a forward pass.
+        for name, value in vars(tokens).items():
+            if value is not None and not 0 <= value < vocab:
+                source = (
+                    "config.json"
+                    if name in ("mask_id", "eos_id", "pad_id")
+                    and config.get(_CONFIG_KEYS[name]) is not None
+                    else "the tokenizer files"
+                )
+                where = f" in {folder}" if folder is not None else ""
+                raise ValueError(
+                    f"the {name} {value} given by {source}{where} is outside the model's "
+                    f"vocabulary of {vocab} tokens; fix the id there, or pass --model with a "
+                    "folder whose tokenizer matches its weights"
+                )
+    return tokens
+
+
+_CONFIG_KEYS = {"mask_id": "mask_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
 
 
 def with_overrides(tokens: SpecialTokens, **ids: int | None) -> SpecialTokens:

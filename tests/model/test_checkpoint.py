@@ -28,6 +28,10 @@ from llada.model.config import LLaDAConfig
 from llada.model.transformer import LLaDAModel
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "reference" / "tiny-gqa"
+# A real tokenizer file, for tests that need one next to the tiny weights.
+TOKENIZER_JSON = (
+    Path(__file__).resolve().parents[2] / "models" / "llada-tiny-instruct" / "tokenizer.json"
+).read_text(encoding="utf-8")
 
 
 def tiny_config_json() -> dict:
@@ -218,7 +222,7 @@ def test_saved_config_keeps_official_and_unknown_keys(tmp_path):
 
 def test_saving_into_an_existing_folder_keeps_other_files(tiny_model, tmp_path):
     folder = copy_tiny(tmp_path / "existing")
-    (folder / "tokenizer.json").write_text('{"added_tokens": []}', encoding="utf-8")
+    (folder / "tokenizer.json").write_text(TOKENIZER_JSON, encoding="utf-8")
     (folder / "modeling_llada.py").write_text("# official remote code\n", encoding="utf-8")
     (folder / "sub").mkdir()
     (folder / "sub" / "notes.txt").write_text("keep me", encoding="utf-8")
@@ -227,7 +231,7 @@ def test_saving_into_an_existing_folder_keeps_other_files(tiny_model, tmp_path):
     with torch.no_grad():
         changed.final_norm.weight.mul_(2.0)
     save_pretrained(changed, folder, max_shard_size="200KB")
-    assert (folder / "tokenizer.json").read_text(encoding="utf-8") == '{"added_tokens": []}'
+    assert (folder / "tokenizer.json").read_text(encoding="utf-8") == TOKENIZER_JSON
     assert (folder / "modeling_llada.py").read_text(encoding="utf-8") == "# official remote code\n"
     assert (folder / "sub" / "notes.txt").read_text(encoding="utf-8") == "keep me"
     assert not (folder / SINGLE_FILE).exists()
@@ -241,7 +245,7 @@ def test_saving_into_an_existing_folder_keeps_other_files(tiny_model, tmp_path):
 
 def test_failed_save_leaves_the_old_folder_intact(tiny_model, tmp_path, monkeypatch):
     folder = save_pretrained(tiny_model, tmp_path / "good", max_shard_size="100KB")
-    (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
+    (folder / "tokenizer.json").write_text(TOKENIZER_JSON, encoding="utf-8")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     old_logits = logits_of(load_model(folder))
 

@@ -13,18 +13,20 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..tokens import resolve_special_tokens
+from ..tokens import SpecialTokens, resolve_special_tokens
 from .config import LLaDAConfig
 from .transformer import AttentionImplementation, LLaDAModel
 
@@ -35,7 +37,7 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# Official name (SPEC §2.2) <-> our parameter name. `{}` is the block index.
+# Official name (GSAI-ML/LLaDA-8B-Instruct modeling_llada.py) <-> our parameter name. `{}` is the block index.
 _BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.weight",
     "q_proj.weight": "attn.q_proj.weight",
@@ -56,19 +58,6 @@ _BLOCK_PATTERN = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
 _OUR_BLOCK_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _OUR_TO_HF_BLOCK = {ours: theirs for theirs, ours in _BLOCK_NAMES.items()}
 _OUR_TO_HF_TOP = {ours: theirs for theirs, ours in _TOP_NAMES.items()}
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def from_hf_name(name: str) -> str:
@@ -102,17 +91,149 @@ def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Reading ---------------------------------------------------------------------------------------
 
 
-def _read_header(handle) -> tuple[dict, int]:
-    """The JSON header of an open safetensors file, and the byte offset where data starts."""
-    size_bytes = handle.read(8)
-    if len(size_bytes) != 8:
-        raise ValueError(f"{handle.name} is not a safetensors file (too short)")
-    header_size = int.from_bytes(size_bytes, "little")
-    if header_size > 100_000_000:
-        raise ValueError(f"{handle.name} is not a safetensors file (header size {header_size})")
-    header = json.loads(handle.read(header_size))
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and the fix.
+
+    A ValueError, so the CLI prints it as one `llada: error: ...` line.
+    """
+
+
+# Which tensors' headers we accept, and their bytes per element. Only floating point weights
+# are loadable: integer or boolean "weights" would only fail later, inside a forward pass.
+_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+# A safetensors header is a few KB per tensor; 100 MB is far beyond any real checkpoint's.
+MAX_HEADER_BYTES = 100_000_000
+_ADVICE = "pass --model with an intact LLaDA checkpoint folder (re-download or re-export it)"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header, checked against its file: bytes [begin, end) of
+    the data section hold `shape` elements of `dtype`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorEntry], int]:
+    """The checked header of a safetensors file: name -> entry, and where the data starts.
+
+    Reads at most 8 bytes + the header, never the data: a header that claims more bytes than
+    the file holds, a negative or absurd shape, or overlapping tensors are refused here, in
+    milliseconds, before anything is allocated.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        size_bytes = handle.read(8)
+        if len(size_bytes) != 8:
+            raise CheckpointError(
+                f"{path} is not a safetensors file (only {size} bytes); {_ADVICE}"
+            )
+        header_size = int.from_bytes(size_bytes, "little")
+        if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+            raise CheckpointError(
+                f"{path} is not a safetensors file (its header claims {header_size} bytes, the "
+                f"file has {size}); {_ADVICE}"
+            )
+        raw = handle.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path} is not a safetensors file (its header is not JSON: {_one_line(error)}); "
+            f"{_ADVICE}"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; {_ADVICE}")
     header.pop("__metadata__", None)
-    return header, 8 + header_size
+    data_start = 8 + header_size
+    data_size = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        entries[name] = _header_entry(path, name, info, data_size)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
+    for (_, first_end, first), (second_begin, _, second) in zip(spans, spans[1:], strict=False):
+        if second_begin < first_end:
+            raise CheckpointError(
+                f"{path}: tensors '{first}' and '{second}' overlap in the file; {_ADVICE}"
+            )
+    return entries, data_start
+
+
+def _header_entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor '{name}' {what}; {_ADVICE}")
+
+    if not isinstance(info, dict):
+        raise bad("has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise bad(f"has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"has an invalid shape {shape!r} (dimensions must be non-negative integers)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    numel = math.prod(shape)
+    if end - begin != numel * _DTYPE_BYTES[dtype]:
+        raise bad(
+            f"has shape {tuple(shape)} ({_gigabytes(numel * _DTYPE_BYTES[dtype])} as {dtype}) "
+            f"but {end - begin} bytes in the file"
+        )
+    if end > data_size:
+        raise bad(
+            f"lies beyond the end of the file (byte {end} of a {data_size}-byte data section; "
+            "truncated download?)"
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 10**9:.3g} GB" if nbytes >= 10**7 else f"{nbytes} bytes"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -120,36 +241,64 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     Reads with plain file reads instead of a memory map, so pages of the file never count
     towards the process's resident memory: loading an N-byte checkpoint peaks near N bytes.
+    Only floating point tensors are read; the header is checked first (`read_safetensors_header`).
     """
+    entries, data_start = read_safetensors_header(path)
     with open(path, "rb") as handle:
-        header, data_start = _read_header(handle)
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            if end - begin != tensor.numel() * tensor.element_size():
-                raise ValueError(
-                    f"{path}: tensor '{name}' has a size that does not match its shape"
-                )
-            if end > begin:
-                handle.seek(data_start + begin)
-                view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-                if handle.readinto(view) != end - begin:
-                    raise ValueError(
-                        f"{path}: file ends inside tensor '{name}' (truncated download?)"
-                    )
-            yield name, tensor
+        for entry in sorted(entries.values(), key=lambda e: e.begin):
+            yield entry.name, _read_tensor(Path(path), handle, entry, data_start)
+
+
+def _read_tensor(path: Path, handle, entry: TensorEntry, data_start: int) -> torch.Tensor:
+    dtype = _FLOAT_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor '{entry.name}' is {entry.dtype}; LLaDA weights must be floating "
+            f"point (F32, F16 or BF16); {_ADVICE}"
+        )
+    tensor = torch.empty(entry.shape, dtype=dtype)
+    if entry.nbytes:
+        handle.seek(data_start + entry.begin)
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        if handle.readinto(view) != entry.nbytes:
+            raise CheckpointError(
+                f"{path}: file ends inside tensor '{entry.name}' (truncated download?); {_ADVICE}"
+            )
+    return tensor
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object, or a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({_one_line(error)}); fix or replace {what}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; fix or replace {what}")
+    return data
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder, single or sharded."""
     index = folder / INDEX_FILE
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json_object(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index} has no 'weight_map' of tensor name -> shard file; {_ADVICE}"
+            )
         files = sorted(set(weight_map.values()))
+        for name in files:
+            # A shard is a file of this folder, never a path elsewhere (../../etc/passwd).
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(
+                    f"{index} names the shard '{name}', which is not a file in {folder}; {_ADVICE}"
+                )
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(
@@ -166,19 +315,187 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def expected_tensors(config: LLaDAConfig) -> dict[str, tuple[int, ...]]:
+    """Official tensor name -> shape for a config, computed without building the model."""
+    d, hidden = config.d_model, config.hidden_size
+    kv = config.effective_n_kv_heads * config.head_dim
+    block = {
+        "attn_norm.weight": (d,),
+        "q_proj.weight": (d, d),
+        "k_proj.weight": (kv, d),
+        "v_proj.weight": (kv, d),
+        "attn_out.weight": (d, d),
+        "ff_norm.weight": (d,),
+        "ff_proj.weight": (hidden, d),
+        "up_proj.weight": (hidden, d),
+        "ff_out.weight": (d, hidden),
+    }
+    shapes = {"model.transformer.wte.weight": (config.padded_vocab_size, d)}
+    for i in range(config.n_layers):
+        for name, shape in block.items():
+            shapes[f"model.transformer.blocks.{i}.{name}"] = shape
+    shapes["model.transformer.ln_f.weight"] = (d,)
+    if not config.weight_tying:
+        shapes["model.transformer.ff_out.weight"] = (config.padded_vocab_size, d)
+    return shapes
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What `inspect_checkpoint` found: everything checked, nothing allocated."""
+
+    folder: Path
+    config: LLaDAConfig
+    raw_config: dict
+    # Official tensor name -> (file, header entry).
+    tensors: dict[str, tuple[Path, TensorEntry]]
+    special_tokens: SpecialTokens
+    # Bytes the weights take once loaded in the requested dtype.
+    weight_bytes: int
+
+
+def inspect_checkpoint(
+    path_or_hub_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+) -> CheckpointPlan:
+    """Check a checkpoint folder completely before anything is allocated.
+
+    Reads only JSON and the safetensors headers: config.json (types, bounds, consistency),
+    every tensor's name, dtype (floating point), shape (against config.json) and byte range
+    (against the file size), the memory the weights need (against what is available), the
+    special token ids (inside the vocabulary) and the tokenizer files, including a trial
+    render of the chat template in a sandbox with a time bound. Raises `CheckpointError` (a
+    ValueError) naming the file and the fix, or FileNotFoundError.
+    """
+    folder = resolve_checkpoint(path_or_hub_id)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json; pass --model with a LLaDA checkpoint folder"
+        )
+    raw_config = _read_json_object(config_path, "config.json")
+    try:
+        config = LLaDAConfig.from_hf_dict(raw_config)
+    except ValueError as error:
+        raise CheckpointError(
+            f"{config_path}: {_one_line(error)}; fix config.json or pass --model with another "
+            "checkpoint folder"
+        ) from None
+    target_dtype = _parse_dtype(dtype)
+
+    expected = expected_tensors(config)
+    tensors: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in checkpoint_files(folder):
+        entries, _ = read_safetensors_header(file)
+        for name, entry in entries.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' is also in {tensors[name][0].name}; {_ADVICE}"
+                )
+            if name not in expected:
+                hint = " (weight_tying?)" if name == "model.transformer.ff_out.weight" else ""
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' does not belong to the model that {CONFIG_FILE} "
+                    f"describes{hint}; {_ADVICE}"
+                )
+            if entry.shape != expected[name]:
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' has shape {entry.shape}, {CONFIG_FILE} implies "
+                    f"{expected[name]}; the weights and config.json do not belong together "
+                    "(fix config.json or pass --model with a matching folder)"
+                )
+            if entry.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' is {entry.dtype}; LLaDA weights must be floating "
+                    f"point (F32, F16 or BF16); {_ADVICE}"
+                )
+            tensors[name] = (file, entry)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: the weights lack {len(missing)} of the {len(expected)} tensors that "
+            f"{CONFIG_FILE} implies, e.g. '{missing[0]}' (n_layers = {config.n_layers}); fix "
+            "config.json or pass --model with a complete folder"
+        )
+
+    weight_bytes = sum(
+        math.prod(entry.shape)
+        * (
+            torch.empty((), dtype=target_dtype).element_size()
+            if target_dtype is not None
+            else _DTYPE_BYTES[entry.dtype]
+        )
+        for _, entry in tensors.values()
+    )
+    _check_memory(folder, weight_bytes, torch.device(device))
+
+    try:
+        special_tokens = resolve_special_tokens(raw_config, folder, config.padded_vocab_size)
+    except ValueError as error:
+        raise CheckpointError(_one_line(error)) from None
+    from ..tokenizer import check_tokenizer_files
+
+    check_tokenizer_files(folder)
+    return CheckpointPlan(folder, config, raw_config, tensors, special_tokens, weight_bytes)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when it cannot be told."""
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free)
+        except Exception:  # noqa: BLE001 - no CUDA, or no way to ask: skip the check
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(folder: Path, weight_bytes: int, device: torch.device) -> None:
+    available = available_memory(device)
+    if available is not None and weight_bytes > available:
+        raise CheckpointError(
+            f"{folder}: the weights need {_gigabytes(weight_bytes)} of memory on {device}, but "
+            f"only {_gigabytes(available)} is available; free memory, use a larger machine, "
+            "or pass --dtype bfloat16 to halve float32 weights"
+        )
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local folder, a shipped model name, or a Hugging Face hub id -> a local folder."""
-    path = Path(path_or_hub_id).expanduser()
+    """A local folder, a shipped model name, or a Hugging Face hub id -> a local folder.
+
+    Shipped models are found from any working directory, by name (`llada-tiny-instruct`) or
+    as the README writes them (`models/llada-tiny-instruct`). Something that looks like a
+    local path and does not exist is reported as such, never looked up on the hub.
+    """
+    text = os.fspath(path_or_hub_id)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    path = Path(text).expanduser()
     if path.is_dir():
         return path
-    text = str(path_or_hub_id)
-    shipped = Path(__file__).resolve().parents[3] / "models" / text
-    if "/" not in text and shipped.is_dir():
-        return shipped
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint folder at {path}")
+    shipped = _shipped_model(text)
+    if shipped is not None:
+        return shipped
+    if _looks_local(text):
+        raise FileNotFoundError(
+            f"no such folder: {path.absolute()}; pass --model with the path of a checkpoint "
+            f"folder that holds config.json{_shipped_hint()}"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -189,11 +506,56 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
             )
         )
     except Exception as error:  # noqa: BLE001 - any hub failure gets the same advice
+        if type(error).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+            reason = f"'{text}' is not a model on the Hugging Face hub, or it is private"
+        elif type(error).__name__ == "ImportError":
+            reason = "huggingface_hub is not installed"
+        else:
+            reason = f"the Hugging Face hub could not be reached for '{text}' (offline?)"
         raise FileNotFoundError(
-            f"could not fetch '{text}' from the Hugging Face hub ({type(error).__name__}: {error}). "
-            f"Offline, download the folder elsewhere (config.json, *.safetensors, tokenizer files) "
-            f"and pass its path, e.g. load_model('/path/to/{text.split('/')[-1]}')."
+            f"no local folder '{text}', and {reason} ({type(error).__name__}: "
+            f"{_one_line(error)[:120]}). Download the folder elsewhere (config.json, "
+            f"*.safetensors, tokenizer files) and pass its path, e.g. --model "
+            f"/path/to/{text.split('/')[-1]}{_shipped_hint()}"
         ) from None
+
+
+def _shipped_root() -> Path:
+    return Path(__file__).resolve().parents[3] / "models"
+
+
+def _shipped_model(text: str) -> Path | None:
+    """The shipped model folder that `text` names (`name` or `models/name`), if any."""
+    parts = Path(text).parts
+    if parts and parts[0] == ".":
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] == "models":
+        parts = parts[1:]
+    if len(parts) != 1 or parts[0] in (".", ".."):
+        return None
+    candidate = _shipped_root() / parts[0]
+    return candidate if (candidate / CONFIG_FILE).is_file() else None
+
+
+def _shipped_hint() -> str:
+    root = _shipped_root()
+    names = (
+        sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+        if root.is_dir()
+        else []
+    )
+    return f" (shipped models: {', '.join(names)})" if names else ""
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a missing `text` was meant as a path on this machine rather than a hub id."""
+    if text.startswith((".", "/", "~", "\\")) or os.sep in text.replace("/", "") or ":" in text:
+        return True
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts):
+        return True
+    # `models/foo` where ./models exists: a local path with a typo, not the hub org `models`.
+    return Path(parts[0]).is_dir()
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -223,47 +585,33 @@ def load_model(
 
     dtype: None keeps the checkpoint's dtype. device: where the parameters end up; tensors are
     streamed there one at a time. The model's `special_tokens` are resolved from the folder.
+    The whole folder is checked first (`inspect_checkpoint`), so a broken or hostile folder is
+    refused with one line naming the file before anything is allocated.
     """
-    folder = resolve_checkpoint(path_or_hub_id)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a LLaDA checkpoint folder?")
-    with open(config_path, encoding="utf-8") as f:
-        raw_config = json.load(f)
-    config = LLaDAConfig.from_hf_dict(raw_config)
-    target_dtype = _parse_dtype(dtype)
     device = torch.device(device)
+    plan = inspect_checkpoint(path_or_hub_id, dtype=dtype, device=device)
+    target_dtype = _parse_dtype(dtype)
 
     with torch.device("meta"), _skip_weight_init():
-        model = LLaDAModel(config, attn_implementation=attn_implementation)
-    expected = {name for name, _ in model.named_parameters()}
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for file in checkpoint_files(folder):
-        for hf_name, tensor in iter_safetensors(file):
-            name = from_hf_name(hf_name)
-            if name in loaded:
-                raise ValueError(f"{file.name}: tensor '{hf_name}' appears in more than one shard")
-            if name not in expected:
-                raise ValueError(
-                    f"{file.name}: tensor '{hf_name}' does not fit this config (weight_tying?)"
-                )
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(
-                    f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
-                    f"config.json implies {tuple(params[name].shape)}"
-                )
-            tensor = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
-            _set_parameter(model, name, torch.nn.Parameter(tensor, requires_grad=False))
-            loaded.add(name)
-            del tensor
-    missing = expected - loaded
-    if missing:
-        raise ValueError(
-            f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
-        )
-    model.special_tokens = resolve_special_tokens(raw_config, folder, config.padded_vocab_size)
-    model.checkpoint_folder = folder
+        model = LLaDAModel(plan.config, attn_implementation=attn_implementation)
+    by_file: dict[Path, list[TensorEntry]] = {}
+    for file, entry in plan.tensors.values():
+        by_file.setdefault(file, []).append(entry)
+    for file, entries in by_file.items():
+        # Re-read the header: it is what says where the data starts, and the file could have
+        # been replaced since it was inspected.
+        current, data_start = read_safetensors_header(file)
+        with open(file, "rb") as handle:
+            for entry in sorted(entries, key=lambda e: e.begin):
+                if current.get(entry.name) != entry:
+                    raise CheckpointError(f"{file} changed while it was being loaded; retry")
+                tensor = _read_tensor(file, handle, entry, data_start)
+                tensor = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
+                name = from_hf_name(entry.name)
+                _set_parameter(model, name, torch.nn.Parameter(tensor, requires_grad=False))
+                del tensor
+    model.special_tokens = plan.special_tokens
+    model.checkpoint_folder = plan.folder
     return model.eval()
 
 

@@ -2,20 +2,24 @@
 
 `LLaDAConfig()` is the LLaDA-8B architecture. `LLaDAConfig.from_hf_dict` reads an official
 config.json the way the reference does: keys the file leaves out take the reference
-`ModelConfig` defaults (GPT-2-like, SPEC §2.7), not ours, so that a folder means the same model
+`ModelConfig` defaults (GPT-2-like, those of GSAI-ML/LLaDA-8B-Instruct's configuration_llada.py),
+not ours, so that a folder means the same model
 here as under the reference code. Keys we do not know are kept and written back on save.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 from ..tokens import LLADA_8B
 
-# What the reference `ModelConfig()` gives a key that config.json leaves out (SPEC §2.7).
+# What the reference `ModelConfig()` gives a key that config.json leaves out
+# (GSAI-ML/LLaDA-8B-Instruct configuration_llada.py).
 REFERENCE_DEFAULTS: dict[str, Any] = {
     "d_model": 768,
     "n_heads": 12,
@@ -69,11 +73,39 @@ _HF_AUTO_MAP = {
 }
 
 
+# Upper bounds on the sizes a config.json may ask for: about 30x beyond the largest released
+# dense LLMs, so no real model is refused, while a corrupt or hostile file is refused at once.
+_SIZE_LIMITS: dict[str, int] = {
+    "d_model": 1 << 17,
+    "n_heads": 1 << 12,
+    "n_kv_heads": 1 << 12,
+    "n_layers": 1 << 12,
+    "mlp_ratio": 1 << 8,
+    "mlp_hidden_size": 1 << 20,
+    "vocab_size": 1 << 24,
+    "embedding_size": 1 << 24,
+    "max_sequence_length": 1 << 24,
+    "block_group_size": 1 << 12,
+}
+_OPTIONAL_SIZES = {"n_kv_heads", "mlp_hidden_size", "embedding_size"}
+_REAL_KEYS = (
+    "rope_theta",
+    "rms_norm_eps",
+    "attention_dropout",
+    "residual_dropout",
+    "embedding_dropout",
+    "alibi_bias_max",
+    "init_std",
+    "init_cutoff_factor",
+)
+_BOOL_KEYS = ("weight_tying", "rope_full_precision", "scale_logits", "multi_query_attention")
+
+
 @dataclass(frozen=True)
 class LLaDAConfig:
     """Hyper-parameters of a dense LLaDA model, named as in the official config.json.
 
-    The defaults are LLaDA-8B-Instruct's (SPEC §2.1). Options the reference offers but this
+    The defaults are LLaDA-8B-Instruct's (its config.json). Options the reference offers but this
     implementation does not (ALiBi, models without RoPE, OLMo block types, biases, QK-norm) are
     refused at construction with an error naming the key.
     """
@@ -125,6 +157,7 @@ class LLaDAConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types_and_sizes()
         refusals = {
             "alibi": (self.alibi, False, "ALiBi position biases are not implemented"),
             "rope": (self.rope, True, "only RoPE models are implemented"),
@@ -169,11 +202,6 @@ class LLaDAConfig:
                     f"config key '{key}' = {value!r} is not supported ({why}); "
                     f"this implementation needs '{key}' = {supported!r}."
                 )
-        for key in ("d_model", "n_heads", "n_layers", "vocab_size", "max_sequence_length"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(
-                    f"config key '{key}' must be a positive integer, got {getattr(self, key)!r}"
-                )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
@@ -203,6 +231,49 @@ class LLaDAConfig:
                 raise ValueError(
                     f"config key '{key}' must be in [0, 1), got {getattr(self, key)!r}"
                 )
+
+    def _check_types_and_sizes(self) -> None:
+        """Types and bounds of the keys that decide shapes and numerics, checked before anything
+        is computed from them, so that a hand-edited or hostile config.json gets one line naming
+        the key instead of a TypeError deep in the model, or minutes spent building a
+        2,000,000-layer model."""
+        for key, limit in _SIZE_LIMITS.items():
+            value = getattr(self, key)
+            if value is None and key in _OPTIONAL_SIZES:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+                raise ValueError(
+                    f"config key '{key}' must be a positive integer, got {value!r}"
+                    + (" (a string)" if isinstance(value, str) else "")
+                )
+            if value > limit:
+                raise ValueError(
+                    f"config key '{key}' = {value} is beyond what llada loads (at most {limit}); "
+                    "is config.json corrupt?"
+                )
+        for key in ("eos_token_id", "pad_token_id", "mask_token_id"):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, Integral) or value < 0
+            ):
+                raise ValueError(
+                    f"config key '{key}' must be a non-negative integer token id, got {value!r}"
+                )
+        for key in _REAL_KEYS:
+            value = getattr(self, key)
+            if value is None and key == "init_cutoff_factor":
+                continue
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+        for key in ("rope_theta", "rms_norm_eps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config key '{key}' must be positive, got {getattr(self, key)!r}")
+        for key in _BOOL_KEYS:
+            value = getattr(self, key)
+            if value is None and key == "multi_query_attention":
+                continue
+            if not isinstance(value, bool):
+                raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -246,6 +317,10 @@ class LLaDAConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> LLaDAConfig:
         """Build from the dict of an official config.json (missing keys: reference defaults)."""
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"a config must be a JSON object of keys and values, got {type(data).__name__}"
+            )
         if data.get("model_type") not in (None, "llada"):
             raise ValueError(
                 f"config.json has model_type '{data.get('model_type')}', expected 'llada' "
@@ -258,12 +333,15 @@ class LLaDAConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LLaDAConfig:
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_hf_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        try:
+            return cls.from_hf_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
         """The official config.json, with `auto_map` so that the reference remote code loads it."""
