@@ -27,7 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _say(line: str) -> None:
+    """A line of the run, above the progress bar; warnings to stderr."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..train.checkpointing import CheckpointWriteError
     from ..train.loop import TrainingDiverged, train
 
     settings: dict = {}
@@ -43,15 +51,9 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig.from_dict(settings)
     try:
-        result = train(config, progress=not args.no_progress)
-    except TrainingDiverged as error:
+        # Validation and checkpoint lines, the final ones included, are said as they happen.
+        train(config, progress=not args.no_progress, say=_say)
+    except (TrainingDiverged, CheckpointWriteError) as error:
         print(f"llada: training stopped: {error}", file=sys.stderr)
         return 3
-    if not result.is_main:
-        return 0
-    if result.val_history:
-        last = result.val_history[-1]
-        print(f"step {result.step}: validation {last['val_bits_per_token']:.4f} bits/token")
-    if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint}")
     return 0

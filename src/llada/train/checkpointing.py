@@ -6,13 +6,20 @@ tokenizer files: `llada.load_model` and the official remote code read it) plus
 of a fully written folder, and `OUT/checkpoints/latest` is replaced atomically after it, so a
 kill at any moment leaves the previous checkpoint loadable. The trainer state holds only
 tensors and plain containers and is read with `weights_only=True`: nothing is unpickled.
+
+A checkpoint damaged afterwards (a truncated copy, a file replaced by something else) is found
+by `checkpoint_problem` before resuming, which names the file and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pickle
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,11 @@ def checkpoints_dir(out_dir: str | os.PathLike) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / TRAINER_STATE).is_file() and (folder / "config.json").is_file()
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    match = _STEP_FOLDER.match(Path(folder).name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -61,32 +73,149 @@ def save_checkpoint(
     tokenizer_folder: str | os.PathLike | None,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` (rank 0 only) and keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` (rank 0 only) and keep the newest `keep` checkpoints up to it.
+
+    A failed write (disk full, ...) leaves no partial files behind and the previous checkpoints
+    and `latest` untouched; it raises CheckpointWriteError, which says so.
+    """
     root = checkpoints_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(root)
     folder = root / f"step-{step:07d}"
+    pointer = root / "latest.partial"
 
     def add_trainer_state(staging: Path) -> None:
         torch.save(trainer_state, staging / TRAINER_STATE)
 
-    save_pretrained(
-        model,
-        folder,
-        state_dict=model_state,
-        copy_from=tokenizer_folder,
-        add_files=add_trainer_state,
-    )
-    pointer = root / "latest.partial"
-    pointer.write_text(folder.name + "\n", encoding="utf-8")
-    os.replace(pointer, root / "latest")
-    for old in list_checkpoints(out_dir)[:-keep]:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(root)
+        save_pretrained(
+            model,
+            folder,
+            state_dict=model_state,
+            copy_from=tokenizer_folder,
+            add_files=add_trainer_state,
+        )
+        pointer.write_text(folder.name + "\n", encoding="utf-8")
+        os.replace(pointer, root / "latest")
+    except Exception as error:
+        if root.is_dir():
+            _remove_stale_staging(root)
+            pointer.unlink(missing_ok=True)
+        needed = sum(_tensor_bytes(x) for x in (model_state, trainer_state))
+        raise CheckpointWriteError(_write_failure(root, step, error, needed)) from error
+    # Checkpoints after this step (a resume from an earlier checkpoint) are left alone: the
+    # run overwrites them when it gets there, and pruning must never remove the new one.
+    done = [c for c in list_checkpoints(out_dir) if (checkpoint_step(c) or 0) <= step]
+    for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message names the last good one."""
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _write_failure(root: Path, step: int, error: Exception, needed: int) -> str:
+    """One line on a failed save: disk full when the error or the free space says so (torch's
+    own message for a full disk is e.g. 'basic_ios::clear: iostream error')."""
+    previous = [c for c in list_checkpoints(root.parent) if (checkpoint_step(c) or 0) < step]
+    intact = (
+        f"the previous checkpoint (step {checkpoint_step(previous[-1])}, {previous[-1]}) is intact"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    try:
+        free = shutil.disk_usage(root if root.is_dir() else root.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+    if full or (free is not None and free < needed):
+        return (
+            f"no space left on the device of {root} while saving checkpoint step {step}; "
+            f"{intact}; free space and resume with --resume"
+        )
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"could not write checkpoint step {step} to {root} ({reason}); {intact}; "
+        "fix the folder (space, permissions) and resume with --resume"
+    )
+
+
+class BrokenCheckpoint(ValueError):
+    """A checkpoint that cannot be resumed from; the message says which file and what to do."""
+
+
 def load_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(Path(folder) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """The trainer state of a checkpoint, read without unpickling any object."""
+    path = Path(folder) / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: never.
+        raise BrokenCheckpoint(
+            f"{path} is not a llada trainer state (it holds objects that cannot be loaded "
+            "safely); it was not loaded. Resume from another checkpoint or start a new run"
+        ) from None
+    except FileNotFoundError:
+        raise BrokenCheckpoint(f"{path} is missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise BrokenCheckpoint(
+            f"{path} is truncated or corrupt ({str(error).strip().splitlines()[0][:120]})"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise BrokenCheckpoint(f"{path} is not a llada trainer state (no step/optimizer)")
+    return state
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder (one line), or None when it looks whole: every
+    file is present, config.json parses, each safetensors file is as long as its header says,
+    and the trainer state loads. Cheap: the weights are not read."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{config} cannot be read ({type(error).__name__})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder} holds no .safetensors weights"
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    try:
+        load_trainer_state(folder)
+    except BrokenCheckpoint as error:
+        return str(error)
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_length,) = struct.unpack("<Q", f.read(8))
+            if header_length > size:
+                return f"{file} is truncated ({size} bytes, its header alone claims more)"
+            header = json.loads(f.read(header_length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return f"{file} is not a readable safetensors file (truncated or corrupt)"
+    expected = 8 + header_length + max(ends, default=0)
+    if size != expected:
+        return f"{file} is truncated or corrupt ({size} bytes, its header says {expected})"
+    return None
 
 
 def _remove_stale_staging(root: Path) -> None:

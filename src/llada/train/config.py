@@ -53,9 +53,15 @@ class TrainConfig:
     eval_batches: validation micro-batches per evaluation.
     save_every: write a checkpoint every this many steps (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
-    log_every: print and log every this many steps.
-    seed: seeds the initialisation, the data order and the masking.
-    resume: continue from the latest checkpoint in out_dir.
+    log_every: write metrics every this many steps (and print them when there is no progress
+        bar); validations and checkpoints are printed as they happen.
+    seed: seeds the initialisation, the data order, the masking and the dropout.
+    resume: continue from the latest checkpoint in out_dir, exactly (losses, weights and
+        random draws as without the interruption); metrics after that checkpoint are dropped.
+    resume_from: continue from this checkpoint folder instead of the latest (e.g. the last good
+        one when the latest is broken); implies resume.
+    overwrite: start a new run in an out_dir that holds one, deleting its checkpoints and
+        metrics (without it, such an out_dir is refused).
     lora_rank: > 0 fine-tunes LoRA adapters of this rank (through peft) instead of all weights.
     lora_alpha: LoRA scaling numerator.
     """
@@ -94,6 +100,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
+    resume_from: str = ""
+    overwrite: bool = False
     lora_rank: int = 0
     lora_alpha: float = 16.0
 
@@ -119,6 +127,10 @@ class TrainConfig:
             raise ValueError(
                 "say what to train: --model FOLDER to start from a checkpoint, or --model-config "
                 "JSON and --tokenizer FOLDER for a new model"
+            )
+        if self.overwrite and (self.resume or self.resume_from):
+            raise ValueError(
+                "--overwrite starts the run over and --resume continues it: pass only one"
             )
         if self.objective not in ("pretrain", "sft"):
             raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")

@@ -1,9 +1,12 @@
 """The trainer: one loop for pre-training and SFT, one process or many under torchrun.
 
 Everything random is a pure function of (seed, step, sample slot): the data order
-(`SampleOrder`), the masks (a generator seeded per micro-batch) and the 1% random-length crop.
-So `--resume` continues exactly, and N processes with grad_accum A see the same global batch,
-masks included, as one process with grad_accum N * A.
+(`SampleOrder`), the masks (a generator seeded per micro-batch), the 1% random-length crop and
+the model's dropout (the global generators, seeded per micro-batch inside `fork_rng`). So
+`--resume` continues exactly, and N processes with grad_accum A see the same global batch,
+masks and dropout included, as one process with grad_accum N * A. The global generators
+(torch, CUDA, python, numpy) are saved in the trainer state as well and restored on resume, so
+that anything else drawing from them continues where it stopped.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import json
 import logging
 import math
 import os
+import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..losses import LossOutput, autoregressive_loss, maybe_crop, pretraining_loss, sft_loss
@@ -25,7 +32,17 @@ from ..model.config import LLaDAConfig
 from ..model.transformer import LLaDAModel
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
-from .checkpointing import latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpointing import (
+    BrokenCheckpoint,
+    CheckpointWriteError,
+    checkpoint_problem,
+    checkpoint_step,
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import (
     ChatRecords,
@@ -52,6 +69,18 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the message says how to resume."""
+
+
+Say = Callable[[str], None]
+
+# What a run writes into its folder besides the tokenizer (`--overwrite` removes these).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "train_config.json")
+_DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
+
+
+def _log_line(line: str) -> None:
+    """The default `say` of library calls: lines go to the logger."""
+    (logger.warning if line.startswith("warning:") else logger.info)(line)
 
 
 @dataclass
@@ -85,8 +114,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def new_model_config(path: str | os.PathLike, tokenizer_folder: str | os.PathLike) -> LLaDAConfig:
     """The config of a new model: a config.json-style file, with the vocabulary size and the
     special ids taken from the tokenizer where the file leaves them out."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _read_json(path)
     vocab_size = len(load_tokenizer(tokenizer_folder))
     tokens = resolve_special_tokens({}, tokenizer_folder, vocab_size)
     data.setdefault("vocab_size", vocab_size)
@@ -96,6 +124,105 @@ def new_model_config(path: str | os.PathLike, tokenizer_folder: str | os.PathLik
     data.setdefault("eos_token_id", tokens.eos_id)
     data.setdefault("pad_token_id", tokens.pad_id)
     return LLaDAConfig.from_hf_dict(data)
+
+
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of LLaDA config keys")
+    return data
+
+
+def dropout_note(config: LLaDAConfig, given: dict[str, Any]) -> str | None:
+    """A line stating the model's dropout when there is any; `given` is the config file as
+    written, so that a dropout the file left out (the reference's 0.1 defaults) is called so."""
+    values = [getattr(config, key) for key in _DROPOUT_KEYS]
+    if not any(values):
+        return None
+    line = "dropout: attention {:g}, residual {:g}, embedding {:g}".format(*values)
+    missing = [key for key in _DROPOUT_KEYS if key not in given]
+    if missing:
+        line += (
+            f" ({', '.join(missing)} from the reference config's defaults; set "
+            f"{', '.join(missing)} to 0 in the model config to disable)"
+        )
+    return line
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators, in plain containers and tensors (loadable with weights_only)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any] | None, device: torch.device) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_global_generators(device: torch.device, seed: int) -> None:
+    """Seed the generators that dropout draws from (CPU, and this process's CUDA device)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def _metric_steps(out_dir: Path) -> list[int]:
+    steps = []
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    steps.append(int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill
+    return steps
+
+
+def existing_run_step(out_dir: str | os.PathLike) -> int | None:
+    """The step a run folder holds (its newest checkpoint or metrics line), None if no run."""
+    out_dir = Path(out_dir)
+    root = checkpoints_dir(out_dir)
+    steps = _metric_steps(out_dir)
+    if root.is_dir():
+        steps += [s for p in root.iterdir() if (s := checkpoint_step(p)) is not None]
+    return max(steps) if steps else None
+
+
+def truncate_metrics(out_dir: str | os.PathLike, step: int) -> None:
+    """Keep metrics.jsonl up to `step` (a resumed run rewrites the later steps), atomically:
+    a kill leaves the old file or the new one. Lines cut by a kill are dropped too."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(partial, path)
 
 
 def _mixed_seed(*parts: int) -> int:
@@ -114,31 +241,96 @@ def _generator(device: torch.device, *parts: int) -> torch.Generator:
 class Trainer:
     """Holds the model, data, optimizer and step of one run; `train()` drives it."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, say: Say | None = None) -> None:
         self.config = config
         self.env: Distributed = init_distributed()
+        # Only the main process speaks.
+        self.say: Say = (say or _log_line) if self.env.is_main else (lambda line: None)
         # Anything that draws from the global generator (e.g. LoRA's initialisation) is seeded.
         torch.manual_seed(config.seed)
         self.out_dir = Path(config.out_dir)
         self.step = 0
-        self._build_model()
+        self.resume_from, state = self._resume_point()
+        self._build_model(state)
         self._build_data()
         self._build_optimizer()
-        if self.resume_from is not None:
-            state = load_trainer_state(self.resume_from)
+        if state is not None:
             load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.step = int(state["step"])
             self.val_history = list(state.get("val_history", []))
-            if self.env.is_main:
-                logger.info("resumed from %s at step %d", self.resume_from, self.step)
+            _set_rng_state(state.get("rng"), self.env.device)
+            self.say(f"resumed from step {self.step} (checkpoint {self.resume_from})")
+        if config.warmup_steps >= config.max_steps:
+            self.say(
+                f"warning: warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the "
+                f"whole run is warm-up (the learning rate reaches "
+                f"{learning_rate(config, config.max_steps - 1):.3g}, not --lr {config.lr:g}, and "
+                "never decays); lower --warmup-steps"
+            )
 
     # Setup ------------------------------------------------------------------------------------
 
-    def _build_model(self) -> None:
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to continue from and its trainer state (None, None for a new run).
+        A new run refuses a folder that holds one, unless --overwrite; a resume refuses a
+        broken checkpoint and names the last good one."""
+        config, out_dir = self.config, self.out_dir
+        if not (config.resume or config.resume_from):
+            held = existing_run_step(out_dir)
+            if held is not None:
+                if not config.overwrite:
+                    raise ValueError(
+                        f"{out_dir} already holds a run (step {held}): pass --resume to continue "
+                        "it, or --overwrite to start it over, or a new --out-dir"
+                    )
+                if self.env.is_main:
+                    for name in RUN_OUTPUTS:
+                        path = out_dir / name
+                        if path.is_dir():
+                            shutil.rmtree(path)
+                        elif path.exists():
+                            path.unlink()
+                    self.say(f"--overwrite: removed the run that was in {out_dir} (step {held})")
+                barrier(self.env)
+            return None, None
+        if config.resume_from:
+            folder = Path(config.resume_from)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--resume-from {folder}: no such checkpoint folder")
+        else:
+            found = latest_checkpoint(out_dir)
+            if found is None:
+                self.say(
+                    f"warning: --resume: no checkpoint in {out_dir} yet, starting from scratch"
+                )
+                return None, None
+            folder = found
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            raise BrokenCheckpoint(
+                f"cannot resume from {folder}: {problem}. {self._fallback(folder)}"
+            )
+        return folder, load_trainer_state(folder)
+
+    def _fallback(self, broken: Path) -> str:
+        """Which earlier checkpoint of the run can be resumed from instead, and how."""
+        limit = checkpoint_step(broken)
+        for folder in reversed(list_checkpoints(self.out_dir)):
+            step = checkpoint_step(folder)
+            if limit is not None and step is not None and step >= limit:
+                continue
+            if checkpoint_problem(folder) is None:
+                return (
+                    f"The last good checkpoint is {folder} (step {step}): resume from it with "
+                    f"--resume-from {folder}"
+                )
+        return (
+            f"No earlier good checkpoint is in {checkpoints_dir(self.out_dir)}: start over "
+            "with --overwrite or a new --out-dir"
+        )
+
+    def _build_model(self, state: dict[str, Any] | None) -> None:
         config = self.config
-        self.resume_from = latest_checkpoint(self.out_dir) if config.resume else None
-        if config.resume and self.resume_from is None and self.env.is_main:
-            logger.warning("--resume: no checkpoint in %s yet, starting from scratch", self.out_dir)
         # A LoRA run always rebuilds from its unchanged base; the adapters come from the state.
         source = (
             (config.model or None)
@@ -148,8 +340,10 @@ class Trainer:
         if source is not None:
             model = load_model(source, dtype=torch.float32)
             self.tokenizer_folder = Path(model.checkpoint_folder)
+            given = _read_json(self.tokenizer_folder / "config.json")
         else:
             self.tokenizer_folder = Path(config.tokenizer)
+            given = _read_json(config.model_config)
             model_config = new_model_config(config.model_config, self.tokenizer_folder)
             model = LLaDAModel(model_config)
             model.init_weights(torch.Generator().manual_seed(config.seed))
@@ -167,8 +361,8 @@ class Trainer:
             parameter.requires_grad_(True)
         if config.lora_rank:
             model = add_lora(model, config.lora_rank, config.lora_alpha)
-            if self.resume_from is not None:
-                adapters = load_trainer_state(self.resume_from)["adapter"]
+            if state is not None:
+                adapters = state["adapter"]
                 _, unexpected = model.load_state_dict(adapters, strict=False)
                 if unexpected or len(adapters) != sum(
                     ".lora_" in n for n, _ in model.named_parameters()
@@ -177,6 +371,9 @@ class Trainer:
                         f"{self.resume_from}: its adapters do not fit this LoRA setting (rank?)"
                     )
         model.activation_checkpointing = config.activation_checkpointing
+        note = dropout_note(model.config, given)
+        if note:
+            self.say(note)
         self.special_tokens = model.special_tokens
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
         self.base_model: LLaDAModel = model.to(self.env.device).train()
@@ -279,8 +476,13 @@ class Trainer:
             slot = micro * env.world_size + env.rank
             generator = _generator(env.device, config.seed, step, slot)
             crop = torch.Generator().manual_seed(_mixed_seed(config.seed, step, -1))
-            out = self._loss(batch, generator, crop)
-            (out.loss / config.grad_accum).backward()
+            # Dropout draws from the global generators: seed them per micro-batch, inside a
+            # fork so that the caller's generators are left as they were.
+            devices = [env.device.index or 0] if env.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, device_type="cuda"):
+                _seed_global_generators(env.device, _mixed_seed(config.seed, step, slot, -2))
+                out = self._loss(batch, generator, crop)
+                (out.loss / config.grad_accum).backward()
             total_loss += float(out.loss.detach())
             targets += out.num_targets
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -345,44 +547,60 @@ class Trainer:
 
     def save(self) -> Path | None:
         model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)
-        folder = None
+        folder, failure = None, None
         if self.env.is_main:
             state: dict[str, Any] = {
                 "step": self.step,
                 "optimizer": optimizer_state,
                 "config": json.dumps(self.config.to_dict()),
                 "val_history": self.val_history,
+                "rng": _rng_state(self.env.device),
             }
             if self.config.lora_rank:
                 state["adapter"] = adapter_state(model_state)
                 model_state = merged_state_dict(
                     model_state, self.config.lora_rank, self.config.lora_alpha
                 )
-            folder = save_checkpoint(
-                self.out_dir,
-                self.step,
-                self.base_model,
-                model_state,
-                state,
-                self.tokenizer_folder,
-                self.config.keep_checkpoints,
-            )
-        barrier(self.env)
+            try:
+                folder = save_checkpoint(
+                    self.out_dir,
+                    self.step,
+                    self.base_model,
+                    model_state,
+                    state,
+                    self.tokenizer_folder,
+                    self.config.keep_checkpoints,
+                )
+            except CheckpointWriteError as error:
+                failure = error
+        # Every process learns whether the save worked (no one waits on a failed main).
+        failed = all_reduce_sum([float(failure is not None)], self.env)[0]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CheckpointWriteError(f"the main process could not save step {self.step}")
         return folder
 
 
-def train(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Run (or resume) training as configured; returns the final step and figures."""
-    trainer = Trainer(config)
+def train(config: TrainConfig, progress: bool = True, say: Say | None = None) -> TrainResult:
+    """Run (or resume) training as configured; returns the final step and figures.
+
+    say: receives the run's lines (resume, dropout, warnings, validations, checkpoints, and the
+        losses every log_every steps when there is no progress bar); default: the logger.
+    """
+    trainer = Trainer(config, say)
     env = trainer.env
     out_dir = trainer.out_dir
+    say = trainer.say
     metrics = None
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "train_config.json", "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2)
+        # A resumed run redoes the steps after its checkpoint: their old lines go.
+        truncate_metrics(out_dir, trainer.step)
         metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    board = _tensorboard(out_dir) if env.is_main else None
+    board = _tensorboard(out_dir, trainer.step) if env.is_main else None
     bar = None
     if progress and env.is_main:
         from tqdm import tqdm
@@ -401,6 +619,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                 if evaluation is not None:
                     trainer.val_history.append(evaluation)
                     record.update(evaluation)
+                    say(
+                        f"step {step}: validation {evaluation['val_bits_per_token']:.4f} "
+                        f"bits/token ({evaluation['val_loss']:.4f} nats)"
+                    )
             if metrics is not None and (
                 step % config.log_every == 0 or "val_loss" in record or step == config.max_steps
             ):
@@ -413,8 +635,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
+            elif step % config.log_every == 0:
+                say(f"step {step}: loss {last['loss']:.4f}, lr {last['lr']:.2e}")
             if config.save_every and step % config.save_every == 0 or step == config.max_steps:
                 checkpoint = trainer.save()
+                if checkpoint is not None:
+                    say(f"checkpoint: {checkpoint}")
     finally:
         if bar is not None:
             bar.close()
@@ -434,13 +660,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     )
 
 
-def _tensorboard(out_dir: Path):
-    """A TensorBoard writer when the `tensorboard` package is installed, else None."""
+def _tensorboard(out_dir: Path, step: int):
+    """A TensorBoard writer when the `tensorboard` package is installed, else None. A resumed
+    run purges the events logged after its checkpoint, which it logs again."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step or None)
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
