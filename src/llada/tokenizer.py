@@ -299,7 +299,9 @@ def _render(template, context: dict, origin: str) -> str:
             f"{origin} did not finish within {CHAT_TEMPLATE_SECONDS:g} s (a runaway loop?); fix "
             "it, or remove it to use LLaDA's"
         ) from None
-    except (ChatTemplateError, jinja2.TemplateError, RecursionError, MemoryError) as error:
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"{origin} {error}; fix it, or remove it to use LLaDA's") from None
+    except (jinja2.TemplateError, RecursionError, MemoryError) as error:
         raise ChatTemplateError(
             f"{origin} failed ({type(error).__name__}: {_one_line(error)}); fix it, or remove it "
             "to use LLaDA's"

@@ -61,14 +61,16 @@ LLADA_8B = SpecialTokens(
 )
 
 
-def _added_tokens(folder: Path) -> dict[str, int]:
+def _added_tokens(folder: Path, origins: dict[str, Path] | None = None) -> dict[str, int]:
     """Token string -> id for the special tokens declared in the tokenizer files, if any.
 
     Reads JSON only (tokenizer.json's `added_tokens`, tokenizer_config.json's
     `added_tokens_decoder`), so resolving ids never needs the tokenizer libraries. A file that
-    is not what a tokenizer file should be is refused with a ValueError naming it.
+    is not what a tokenizer file should be is refused with a ValueError naming it. `origins`,
+    if given, receives the file each token's id comes from.
     """
     found: dict[str, int] = {}
+    origins = {} if origins is None else origins
     tokenizer_json = folder / "tokenizer.json"
     if tokenizer_json.is_file():
         data = _json_object(tokenizer_json)
@@ -79,12 +81,14 @@ def _added_tokens(folder: Path) -> dict[str, int]:
             token_id = entry.get("id") if isinstance(entry, dict) else None
             content, token_id = _token_entry(tokenizer_json, entry, token_id)
             found[content] = token_id
+            origins[content] = tokenizer_json
         model = data.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             for token in (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, EOT_TOKEN):
                 if token in vocab and token not in found:
                     found[token] = _token_id(tokenizer_json, token, vocab[token])
+                    origins[token] = tokenizer_json
     config_json = folder / "tokenizer_config.json"
     if config_json.is_file():
         data = _json_object(config_json)
@@ -93,7 +97,9 @@ def _added_tokens(folder: Path) -> dict[str, int]:
             raise _bad_file(config_json, "'added_tokens_decoder' is not an object")
         for token_id, entry in decoder.items():
             content, number = _token_entry(config_json, entry, token_id)
-            found.setdefault(content, number)
+            if content not in found:
+                found[content] = number
+                origins[content] = config_json
     return found
 
 
@@ -138,7 +144,8 @@ def resolve_special_tokens(
     chat headers come from the tokenizer files by token string. Without tokenizer files, an id of
     `LLADA_8B` is used only if the model's vocabulary is large enough to hold it.
     """
-    added = _added_tokens(Path(folder)) if folder is not None else {}
+    origins: dict[str, Path] = {}
+    added = _added_tokens(Path(folder), origins) if folder is not None else {}
     vocab = vocab_size if vocab_size is not None else config.get("vocab_size")
 
     def pick(config_key: str | None, token: str, default: int | None) -> int | None:
@@ -178,20 +185,32 @@ def resolve_special_tokens(
     )
     if vocab is not None:
         # An id the embedding has no row for would only fail later, inside a forward pass.
+        strings = {
+            "mask_id": MASK_TOKEN,
+            "eos_id": EOS_TOKEN,
+            "pad_id": EOS_TOKEN,
+            "bos_id": BOS_TOKEN,
+            "eot_id": EOT_TOKEN,
+            "start_header_id": START_HEADER_TOKEN,
+            "end_header_id": END_HEADER_TOKEN,
+        }
         for name, value in vars(tokens).items():
-            if value is not None and not 0 <= value < vocab:
-                source = (
-                    "config.json"
-                    if name in ("mask_id", "eos_id", "pad_id")
-                    and config.get(_CONFIG_KEYS[name]) is not None
-                    else "the tokenizer files"
-                )
-                where = f" in {folder}" if folder is not None else ""
-                raise ValueError(
-                    f"the {name} {value} given by {source}{where} is outside the model's "
-                    f"vocabulary of {vocab} tokens; fix the id there, or pass --model with a "
-                    "folder whose tokenizer matches its weights"
-                )
+            if value is None or 0 <= value < vocab:
+                continue
+            key = _CONFIG_KEYS.get(name)
+            if key is not None and config.get(key) is not None:
+                source = f"config key '{key}'"
+                if folder is not None:
+                    source += f" of {Path(folder) / 'config.json'}"
+            elif strings[name] in origins:
+                source = f"the token {strings[name]} in {origins[strings[name]]}"
+            else:
+                source = "LLaDA's default"
+            raise ValueError(
+                f"the {name} {value} from {source} is outside the model's vocabulary of {vocab} "
+                "tokens; fix the id there, or pass --model with a folder whose tokenizer matches "
+                "its weights"
+            )
     return tokens
 
 

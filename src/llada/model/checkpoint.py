@@ -413,8 +413,10 @@ def inspect_checkpoint(
             tensors[name] = (file, entry)
     missing = [name for name in expected if name not in tensors]
     if missing:
+        files = checkpoint_files(folder)
+        where = str(files[0]) + (f" and {len(files) - 1} more shards" if len(files) > 1 else "")
         raise CheckpointError(
-            f"{folder}: the weights lack {len(missing)} of the {len(expected)} tensors that "
+            f"{where}: the weights lack {len(missing)} of the {len(expected)} tensors that "
             f"{CONFIG_FILE} implies, e.g. '{missing[0]}' (n_layers = {config.n_layers}); fix "
             "config.json or pass --model with a complete folder"
         )

@@ -204,7 +204,7 @@ class LLaDAConfig:
                 )
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
         if self.head_dim % 2:
             raise ValueError(
@@ -248,8 +248,8 @@ class LLaDAConfig:
                 )
             if value > limit:
                 raise ValueError(
-                    f"config key '{key}' = {value} is beyond what llada loads (at most {limit}); "
-                    "is config.json corrupt?"
+                    f"config key '{key}' = {value} is beyond what llada loads (at most {limit}: "
+                    "is the file corrupt?)"
                 )
         for key in ("eos_token_id", "pad_token_id", "mask_token_id"):
             value = getattr(self, key)
