@@ -18,6 +18,36 @@ from .options import (
 )
 
 HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64, /set preset=fast), /settings, /quit"
+MULTILINE_HELP = (
+    'multi-line messages: end a line with \\ to continue it on the next, or put """ on a line '
+    "of its own before and after the message"
+)
+BLOCK = '"""'
+
+
+def read_message(stdin, prompt) -> str | None:
+    """The next message of the user: one line; lines ending in a backslash joined to the next
+    (the backslash dropped); or every line between two lines of three double quotes. None at the
+    end of the input (an unfinished message is still returned)."""
+    lines: list[str] = []
+    in_block = False
+    while True:
+        prompt(bool(lines) or in_block)
+        line = stdin.readline()
+        if not line:
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\r\n")
+        if in_block:
+            if line.strip() == BLOCK:
+                return "\n".join(lines)
+            lines.append(line)
+        elif not lines and line.strip() == BLOCK:
+            in_block = True
+        elif line.endswith("\\"):
+            lines.append(line[:-1])
+        else:
+            lines.append(line)
+            return "\n".join(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model in the terminal",
         description="Multi-turn chat; the history is kept as the reference chat.py keeps it. "
-        + HELP,
+        + HELP
+        + "; "
+        + MULTILINE_HELP,
     )
     parser.add_argument(
         "--live",
@@ -67,14 +99,17 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     live = args.live if args.live is not None else interactive and sys.stdout.isatty()
     if interactive:
-        print(f"llada chat ({model.checkpoint_folder}); {HELP}")
-    while True:
+        print(f"llada chat ({model.checkpoint_folder}); {HELP}; {MULTILINE_HELP}")
+
+    def prompt(continued: bool) -> None:
         if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+            print("...  " if continued else "you> ", end="", flush=True)
+
+    while True:
+        message = read_message(sys.stdin, prompt)
+        if message is None:
             return 0
-        text = line.strip()
+        text = message.strip()
         if not text:
             continue
         if text == "/quit":

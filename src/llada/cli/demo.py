@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from pathlib import Path
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo.app import build_app, launch
 
+    check_port(args.host, args.port)  # before the model is read: a busy port fails at once
     model, tokenizer, is_random = load_from_args(args)
     torch.manual_seed(args.seed)
     folder = getattr(model, "checkpoint_folder", None)
@@ -62,5 +65,38 @@ def run(args: argparse.Namespace) -> int:
         max_gen_length=args.max_gen_length,
         preset=args.preset,
     )
-    launch(app, args.host, args.port, block=True)
+    try:
+        launch(app, args.host, args.port, block=True)
+    except OSError as error:  # taken between the check and the launch: Gradio's own words
+        if "port" not in str(error).lower():
+            raise
+        raise ValueError(_busy(args.host, args.port)) from None
     return 0
+
+
+def _busy(host: str, port: int) -> str:
+    from ..demo.app import free_port
+
+    return f"port {port} is in use: pass --port {free_port(host)} (or --port 0 for any free port)"
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on, or a host this machine has no address
+    for, in one line (Gradio's own error speaks of `launch()` arguments)."""
+    if port == 0:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host}: unknown address ({error.strerror})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As servers bind: a port left in TIME_WAIT by a previous run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(_busy(host, port)) from None
+            raise ValueError(
+                f"--host {host} --port {port}: cannot listen there ({error.strerror})"
+            ) from None

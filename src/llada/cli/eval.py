@@ -10,6 +10,8 @@ from .options import (
     add_dataclass_arguments,
     add_model_arguments,
     add_preset_argument,
+    check_device,
+    check_dtype,
     dataclass_from_args,
 )
 
@@ -226,6 +228,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     from ..eval.tasks import ALL_TASKS, build_task_sets, evaluate_tasks
 
     config = dataclass_from_args(GenerateConfig, args)
+    check_device(args.device)
+    check_dtype(args.dtype)
     wanted = args.tasks.split(",") if args.tasks else list(ALL_TASKS)
     unknown = sorted(set(wanted) - set(ALL_TASKS))
     if unknown:
@@ -370,6 +374,8 @@ def run_lm_eval(args: argparse.Namespace) -> int:
             print(f"{name:<36}{preset.task:<30}shots={shots:<8}{settings}")
         return 0
     kwargs = lm_eval_arguments(args)
+    check_device(args.device)
+    check_dtype(args.dtype)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -389,8 +395,19 @@ def run_lm_eval(args: argparse.Namespace) -> int:
 
         tracker = EvaluationTracker(output_path=args.output_path)
         kwargs["evaluation_tracker"] = tracker
+    if not args.verbose:
+        # huggingface_hub logs every retry of a download (a dozen lines offline); the error
+        # below says what failed.
+        import logging
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        results = lm_eval.simple_evaluate(**kwargs)
+        try:
+            results = lm_eval.simple_evaluate(**kwargs)
+        except Exception as error:
+            if _is_download_failure(error):
+                raise ValueError(_download_failure_message(kwargs["tasks"], error)) from error
+            raise
         if results is not None:  # rank 0 (or a single process)
             samples = results.pop("samples", None)
             print(make_table(results))
@@ -406,6 +423,40 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exceptions of datasets / huggingface_hub / requests that mean "could not download".
+DOWNLOAD_FAILURES = {
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+}
+
+
+def _is_download_failure(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError)) or any(
+            cls.__name__ in DOWNLOAD_FAILURES for cls in type(error).__mro__
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _download_failure_message(tasks: list, error: BaseException) -> str:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    names = ",".join(str(t) for t in tasks)
+    return (
+        f"task {names}: its dataset could not be downloaded ({detail}); without a network, run "
+        "local tasks (`llada eval make-harness-tasks --out tasks/`, then `--include-path tasks "
+        "--tasks llada_tiny_generate`), or put the dataset in the Hugging Face cache and set "
+        "HF_DATASETS_OFFLINE=1, or point the task's dataset_path to a local copy"
+    )
+
+
 def run_reverse(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
@@ -416,6 +467,8 @@ def run_reverse(args: argparse.Namespace) -> int:
     from ..eval.reverse import DIRECTIONS, corpus_pairs_json, evaluate_reversal, load_pairs
 
     config = dataclass_from_args(GenerateConfig, args)
+    check_device(args.device)
+    check_dtype(args.dtype)
     for name in ("count", "batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

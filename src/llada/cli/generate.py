@@ -22,12 +22,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate answers to prompts",
-        description="Generate an answer to each prompt with a LLaDA sampler (see --preset).",
+        description="Generate an answer to each prompt with a LLaDA sampler (see --preset). "
+        "Prompts with line breaks (every task format of the shipped model has one) come from "
+        "--file or stdin with --input-format paragraphs (a blank line or --separator ends each) "
+        "or jsonl, or as arguments with the shell's $'...\\n...'.",
     )
     parser.add_argument(
-        "prompts", nargs="*", help="prompt texts; '-' or none reads one prompt per line from stdin"
+        "prompts",
+        nargs="*",
+        help="prompt texts (a shell string may hold line breaks: $'Sort:\\n3 1 2'); '-' or "
+        "none reads prompts from stdin",
     )
-    parser.add_argument("--file", default=None, help="read prompts from this file, one per line")
+    parser.add_argument(
+        "--file", default=None, help="read prompts from this file (see --input-format)"
+    )
+    parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default=None,
+        help="how --file and stdin hold prompts: 'lines', one prompt per line; 'paragraphs', "
+        "multi-line prompts separated by a blank line (or by --separator lines); 'jsonl', one "
+        'JSON value per line, a string or an object with a "prompt" string, line breaks '
+        "written \\n (default: jsonl for a .jsonl --file, paragraphs with --separator, else "
+        "lines)",
+    )
+    parser.add_argument(
+        "--separator",
+        default=None,
+        metavar="LINE",
+        help="a line equal to LINE ends a prompt instead of a blank line (write --separator=--- "
+        "for a LINE that starts with a dash); implies --input-format paragraphs",
+    )
     parser.add_argument(
         "--raw", action="store_true", help="use the prompt text as is, without the chat template"
     )
@@ -43,7 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--jsonl",
         action="store_true",
-        help='print one JSON object per prompt ({"prompt": ..., "answer": ...}) instead of text',
+        help='print one JSON object per prompt ({"prompt": ..., "answer": ...}) instead of text '
+        "(the output; for JSON input see --input-format jsonl)",
     )
     add_model_arguments(parser)
     add_preset_argument(parser, INTERACTIVE_PRESET)
@@ -51,13 +77,82 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+INPUT_FORMATS = ("lines", "paragraphs", "jsonl")
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{source} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def split_prompts(text: str, input_format: str, separator: str | None, source: str) -> list[str]:
+    """The prompts of a file's or stdin's text in one of INPUT_FORMATS (`source` names it in
+    errors). Blank prompts are dropped; a prompt's inner line breaks are kept."""
+    if input_format == "lines":
+        return [line for line in text.splitlines() if line.strip()]
+    if input_format == "paragraphs":
+        prompts, current = [], []
+        for line in text.splitlines() + [separator or ""]:
+            ends = line.strip() == "" if separator is None else line.rstrip() == separator
+            if ends:
+                if "".join(current).strip():
+                    prompts.append("\n".join(current).strip("\n"))
+                current = []
+            else:
+                current.append(line)
+        return prompts
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} line {number} is not JSON ({error.msg})") from None
+        if isinstance(value, dict):
+            value = value.get("prompt")
+        if not isinstance(value, str):
+            raise ValueError(
+                f'{source} line {number}: expected a JSON string or an object with a "prompt" '
+                f"string, got {line.strip()[:60]}"
+            )
+        prompts.append(value)
+    return prompts
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    input_format = args.input_format
+    if input_format is None:
+        if args.separator is not None:
+            input_format = "paragraphs"
+        elif args.file and args.file.endswith(".jsonl"):
+            input_format = "jsonl"
+        else:
+            input_format = "lines"
+    if args.separator is not None and input_format != "paragraphs":
+        raise ValueError(f"--separator needs --input-format paragraphs, not {input_format}")
     prompts = [p for p in args.prompts if p != "-"]
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        with open(args.file, "rb") as f:
+            text = _decode(f.read(), f"--file {args.file}")
+        prompts += split_prompts(text, input_format, args.separator, f"--file {args.file}")
     if not prompts or "-" in args.prompts:
-        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if sys.stdin.isatty():
+            how = {
+                "lines": "one per line",
+                "paragraphs": "separated by "
+                + ("a blank line" if args.separator is None else f"a line {args.separator!r}"),
+                "jsonl": "one JSON value per line",
+            }[input_format]
+            print(f"reading prompts from stdin ({how}; Ctrl-D to end) ...", file=sys.stderr)
+        buffer = getattr(sys.stdin, "buffer", None)
+        text = _decode(buffer.read(), "standard input") if buffer else sys.stdin.read()
+        prompts += split_prompts(text, input_format, args.separator, "standard input")
     return prompts
 
 

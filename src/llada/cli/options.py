@@ -104,10 +104,69 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default: cpu)")
     parser.add_argument(
         "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
     )
+
+
+def check_device(name: str | None, flag: str = "--device") -> None:
+    """Refuse a device this torch cannot use, in one line that names the flag and the fix
+    (torch's own errors are tracebacks from deep inside the first tensor move)."""
+    if name is None:
+        return
+    import torch
+
+    build = f"torch {torch.__version__}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{flag} {name}: not a device name; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(
+                f"{flag} {name}: this torch has no CUDA support ({build}); install a CUDA "
+                f"build or use {flag} cpu"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(
+                f"{flag} {name}: no CUDA GPU is visible ({build}); check the driver and "
+                f"CUDA_VISIBLE_DEVICES, or use {flag} cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{flag} {name}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+        return
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"{flag} {name}: MPS is not available here ({build}; it needs Apple silicon "
+                f"and a macOS build of torch); use {flag} cpu"
+            )
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(
+            f"{flag} {name}: this torch cannot use {device.type!r} devices ({build}); use {flag} cpu or cuda"
+        )
+
+
+def check_dtype(name: str | None, flag: str = "--dtype") -> None:
+    """Refuse an unknown dtype name before the model is read, naming the flag."""
+    from ..model.checkpoint import _parse_dtype
+
+    try:
+        _parse_dtype(name)
+    except ValueError as error:
+        raise ValueError(f"{flag} {name}: {error}") from None
 
 
 def load_from_args(args: argparse.Namespace):
@@ -117,6 +176,8 @@ def load_from_args(args: argparse.Namespace):
 
     from ..api import load
 
+    check_device(args.device)
+    check_dtype(args.dtype)
     model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
     if is_random:
         print(
