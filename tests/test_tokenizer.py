@@ -59,3 +59,59 @@ def test_folder_without_tokenizer_is_explained(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_a_runaway_chat_template_fails_in_bounded_time(chat_checkpoint, monkeypatch):
+    import time
+
+    import llada.tokenizer as tokenizer_module
+    from llada.tokenizer import ChatTemplateError
+
+    monkeypatch.setattr(tokenizer_module, "CHAT_TEMPLATE_SECONDS", 0.3)
+    tokenizer = load_tokenizer(chat_checkpoint)
+    # A template that passes the load-time trial (short messages) but loops over the content.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}"
+        "{% for c in m['content'] %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}ok"
+    )
+    assert render_chat(tokenizer, [{"role": "user", "content": "abc"}]) == "ok"
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="did not finish"):
+        render_chat(tokenizer, [{"role": "user", "content": "x" * 5000}])
+    assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{{ messages.__class__.__mro__ }}", "unsafe"),
+        ("{{ 'ab' * 100000000 }}", "builds a sequence"),
+        (
+            "{% if messages|length > 1 %}{{ raise_exception('one turn only') }}{% endif %}",
+            "one turn",
+        ),
+    ],
+)
+def test_chat_templates_are_sandboxed_and_bounded(chat_checkpoint, template, match):
+    from llada.tokenizer import ChatTemplateError
+
+    tokenizer = load_tokenizer(chat_checkpoint)
+    tokenizer.chat_template = template
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ChatTemplateError, match=match):
+        render_chat(tokenizer, messages)
+
+
+def test_garbage_tokenizer_files_are_named(chat_checkpoint, tmp_path):
+    import shutil
+
+    for name, content in (
+        ("tokenizer.json", '{"model": {"type": "Unknown"}}'),
+        ("tokenizer_config.json", "not json"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(chat_checkpoint, folder)
+        (folder / name).write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=name) as info:
+            load_tokenizer(folder)
+        assert "\n" not in str(info.value)

@@ -402,3 +402,48 @@ def test_hub_id_offline_asks_for_a_local_folder(tmp_path, monkeypatch):
     message = str(info.value)
     assert "pass its path" in message
     assert "/path/to/no-such-model" in message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LLaDAConfig.from_hf_dict(tiny_config_json()),
+        LLaDAConfig(),
+        LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=1, n_layers=3, weight_tying=True),
+    ],
+    ids=["tiny-gqa", "8b", "mqa-tied"],
+)
+def test_expected_tensors_are_the_models_without_building_it(config):
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    built = {to_hf_name(name): tuple(p.shape) for name, p in model.named_parameters()}
+    assert checkpoint.expected_tensors(config) == built
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"d_model": "64"}, "d_model"),
+        ({"n_layers": 2_000_000}, "n_layers"),
+        ({"n_heads": 4.0}, "n_heads"),
+        ({"rope_theta": "big"}, "rope_theta"),
+        ({"weight_tying": 1}, "weight_tying"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+    ],
+)
+def test_config_types_and_bounds_are_checked_by_key(changes, key):
+    with pytest.raises(ValueError, match=key) as info:
+        LLaDAConfig.from_hf_dict({**tiny_config_json(), **changes})
+    assert "\n" not in str(info.value)
+
+
+def test_header_is_read_without_the_data(tmp_path):
+    header, data_start = checkpoint.read_safetensors_header(TINY / SINGLE_FILE)
+    assert len(header) == 21
+    assert data_start > 8
+    # A header alone, whose tensors lie past the end of the file, is refused.
+    path = tmp_path / "header-only.safetensors"
+    data = (TINY / SINGLE_FILE).read_bytes()
+    path.write_bytes(data[:data_start])
+    with pytest.raises(checkpoint.CheckpointError, match="beyond the end of the file"):
+        checkpoint.read_safetensors_header(path)
