@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# The token strings of the LLaDA tokenizer (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json). Ids are looked up by these strings.
+# The token strings of the LLaDA tokenizer (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json).
+# Ids are looked up by these strings.
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mdm_mask|>"

@@ -37,7 +37,8 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# Official name (GSAI-ML/LLaDA-8B-Instruct modeling_llada.py) <-> our parameter name. `{}` is the block index.
+# Official name (GSAI-ML/LLaDA-8B-Instruct modeling_llada.py) <-> our parameter name. `{}` is
+# the block index.
 _BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.weight",
     "q_proj.weight": "attn.q_proj.weight",

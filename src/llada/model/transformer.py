@@ -1,4 +1,5 @@
-"""The dense LLaDA mask predictor: a bidirectional LLaMA-style transformer (SPEC §2).
+"""The dense LLaDA mask predictor: a bidirectional LLaMA-style transformer, as in the reference
+remote code (GSAI-ML/LLaDA-8B-Instruct modeling_llada.py).
 
 One plain `nn.Module`, readable top to bottom, importing only torch. Numerics follow the
 reference remote code exactly where it matters for parity: RMSNorm is computed in float32 and
@@ -73,8 +74,8 @@ class RMSNorm(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32 = x.float()
             normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # The cast back happens before the weight multiply (SPEC §2.3); the product then
-        # follows ordinary type promotion.
+        # The cast back happens before the weight multiply (as in modeling_llada.py); the
+        # product then follows ordinary type promotion.
         return self.weight * normed.to(x.dtype)
 
 
@@ -254,9 +255,9 @@ def attention_bias_from_mask(
 ) -> torch.Tensor | None:
     """(B, T) keep-mask (1 = token, 0 = padding) -> additive key bias (B, 1, 1, T), or None.
 
-    As the reference (SPEC §2.5): a mask without zeros is dropped, so it is bit-identical to no
-    mask; padded keys get the dtype's most negative finite value (a fully padded row gets
-    uniform attention, not NaN); padded queries still attend to all real tokens.
+    As the reference (modeling_llada.py): a mask without zeros is dropped, so it is
+    bit-identical to no mask; padded keys get the dtype's most negative finite value (a fully
+    padded row gets uniform attention, not NaN); padded queries still attend to all real tokens.
     """
     if attention_mask is None:
         return None
@@ -410,8 +411,8 @@ class LLaDAModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The reference "mitchell" init (SPEC §2.7): truncated normal (±3σ), σ = 1/sqrt(fan_in),
-        with the residual output projections scaled by 1/sqrt(2(layer+1))."""
+        """The reference "mitchell" init (modeling_llada.py): truncated normal (±3σ),
+        σ = 1/sqrt(fan_in), with the residual output projections scaled by 1/sqrt(2(layer+1))."""
 
         def normal_(weight: torch.Tensor, std: float) -> None:
             nn.init.trunc_normal_(
