@@ -1,7 +1,7 @@
 """Masked diffusion vs autoregressive on the reversal curse, at equal training compute.
 
-A small-scale version of the paper's probe (SPEC §7; Berglund et al.'s "A is B" facts): the
-same LLaDA network, trained from scratch with the same data, steps, batch and sequence length,
+A small-scale version of the paper's probe (ML-GSAI/LLaDA eval_reverse.py; Berglund et al.'s
+"A is B" facts): the same LLaDA network, trained from scratch with the same data, steps, batch and sequence length,
 once with the masked-diffusion objective and once as a causal next-token model
 (`--autoregressive`). The data are made-up "couplets" of two 3-word lines:
 

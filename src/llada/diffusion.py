@@ -33,7 +33,8 @@ def random_masking(
 def stratified_masking(
     batch: torch.Tensor, prompt_index: torch.Tensor, mask_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The likelihood estimator's corruption (reference `forward_process`, SPEC §5).
+    """The likelihood estimator's corruption (reference `forward_process` of ML-GSAI/LLaDA
+    get_log_likelihood.py).
 
     batch: (b, l) copies of one sequence; prompt_index: (l,) bool, prompt positions are never
     masked. Row i masks exactly n_i of the T answer tokens, with the n_i spread evenly over

@@ -1,4 +1,5 @@
-"""Classifier-free guidance for masked diffusion (paper Appendix B.3; SPEC §4 and §5).
+"""Classifier-free guidance for masked diffusion (paper Appendix B.3; ML-GSAI/LLaDA
+generate.py and get_log_likelihood.py).
 
 The unconditional input is the same sequence with every prompt position replaced by the mask
 token; both run in one batched forward, and the logits are combined as

@@ -1,4 +1,5 @@
-"""Conditional log-likelihood by the Monte Carlo ELBO (paper Eq. 6 / Appendix B.5, SPEC §5).
+"""Conditional log-likelihood by the Monte Carlo ELBO (paper Eq. 6 / Appendix B.5; ML-GSAI/LLaDA
+get_log_likelihood.py).
 
 log p(answer | prompt) >= E_{n, masks} [ sum over masked answer tokens of log p(token) / p_mask ].
 `get_log_likelihood` reproduces the reference estimator, random draws included; it is a lower

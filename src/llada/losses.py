@@ -1,5 +1,5 @@
-"""Training objectives: LLaDA pre-training and SFT losses (paper Eq. 3 and 5, SPEC §6), and an
-autoregressive loss on the same network for equal-compute comparisons.
+"""Training objectives: LLaDA pre-training and SFT losses (paper Eq. 3 and 5; ML-GSAI/LLaDA
+GUIDELINES.md), and an autoregressive loss on the same network for equal-compute comparisons.
 
 The masking comes from `llada.diffusion`, the module the likelihood estimator uses too. The LM
 head runs only on the positions a loss reads (`logits_at`), and cross-entropy is taken in
@@ -50,8 +50,8 @@ def pretraining_loss(
 ) -> LossOutput:
     """-ELBO per token of clean sequences x0 (B, L): Σ_masked CE / p_mask / (B · L).
 
-    The normalisation is by all tokens of the batch, not by the masked ones (SPEC §6), so the
-    value is an unbiased estimate of the negative ELBO per token, in nats.
+    The normalisation is by all tokens of the batch, not by the masked ones (ML-GSAI/LLaDA
+    GUIDELINES.md), so the value is an unbiased estimate of the negative ELBO per token, in nats.
     """
     noisy, is_masked, p_mask = random_masking(x0, mask_id, eps=eps, generator=generator)
     logits = model(noisy, logits_at=is_masked).logits  # (N, V)
@@ -69,7 +69,8 @@ def sft_loss(
     eps: float = PRETRAIN_EPS,
     generator: torch.Generator | None = None,
 ) -> LossOutput:
-    """SFT loss of prompt + answer sequences x0 (B, L), answers padded with EOS (SPEC §6).
+    """SFT loss of prompt + answer sequences x0 (B, L), answers padded with EOS (ML-GSAI/LLaDA
+    GUIDELINES.md).
 
     The prompt is never masked; the EOS padding belongs to the answer and is trained on; each
     row is normalised by its answer length (L - prompt length), then averaged over rows.

@@ -1,4 +1,4 @@
-"""Word constraints: "position:word" parsing and placement (SPEC §4.1)."""
+"""Word constraints: "position:word" parsing and placement (ML-GSAI/LLaDA app.py)."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def model_and_tokenizer(chat_checkpoint):
 
 
 def reference_split(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """eval_llada.py's _encode_pair (SPEC §5)."""
+    """eval_llada.py's _encode_pair (ML-GSAI/LLaDA)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -268,7 +268,8 @@ def test_guided_scores_are_get_log_likelihood_with_cfg(chat_checkpoint, model_an
 
 
 def greedy_one_at_a_time(model, prompt: list[int], length: int, mask_id: int) -> list[int]:
-    """SPEC §5's suffix_greedy_prediction, one request: unmask the most confident prediction."""
+    """eval_llada.py's suffix_greedy_prediction (ML-GSAI/LLaDA), one request: unmask the most
+    confident prediction."""
     x = torch.tensor([prompt + [mask_id] * length])
     for _ in range(length):
         is_masked = x == mask_id

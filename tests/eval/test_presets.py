@@ -1,21 +1,20 @@
-"""Evaluation presets against the published settings (SPEC §12, the EVAL.md tables).
-
-Where the reference folder is present, the tables are parsed from SPEC.md and every cell is
-compared with its preset; a fixed sample of the tables is checked everywhere.
+"""Evaluation presets against the published settings: every cell of the tables of EVAL.md in
+ML-GSAI/LLaDA, transcribed into tests/eval/data/published_settings.json, is compared with its
+preset.
 """
 
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 
 import pytest
 
 from llada.eval.presets import PRESETS, EvalPreset, get_preset
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "SPEC.md"
+PUBLISHED = Path(__file__).parent / "data" / "published_settings.json"
 
-# SPEC column names -> preset benchmark names.
+# EVAL.md column names -> preset benchmark names.
 BENCHMARKS = {
     "ARC-C": "arc-c",
     "HellaSwag": "hellaswag",
@@ -37,63 +36,28 @@ BENCHMARKS = {
 SINGLE_TOKEN = {"mmlu", "cmmlu", "ceval"}
 
 
-def published_section() -> str:
-    if not SPEC.is_file():
-        pytest.skip(f"{SPEC} is not here (the reference folder is not part of the project)")
-    text = SPEC.read_text(encoding="utf-8")
-    return text[text.index("## 12. Published evaluation settings") :]
-
-
-def tables(text: str) -> list[list[list[str]]]:
-    """Every markdown table of `text` as rows of stripped cells (separator rows dropped)."""
-    found, current = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
-                current.append(cells)
-        elif current:
-            found.append(current)
-            current = []
-    return found
-
-
-def table_with(text: str, first_header: str, column: str) -> dict[str, dict[str, str]]:
-    """{row label: {column: cell}} of the table whose header starts with first_header and
-    names `column`."""
-    for table in tables(text):
-        header = table[0]
-        if header[0] == first_header and column in header:
-            return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in table[1:]}
-    raise AssertionError(f"no table with header {first_header!r} and column {column!r}")
-
-
-def number(cell: str) -> float | None:
-    return None if cell in ("–", "-", "") else float(cell)
+def published() -> dict:
+    with open(PUBLISHED, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def test_base_likelihood_presets_are_the_published_ones():
-    text = published_section()
-    rows = table_with(text, "", "ARC-C")
-    sentence = text.split("w/ CFG row:")[1].split("\n\n")[0]
-    scales = {
-        name: float(value) for name, value in re.findall(r"([\w-]+) (\d+(?:\.\d+)?)", sentence)
-    }
-    for column, benchmark in BENCHMARKS.items():
-        if column not in rows["w/o CFG"]:
-            continue
+    table = published()["llada-8b-base"]["likelihood"]
+    assert len(table["without_cfg"]) == 9
+    for column, score in table["without_cfg"].items():
+        benchmark = BENCHMARKS[column]
         preset = get_preset(f"llada-8b-base/{benchmark}")
         assert preset.kind == "likelihood"
-        assert preset.scores == {"lm-eval": number(rows["w/o CFG"][column])}
+        assert preset.scores == {"lm-eval": score}
         assert preset.cfg == 0
         assert preset.mc_num == (1 if benchmark in SINGLE_TOKEN else 128)
-        guided = number(rows["w/ CFG"][column])
+        guided = table["with_cfg"][column]
         if guided is None:
             assert f"llada-8b-base/{benchmark}-cfg" not in PRESETS
             continue
         with_cfg = get_preset(f"llada-8b-base/{benchmark}-cfg")
         assert with_cfg.scores == {"lm-eval": guided}
-        assert with_cfg.cfg == scales[column]
+        assert with_cfg.cfg == table["cfg_scales"][column]
         assert (with_cfg.task, with_cfg.num_fewshot, with_cfg.mc_num) == (
             preset.task,
             preset.num_fewshot,
@@ -102,14 +66,10 @@ def test_base_likelihood_presets_are_the_published_ones():
 
 
 def test_base_generation_presets_are_the_published_ones():
-    text = published_section()
-    rows = table_with(text, "gen_length", "BBH")
-    opencompass = dict(
-        re.findall(
-            r"([A-Za-z0-9]+) (\d+\.\d+)", text.split("OpenCompass at 256:")[1].split("\n")[0]
-        )
-    )
-    for length, cells in rows.items():
+    table = published()["llada-8b-base"]["generation"]
+    opencompass = table["opencompass_gen_length_256"]
+    assert sorted(table["lm_eval_by_gen_length"], key=int) == ["256", "512", "1024"]
+    for length, cells in table["lm_eval_by_gen_length"].items():
         for column, score in cells.items():
             benchmark = BENCHMARKS[column]
             suffix = "" if length == "1024" else f"-{length}"
@@ -118,63 +78,57 @@ def test_base_generation_presets_are_the_published_ones():
             assert preset.gen_length == preset.steps == preset.block_length == int(length)
             assert not preset.logits_eos_inf and not preset.confidence_eos_eot_inf
             assert not preset.apply_chat_template
-            assert preset.scores["lm-eval"] == float(score)
+            assert preset.scores["lm-eval"] == score
             if length == "256":
-                assert preset.scores["opencompass"] == float(opencompass[column])
+                assert preset.scores["opencompass"] == opencompass[column]
 
 
 def test_instruct_presets_are_the_published_ones():
-    text = published_section()
-    rows = table_with(text, "", "MMLU-pro")
-    for column, length in rows["gen_length"].items():
+    table = published()["llada-8b-instruct"]
+    columns = {k: v for k, v in table["pure_diffusion"].items() if k != "about"}
+    assert len(columns) == 9
+    for column, cell in columns.items():
         name = f"llada-8b-instruct/{BENCHMARKS[column]}"
         if column == "HellaSwag":  # no generative HellaSwag task in lm-eval
             assert name not in PRESETS
             continue
         preset = get_preset(name)
-        assert preset.gen_length == preset.block_length == preset.steps == int(length)
-        assert preset.logits_eos_inf == (rows["logits_eos_inf"][column] == "yes")
-        assert preset.confidence_eos_eot_inf == (rows["confidence_eos_eot_inf"][column] == "yes")
-        assert preset.scores == {
-            "internal": float(rows["internal toolkit"][column]),
-            "opencompass": float(rows["OpenCompass"][column]),
-        }
+        assert preset.gen_length == preset.block_length == preset.steps == cell["gen_length"]
+        assert preset.logits_eos_inf == cell["logits_eos_inf"]
+        assert preset.confidence_eos_eot_inf == cell["confidence_eos_eot_inf"]
+        assert preset.scores == {"internal": cell["internal"], "opencompass": cell["opencompass"]}
         assert preset.apply_chat_template
-    semi = re.findall(
-        r"(GSM8K|Math) gen (\d+) / block (\d+): (\d+\.\d+)\s+\((?:OpenCompass )?(\d+\.\d+)\)", text
-    )
-    assert len(semi) == 2
-    for column, length, block, internal, opencompass in semi:
-        preset = get_preset(f"llada-8b-instruct/{BENCHMARKS[column]}-block{block}")
+    assert len(table["semi_autoregressive"]) == 2
+    for cell in table["semi_autoregressive"]:
+        preset = get_preset(
+            f"llada-8b-instruct/{BENCHMARKS[cell['benchmark']]}-block{cell['block_length']}"
+        )
         assert (preset.gen_length, preset.block_length, preset.steps) == (
-            int(length),
-            int(block),
-            int(length),
+            cell["gen_length"],
+            cell["block_length"],
+            cell["gen_length"],
         )
         assert not preset.logits_eos_inf and not preset.confidence_eos_eot_inf
-        assert preset.scores == {"internal": float(internal), "opencompass": float(opencompass)}
+        assert preset.scores == {"internal": cell["internal"], "opencompass": cell["opencompass"]}
 
 
 def test_llada_15_presets_are_the_published_ones():
-    text = published_section()
-    rows = table_with(text, "", "IFEval")
-    for column, length in rows["gen_length"].items():
+    columns = {k: v for k, v in published()["llada-1.5"].items() if k != "about"}
+    assert len(columns) == 6
+    for column, cell in columns.items():
         preset = get_preset(f"llada-1.5/{BENCHMARKS[column]}")
         assert (preset.gen_length, preset.block_length, preset.steps) == (
-            int(length),
-            int(rows["block_length"][column]),
-            int(length),
+            cell["gen_length"],
+            cell["block_length"],
+            cell["gen_length"],
         )
-        assert preset.logits_eos_inf == (rows["logits_eos_inf"][column] == "yes")
-        assert preset.confidence_eos_eot_inf == (rows["confidence_eos_eot_inf"][column] == "yes")
-        assert preset.scores == {
-            "internal": float(rows["internal toolkit"][column]),
-            "opencompass": float(rows["OpenCompass"][column]),
-        }
+        assert preset.logits_eos_inf == cell["logits_eos_inf"]
+        assert preset.confidence_eos_eot_inf == cell["confidence_eos_eot_inf"]
+        assert preset.scores == {"internal": cell["internal"], "opencompass": cell["opencompass"]}
 
 
 def test_a_sample_of_the_published_settings():
-    """Checked everywhere, with or without the reference folder."""
+    """A few cells written out, as a reader of EVAL.md would check them."""
     gsm8k = get_preset("llada-8b-instruct/gsm8k")
     assert (gsm8k.task, gsm8k.gen_length, gsm8k.block_length, gsm8k.steps) == (
         "gsm8k",

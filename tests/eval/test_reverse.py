@@ -12,19 +12,30 @@ from llada.eval import reverse
 from llada.eval.reverse import LinePair, evaluate_reversal, load_pairs, question
 from llada.sampling.config import GenerateConfig
 
+# Three classical couplets in the format of the reference's data/poem_data.json (ML-GSAI/LLaDA):
+# a JSON list of {"first", "second", "source"}.
+SAMPLE = Path(__file__).parent / "data" / "poem_pairs_sample.json"
+# The reference's own file (469 pairs) is not ours to ship; it is checked when it lies beside
+# the repository.
 POEMS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "data" / "poem_data.json"
 
 
-def test_reference_poem_data_and_prompts():
+def test_reference_format_pairs_and_prompts():
+    pairs = load_pairs(SAMPLE)
+    assert [(p.first, p.second) for p in pairs][:1] == [("床前明月光", "疑是地上霜")]
+    assert len(pairs) == 3
+    prompt, target = question(pairs[0], "ftb", "reference")
+    assert prompt == "床前明月光的下一句是什么？ 直接输出句子即可。"
+    assert target == "疑是地上霜"
+    prompt, target = question(pairs[0], "btf", "reference")
+    assert prompt.startswith("疑是地上霜的上一句是什么？") and target == "床前明月光"
+
+
+def test_the_reference_poem_file_loads_whole():
     if not POEMS.is_file():
-        pytest.skip(f"the reference data is not beside the repo ({POEMS})")
+        pytest.skip(f"the reference's poem_data.json is not beside the repo ({POEMS})")
     pairs = load_pairs(POEMS)
     assert len(pairs) == 469 and all(p.first and p.second for p in pairs)
-    prompt, target = question(pairs[0], "ftb", "reference")
-    assert prompt == pairs[0].first + "的下一句是什么？ 直接输出句子即可。"
-    assert target == pairs[0].second
-    prompt, target = question(pairs[0], "btf", "reference")
-    assert prompt.startswith(pairs[0].second + "的上一句是什么？") and target == pairs[0].first
 
 
 def test_bad_pair_files_are_explained(tmp_path):

@@ -1,5 +1,5 @@
 """The Gradio page of `llada demo`: a chat, the sampler's controls, and the answer canvas redrawn
-live after every denoising step (in the spirit of the reference app.py, SPEC §4.1).
+live after every denoising step (in the spirit of the reference app.py of ML-GSAI/LLaDA).
 
 gradio is an optional extra: it is imported when a page is built, never at import time. The page
 runs offline: Gradio serves its frontend from the package, analytics are off and no share link

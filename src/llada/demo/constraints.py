@@ -1,4 +1,4 @@
-"""Word constraints of the demo: "position:word" text -> fixed answer tokens (SPEC §4.1).
+"""Word constraints of the demo: "position:word" text -> fixed answer tokens (ML-GSAI/LLaDA app.py).
 
 The reference app.py accepts "pos:word, pos:word" and silently drops what it cannot use. Here a
 malformed item, a repeated position or a word that does not fit the answer is an error that says

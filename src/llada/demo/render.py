@@ -2,7 +2,7 @@
 
 Each chip shows a position's state (still masked, committed at this step, committed earlier, or
 fixed by a word constraint) and, for committed tokens, the confidence it was committed with, in
-the reference app's three bands (below 0.3, 0.3 to 0.7, 0.7 and above; SPEC §4.1).
+the reference app's three bands (below 0.3, 0.3 to 0.7, 0.7 and above; ML-GSAI/LLaDA app.py).
 `DenoiseTrace` follows the `StepEvent`s of one answer and remembers those confidences;
 `render_canvas` is a pure function of the cells, so both are tested without a browser.
 Each frame carries its own scoped stylesheet, so it looks the same in any page, light or dark.
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MASKED, NEW, EARLIER, FIXED = "masked", "new", "earlier", "fixed"
-# The reference app's colour thresholds for the confidence of a committed token (SPEC §4.1).
+# The reference app's colour thresholds for the confidence of a committed token (ML-GSAI/LLaDA
+# app.py).
 LOW_CONFIDENCE, HIGH_CONFIDENCE = 0.3, 0.7
 MASK_PLACEHOLDER = "\u2591\u2591"  # two light-shade blocks: a position still to be decided
 

@@ -21,8 +21,8 @@ from .render import MASKED, DenoiseTrace, render_canvas
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The controls of one demo turn. Defaults are the reference app's (SPEC §4.1), except the
-    preset: `fast` (the default of every interactive command).
+    """The controls of one demo turn. Defaults are the reference app's (ML-GSAI/LLaDA
+    app.py), except the preset: `fast` (the default of every interactive command).
 
     gen_length, steps, block_length, temperature, cfg_scale, remasking: as in `GenerateConfig`.
     preset: the decoding preset ('reference' repeats the published sampler token for token;
@@ -93,7 +93,7 @@ def stream_turn(
     """Answer the last user message of `messages`, yielding a `Frame` as each step finishes.
 
     As the reference app, the whole text history is rendered through the chat template on
-    every turn (SPEC §4.1). The last frame carries the answer text.
+    every turn (ML-GSAI/LLaDA app.py). The last frame carries the answer text.
     """
     special = model.special_tokens
     config = settings.generate_config()

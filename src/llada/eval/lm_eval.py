@@ -3,7 +3,7 @@
     lm_eval --model llada ...            (after `import llada.eval.lm_eval`)
     llada eval lm-eval --tasks ... --model-args pretrained=PATH
 
-It is the reference `eval_llada.py` (SPEC §5) made batched, data-parallel and complete:
+It is the reference `eval_llada.py` (ML-GSAI/LLaDA) made batched, data-parallel and complete:
 
 * `loglikelihood`: the Monte Carlo ELBO of paper Eq. 6 / Appendix B.5, exactly as
   `llada.likelihood.get_log_likelihood` computes it (same stratified masks, same 1 / p_mask
@@ -67,7 +67,7 @@ PAIR_SPLIT_CHOICES = ("auto", "reference", "separate")
 class HarnessSettings:
     """The model_args of the `llada` lm-eval model (besides pretrained, dtype, device).
 
-    Defaults are the reference eval_llada.py's (SPEC §5) unless said otherwise.
+    Defaults are the reference eval_llada.py's (ML-GSAI/LLaDA) unless said otherwise.
 
     mc_num: Monte Carlo samples per likelihood (128 in the paper; 1 for single-token answers).
     batch_size: samples per stratified draw (the reference's MC mini-batch; lm-eval's
@@ -442,7 +442,8 @@ class LLaDAEvalLM(LM):
         """The chat rendered with the checkpoint's template (LLaDA's when it has none).
 
         LLaDA's template always ends with the assistant header, whatever add_generation_prompt
-        says (SPEC §3); it is passed on for templates that honour it.
+        says (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json); it is passed on for templates
+        that honour it.
         """
         return self.tokenizer.apply_chat_template(
             chat_history,

@@ -1,4 +1,4 @@
-"""The published evaluation settings of LLaDA (EVAL.md of ML-GSAI/LLaDA, SPEC §12) as presets.
+"""The published evaluation settings of LLaDA (EVAL.md of ML-GSAI/LLaDA) as presets.
 
 `llada eval lm-eval --preset llada-8b-base/arc-c-cfg --model-args pretrained=PATH` runs the
 task with exactly these settings. What is published, and what is chosen here:

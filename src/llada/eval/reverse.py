@@ -1,4 +1,4 @@
-"""The reversal-curse evaluation (the reference's eval_reverse.py, SPEC §7).
+"""The reversal-curse evaluation (the reference's eval_reverse.py in ML-GSAI/LLaDA).
 
 Data: a JSON list of {"first", "second", "source"} consecutive-line pairs (the reference's
 data/poem_data.json of classical Chinese poetry, or pairs of our corpus lines written by

@@ -3,7 +3,8 @@ quality figure of every speed claim.
 
 Tasks: two-digit arithmetic; copying, reversing and sorting short sequences; and, over lines
 of the pre-training corpus, "which line follows this one" and "which line precedes this one"
-(the reversal-curse probe of the LLaDA paper, §3.3 / SPEC §7, on our own corpus).
+(the reversal-curse probe of the LLaDA paper, §3.3 / ML-GSAI/LLaDA eval_reverse.py, on our own
+corpus).
 
 Everything is a pure function of a seed, so the SFT set and the evaluation set are
 reproducible. Synthetic evaluation questions are never SFT questions. The line tasks measure
