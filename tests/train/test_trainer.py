@@ -86,6 +86,7 @@ def test_divergence_stops_cleanly_and_says_how_to_resume(training_setup, tmp_pat
     assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_a_loadable_checkpoint(training_setup, tmp_path):
     # Save after every step, and kill -9 the process at staggered moments.
     out = tmp_path / "run"
@@ -326,7 +327,9 @@ def test_validations_checkpoints_and_warnings_are_said(training_setup, tmp_path)
         progress=False,
         say=lines.append,
     )
-    assert lines[0].startswith("warning: warmup_steps 10 >= max_steps 4"), lines
+    assert lines[0].startswith(
+        "warning: warmup_steps 10 > max_steps 4: the learning rate never reaches --lr"
+    ), lines
     assert [line.split(":")[0] for line in lines if "bits/token" in line] == ["step 2", "step 4"]
     checkpoints = out / "checkpoints"
     assert f"checkpoint: {checkpoints / 'step-0000002'}" in lines

@@ -144,8 +144,8 @@ def dropout_note(config: LLaDAConfig, given: dict[str, Any]) -> str | None:
     missing = [key for key in _DROPOUT_KEYS if key not in given]
     if missing:
         line += (
-            f" ({', '.join(missing)} from the reference config's defaults; set "
-            f"{', '.join(missing)} to 0 in the model config to disable)"
+            " (the reference config's defaults for the keys the model config leaves out; set "
+            f"{', '.join(missing)} to 0 in it to disable)"
         )
     return line
 
@@ -260,12 +260,12 @@ class Trainer:
             self.val_history = list(state.get("val_history", []))
             _set_rng_state(state.get("rng"), self.env.device)
             self.say(f"resumed from step {self.step} (checkpoint {self.resume_from})")
-        if config.warmup_steps >= config.max_steps:
+        if config.warmup_steps > config.max_steps:
             self.say(
-                f"warning: warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the "
-                f"whole run is warm-up (the learning rate reaches "
-                f"{learning_rate(config, config.max_steps - 1):.3g}, not --lr {config.lr:g}, and "
-                "never decays); lower --warmup-steps"
+                f"warning: warmup_steps {config.warmup_steps} > max_steps {config.max_steps}: the "
+                f"learning rate never reaches --lr {config.lr:g} (at most "
+                f"{learning_rate(config, config.max_steps - 1):.3g}) and never decays; lower "
+                "--warmup-steps"
             )
 
     # Setup ------------------------------------------------------------------------------------
