@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from llada.cli.main import main
 
 
@@ -181,3 +183,31 @@ def test_live_chat_view_redraws_the_canvas_and_answers_as_plain_chat(
         assert main([*args, live]) == 0
         answers.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert answers[0] == answers[1]
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_compile_and_the_api_ones_run(capsys):
+    """Every Python block of the README is valid Python; the "Python API" and "Fast sampling"
+    blocks run in sequence, as a reader pastes them, on the shipped model (CPU)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    blocks = {}
+    for section in re.split(r"\n## ", readme)[1:]:
+        title = section.split("\n", 1)[0]
+        for number, code in enumerate(re.findall(r"```python\n(.*?)```", section, re.S)):
+            compile(code, f"README.md ({title} #{number})", "exec")
+            blocks.setdefault(title, []).append(code)
+    assert len(sum(blocks.values(), [])) >= 5
+    namespace: dict = {}
+    for title in ("Python API", "Fast sampling"):
+        (code,) = blocks[title]
+        code = code.replace(
+            '"/models/LLaDA-8B-Instruct"', repr(str(root / "models" / "llada-tiny-instruct"))
+        )
+        exec(compile(code.replace('"cuda"', '"cpu"'), f"README.md ({title})", "exec"), namespace)
+    assert namespace["result"].tokens.shape[1] == namespace["prompt"].shape[1] + 256
+    assert namespace["event"].finished.all()
+    assert capsys.readouterr().out.strip()  # the Python API block prints its answer
