@@ -1,4 +1,5 @@
-"""The training objectives (SPEC §6), against direct computations."""
+"""The training objectives (ML-GSAI/LLaDA GUIDELINES.md; paper Eq. 3-5), against direct
+computations."""
 
 from __future__ import annotations
 

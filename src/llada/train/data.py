@@ -148,8 +148,8 @@ class ChatRecords:
 
     The last message must be the assistant's answer. The prompt is every earlier message
     rendered with the chat template (which ends with the assistant header); the answer is the
-    reply followed by EoT and EOS, and batches pad it with EOS (SPEC §6: the padding belongs
-    to the answer and is trained on, as LLaDA's SFT does).
+    reply followed by EoT and EOS, and batches pad it with EOS (ML-GSAI/LLaDA GUIDELINES.md,
+    SFT: the padding belongs to the answer and is trained on, as LLaDA's SFT does).
     """
 
     def __init__(
