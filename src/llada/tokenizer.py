@@ -104,6 +104,9 @@ def check_tokenizer_files(folder: str | os.PathLike) -> None:
                 f"{tokenizer_json} is not a valid tokenizer file ({_one_line(error)}); copy the "
                 "tokenizer files from the original checkpoint, or pass --model with another folder"
             ) from None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            _json_object(folder / name)
     for source, origin in _chat_templates(folder):
         template = compile_chat_template(source, origin)
         trial = [

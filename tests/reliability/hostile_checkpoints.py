@@ -260,6 +260,11 @@ CASES: list[Case] = [
         "tokenizer_config.json",
         write("tokenizer_config.json", "[]"),
     ),
+    Case(
+        "special-tokens-map-garbage",
+        "special_tokens_map.json",
+        write("special_tokens_map.json", "\x00\x01"),
+    ),
     Case("tokenizer-mask-out-of-vocab", "tokenizer", _mask_id_in_tokenizer(99_999)),
     Case("template-nested-loops", "tokenizer_config.json", set_template(NESTED_LOOPS)),
     Case("template-syntax-error", "tokenizer_config.json", set_template("{% for %}")),
