@@ -250,6 +250,7 @@ def main() -> int:
             save_every=0,
             log_every=100,
             seed=args.seed,
+            overwrite=True,  # a rerun trains anew (llada train refuses a used folder)
         )
         row = dict(results["runs"].get(name, {}))
         if args.eval_only:
