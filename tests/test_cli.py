@@ -211,3 +211,32 @@ def test_readme_python_blocks_compile_and_the_api_ones_run(capsys):
     assert namespace["result"].tokens.shape[1] == namespace["prompt"].shape[1] + 256
     assert namespace["event"].finished.all()
     assert capsys.readouterr().out.strip()  # the Python API block prints its answer
+
+
+def test_readme_command_lines_parse(capsys):
+    """Every `llada ...` line of the README's bash blocks is accepted by the parser as written
+    (lines with a `...` placeholder are skipped)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from llada.cli.main import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" | ")[-1].split("&& ")[-1].strip()
+            if line.startswith("llada ") and " ... " not in line + " ":
+                commands.append(line)
+    assert len(commands) >= 25
+    parser = build_parser()
+    for line in commands:
+        line = re.sub(r"\$'([^']*)'", lambda m: shlex.quote(m.group(1)), line)
+        argv = shlex.split(line, comments=True)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as error:
+            if error.code == 0:  # --help, --version
+                continue
+            raise AssertionError(f"README command does not parse: {line}") from error

@@ -85,7 +85,11 @@ def test_a_file_that_is_not_utf8_is_named_with_the_offending_byte(tmp_path, caps
 
 def test_file_system_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", "--file", str(tmp_path)]) == 2  # a folder: IsADirectoryError
-    assert str(tmp_path) in one_error_line(capsys.readouterr().err)
+    assert one_error_line(capsys.readouterr().err) == (
+        f"llada: error: --file {tmp_path}: Is a directory"
+    )
+    assert main(["generate", "--file", str(tmp_path / "nope.txt")]) == 2
+    assert one_error_line(capsys.readouterr().err).endswith("nope.txt: No such file or directory")
 
 
 def test_a_torch_runtime_error_is_its_first_line(monkeypatch, capsys):

@@ -138,8 +138,12 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--separator needs --input-format paragraphs, not {input_format}")
     prompts = [p for p in args.prompts if p != "-"]
     if args.file:
-        with open(args.file, "rb") as f:
-            text = _decode(f.read(), f"--file {args.file}")
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as error:  # missing, a folder, unreadable: the flag and the reason
+            raise ValueError(f"--file {args.file}: {error.strerror or error}") from None
+        text = _decode(data, f"--file {args.file}")
         prompts += split_prompts(text, input_format, args.separator, f"--file {args.file}")
     if not prompts or "-" in args.prompts:
         if sys.stdin.isatty():
