@@ -92,6 +92,13 @@ def test_file_system_errors_are_one_line(tmp_path, capsys):
     assert one_error_line(capsys.readouterr().err).endswith("nope.txt: No such file or directory")
 
 
+def test_a_missing_reversal_data_file_names_the_flag(tmp_path, capsys):
+    assert main(["eval", "reverse", "--data", str(tmp_path / "poems.json")]) == 2
+    assert f"--data {tmp_path / 'poems.json'}: no such file" in one_error_line(
+        capsys.readouterr().err
+    )
+
+
 def test_a_torch_runtime_error_is_its_first_line(monkeypatch, capsys):
     def fails(args):
         raise RuntimeError("expected scalar type Float but found BFloat16\nException raised from")
@@ -157,6 +164,9 @@ def test_lm_eval_preset_offline_says_the_dataset_could_not_be_downloaded(monkeyp
     line = err[-1]
     assert line.startswith("llada: error: task gsm8k: its dataset could not be downloaded")
     assert "llada eval make-harness-tasks" in line and "HF_DATASETS_OFFLINE=1" in line
+    assert main(["eval", "lm-eval", "--tasks", "no_such_task", *flags]) == 2
+    line = one_error_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line.startswith("llada: error: --tasks no_such_task: ") and "lm-eval ls tasks" in line
 
 
 def test_threads_applies_before_or_after_the_command_name(monkeypatch, capsys):

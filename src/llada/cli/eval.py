@@ -404,6 +404,14 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     try:
         try:
             results = lm_eval.simple_evaluate(**kwargs)
+        except KeyError as error:  # lm-eval's answer to a task name it does not know
+            text = str(error.args[0]) if error.args else ""
+            if "task" not in text:
+                raise
+            raise ValueError(
+                f"--tasks {','.join(map(str, kwargs['tasks']))}: {text}; check the name "
+                "(`lm-eval ls tasks` lists them), or pass --include-path FOLDER for local tasks"
+            ) from error
         except Exception as error:
             if _is_download_failure(error):
                 raise ValueError(_download_failure_message(kwargs["tasks"], error)) from error
@@ -473,6 +481,8 @@ def run_reverse(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.data:
+        if not Path(args.data).is_file():
+            raise ValueError(f"--data {args.data}: no such file (a JSON list of line pairs)")
         pairs = load_pairs(args.data)
     else:
         from ..corpora import fetch_shakespeare
