@@ -614,6 +614,8 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
             last = trainer.train_step()
             step = trainer.step
             record: dict[str, Any] = dict(last, elapsed=time.perf_counter() - started)
+            if bar is None and step % config.log_every == 0:
+                say(f"step {step}: loss {last['loss']:.4f}, lr {last['lr']:.2e}")
             if config.eval_every and step % config.eval_every == 0 or step == config.max_steps:
                 evaluation = trainer.evaluate()
                 if evaluation is not None:
@@ -635,8 +637,6 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-            elif step % config.log_every == 0:
-                say(f"step {step}: loss {last['loss']:.4f}, lr {last['lr']:.2e}")
             if config.save_every and step % config.save_every == 0 or step == config.max_steps:
                 checkpoint = trainer.save()
                 if checkpoint is not None:
