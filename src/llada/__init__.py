@@ -21,6 +21,7 @@ _EXPORTS = {
     "generate": "llada.sampling.reference",
     "GenerateConfig": "llada.sampling.config",
     "DecodeConfig": "llada.sampling.config",
+    "NonFiniteLogitsError": "llada.sampling.config",
     "sample": "llada.sampling.fast",
     "denoise": "llada.sampling.fast",
     "KVCache": "llada.model.transformer",

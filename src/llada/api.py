@@ -125,7 +125,8 @@ def load(model: str | os.PathLike | None = None, dtype=None, device="cpu"):
 
 
 class ChatSession:
-    """A multi-turn conversation, kept as the reference chat.py keeps it (SPEC §4.2).
+    """A multi-turn conversation, kept as the reference chat.py keeps it (ML-GSAI/LLaDA
+    chat.py).
 
     The history is token ids: each new user turn is rendered alone with the chat template and
     appended without its BOS; after each answer, the whole sequence minus every EOS (the

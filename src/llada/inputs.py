@@ -42,7 +42,51 @@ def check_attention_mask(attention_mask: object, shape: tuple[int, ...]) -> torc
         )
     if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
+    if attention_mask.dim() == 2 and attention_mask.shape[1]:
+        empty = torch.nonzero(~(attention_mask == 1).any(dim=-1)).flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"attention_mask row {empty[0]} has no 1: that prompt is all padding. Give every "
+                "row at least one real token (1), or leave the row out of the batch"
+            )
     return attention_mask
+
+
+def check_prompt(prompt: object, vocab_size: int | None) -> torch.Tensor:
+    """A (batch, length) prompt with at least one row and one token, as a LongTensor."""
+    ids = check_token_ids("prompt", prompt, 2, vocab_size)
+    if ids.shape[0] == 0:
+        raise ValueError(
+            f"prompt has no rows (shape {tuple(ids.shape)}); pass at least one prompt, e.g. "
+            "torch.tensor([ids])"
+        )
+    if ids.shape[1] == 0:
+        raise ValueError(
+            f"prompt is empty (shape {tuple(ids.shape)}): the answer needs at least one token "
+            "to follow; for an unconditional sample pass one token, e.g. the tokenizer's BOS"
+        )
+    return ids
+
+
+def check_mask_id(mask_id: int, vocab_size: int | None) -> None:
+    if vocab_size is not None and not 0 <= mask_id < vocab_size:
+        raise ValueError(
+            f"mask_id {mask_id} lies outside the model's vocabulary [0, {vocab_size}); pass "
+            "mask_id=None to use the model's own mask token"
+        )
+
+
+def check_context(model: object, length: int, prompt_length: int, gen_length: int) -> None:
+    """The canvas (prompt + answer) must fit the model's context (max_sequence_length): RoPE
+    runs past it without an error, but on positions the model was never trained on."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_sequence_length", None)
+    if isinstance(context, int) and length > context:
+        raise ValueError(
+            f"prompt ({prompt_length} tokens) + gen_length ({gen_length}) = {length} tokens "
+            f"exceeds the model's context of {context} (max_sequence_length in its config.json); "
+            "shorten the prompt or lower gen_length"
+        )
 
 
 def vocab_size_of(model: object) -> int | None:

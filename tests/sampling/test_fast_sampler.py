@@ -238,7 +238,8 @@ def test_streaming_events_show_every_commit():
     final = sample(model, prompt, None, config, DecodeConfig(early_stop=False)).tokens
     assert torch.equal(events[-1].tokens, final)
     # More steps than masks: the block fills early, the loop leaves it, and says it finished.
-    config = GenerateConfig(steps=8, gen_length=4, block_length=4)
+    with pytest.warns(UserWarning, match="steps commit nothing"):
+        config = GenerateConfig(steps=8, gen_length=4, block_length=4)
     events = list(denoise(model, prompt, None, config, DecodeConfig(early_stop=False)))
     assert len(events) == 4 and events[-1].finished.all()
     reference = DecodeConfig(early_stop=False, reference_numerics=True)

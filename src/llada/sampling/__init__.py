@@ -12,6 +12,8 @@ from typing import Any
 _EXPORTS = {
     "GenerateConfig": ".config",
     "DecodeConfig": ".config",
+    "NonFiniteLogitsError": ".config",
+    "max_steps": ".config",
     "PRESETS": ".config",
     "decode_preset": ".config",
     "sample": ".fast",

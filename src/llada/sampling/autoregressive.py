@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import check_attention_mask, check_token_ids, device_of, vocab_size_of
+from ..inputs import check_attention_mask, check_context, check_prompt, device_of, vocab_size_of
 from ..tokens import special_tokens_of
 
 
@@ -20,12 +20,17 @@ def generate_autoregressive(
 ) -> torch.Tensor:
     """(B, Lp + max_new_tokens): each prompt row continued by greedy next-token predictions;
     a row that has produced EOS/EoT is filled with EOS from there on."""
-    if max_new_tokens <= 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens <= 0
+    ):
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     tokens = special_tokens_of(model, None)
     device = device_of(model)
-    x = check_token_ids("prompt", prompt, 2, vocab_size_of(model)).to(device)
+    x = check_prompt(prompt, vocab_size_of(model)).to(device)
     batch, prompt_length = x.shape
+    check_context(model, prompt_length + max_new_tokens, prompt_length, max_new_tokens)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
     stop = torch.tensor(tokens.stop_ids, device=device)

@@ -1,30 +1,79 @@
-"""Sampler settings as one validated, frozen dataclass."""
+"""Sampler settings as validated, frozen dataclasses."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from ..settings import require_non_negative_numbers, require_positive_ints
+from ..settings import require_positive_ints
 
 Remasking = Literal["low_confidence", "random"]
 REMASKING_CHOICES = ("low_confidence", "random")
 
+# Bounds of the float settings. Beyond them the arithmetic leaves its range rather than doing
+# anything useful: guidance scales the logits' difference by cfg_scale + 1, which overflows
+# float32 from about 3.4e38 (and float16 far earlier) into inf/NaN logits; the Gumbel trick
+# divides by (-log u) ** temperature, which underflows to 0 in float64 from temperature ~20.
+# The published settings use cfg_scale 0-3 and temperature 0-1.
+MAX_CFG_SCALE = 100.0
+MAX_TEMPERATURE = 10.0
+MAX_FACTOR = 1000.0
+MAX_ENTROPY_BOUND = 1000.0
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or +inf logits: its answer would be noise (or, before this check,
+    the fast loop waited forever for a confidence it could rank). Raised by the samplers at the
+    first step where it happens."""
+
+
+def nonfinite_logits_message(
+    block: int, step: int, forward_pass: int, cfg_scale: float, dtype: object
+) -> str:
+    return (
+        f"the model produced NaN/inf logits at block {block}, step {step} (forward pass "
+        f"{forward_pass}); check the checkpoint's weights for NaN/inf (a failed conversion or a "
+        f"diverged training run), its dtype ({dtype}; float16 overflows where bfloat16 and "
+        f"float32 do not), and cfg_scale ({cfg_scale:g}; guidance multiplies the logits by "
+        "cfg_scale + 1)"
+    )
+
+
+def require_number_in(settings: object, name: str, low: float, high: float) -> None:
+    """`name` must be a finite real number in [low, high] (bools are not numbers here)."""
+    value = getattr(settings, name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Settings of the reference sampler, with the reference's names (SPEC §4).
+    """Settings of the reference sampler, with the reference's names (ML-GSAI/LLaDA generate.py).
 
-    steps: forward passes in total, split evenly over the blocks.
+    steps: forward passes in total, split evenly over the blocks (the reference's schedule;
+        the threshold, factor and entropy rules of `DecodeConfig` take as many as they need,
+        at most one per masked position). It must be a multiple of the number of blocks. More
+        steps than gen_length is accepted, as the reference accepts it, with a warning: the
+        extra steps commit nothing (the `reference` preset still runs them).
     gen_length: answer tokens to generate (all start as the mask token).
-    block_length: semi-autoregressive block size; gen_length must be a multiple of it.
-    temperature: 0 is greedy; > 0 samples with Gumbel noise (in float64, as the reference).
-    cfg_scale: classifier-free guidance strength; 0 turns it off.
+    block_length: semi-autoregressive block size, at most gen_length; gen_length must be a
+        multiple of it.
+    temperature: 0 is greedy; > 0 samples with Gumbel noise (in float64, as the reference);
+        at most 10.
+    cfg_scale: classifier-free guidance strength; 0 turns it off; at most 100.
     remasking: which predictions are kept each step: 'low_confidence' keeps the most probable,
         'random' keeps random ones.
     logits_eos_inf: forbid EOS (its logit is set to -inf before sampling).
     confidence_eos_eot_inf: the reference flag meant to unmask EOS/EoT last. By default it does
-        exactly what the reference does, quirks included (SPEC §4): at temperature > 0 only EoT is
+        exactly what the reference does, quirks included (ML-GSAI/LLaDA generate.py): at
+        temperature > 0 only EoT is
         deferred and the other probabilities are renormalised without it.
     fix_confidence_eos_eot: with confidence_eos_eot_inf, do what the flag says instead: any
         position whose prediction is EOS or EoT is committed after every other masked position
@@ -44,6 +93,11 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "steps", "gen_length", "block_length")
+        if self.block_length > self.gen_length:
+            raise ValueError(
+                f"block_length ({self.block_length}) must be at most gen_length "
+                f"({self.gen_length}); e.g. block_length={self.gen_length} for a single block."
+            )
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length ({self.gen_length}) must be a multiple of block_length "
@@ -55,7 +109,17 @@ class GenerateConfig:
                 f"(gen_length / block_length = {self.num_blocks}), so each block gets the same "
                 f"number of steps; e.g. steps={self.num_blocks * max(1, self.steps // self.num_blocks)}."
             )
-        require_non_negative_numbers(self, "temperature", "cfg_scale")
+        if self.steps > self.gen_length:
+            warnings.warn(
+                f"steps ({self.steps}) exceeds gen_length ({self.gen_length}): each block gets "
+                f"{self.steps_per_block} steps for {self.block_length} tokens, so "
+                f"{self.steps - self.gen_length} steps commit nothing (the reference preset "
+                f"still runs them); steps={self.gen_length} gives the same answers with less work",
+                UserWarning,
+                stacklevel=3,
+            )
+        require_number_in(self, "temperature", 0, MAX_TEMPERATURE)
+        require_number_in(self, "cfg_scale", 0, MAX_CFG_SCALE)
         if self.remasking not in REMASKING_CHOICES:
             raise ValueError(
                 f"remasking must be one of {REMASKING_CHOICES}, got {self.remasking!r}"
@@ -119,13 +183,24 @@ class DecodeConfig:
             raise ValueError(f"source must be one of {LOGITS_SOURCES}, got {self.source!r}")
         if self.commit not in COMMIT_RULES:
             raise ValueError(f"commit must be one of {COMMIT_RULES}, got {self.commit!r}")
-        require_non_negative_numbers(self, "factor", "entropy_bound", "vicinity", "refresh")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        require_number_in(self, "factor", 0, MAX_FACTOR)
+        require_number_in(self, "entropy_bound", 0, MAX_ENTROPY_BOUND)
+        threshold = self.threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0 < threshold <= 1
+        ):
+            raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
         for name in ("vicinity", "refresh"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("eos_in_order", "early_stop", "reference_numerics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 # Named decoding presets, for every command and the Python API.
@@ -141,6 +216,13 @@ PRESETS: dict[str, DecodeConfig] = {
     "fast": DecodeConfig(source="dual", commit="threshold", threshold=0.99, eos_in_order=True),
     "fastest": DecodeConfig(source="block", commit="threshold", threshold=0.99, eos_in_order=True),
 }
+
+
+def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:
+    """The most steps (= forward passes) the fast loop can take for one request: the schedule's
+    `steps`, or one per answer position for the rules that decode until a block is full (every
+    step commits at least one token of each unfinished row). For servers that bound work."""
+    return config.steps if decode.commit == "schedule" else config.gen_length
 
 
 def decode_preset(name: str) -> DecodeConfig:

@@ -35,7 +35,8 @@ def propose(
     """Proposals for N positions from their logits (N, V): (token (N,), confidence (N,), entropy).
 
     The confidence is the model's probability of the proposed token, as the reference computes
-    it (including its `confidence_eos_eot_inf` quirk, SPEC §4). By default it comes from a
+    it (including its `confidence_eos_eot_inf` quirk, ML-GSAI/LLaDA generate.py). By default it
+    comes from a
     float32 log-sum-exp, with no full-vocabulary probability tensor; `softmax_dtype` instead
     computes the full softmax in that dtype and gathers, bit for bit as the reference (the
     logits' dtype for LLaDA's sampler, float64 for Fast-dLLM's). Random draws (Gumbel noise, random remasking) have the
@@ -82,8 +83,25 @@ def propose(
     return proposal, confidence, entropy
 
 
+def has_nonfinite_logits(logits: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: whether any position's logits (N, V) hold NaN or +inf, or a confidence
+    is NaN (e.g. every logit -inf). -inf logits alone are legitimate (forbidden tokens). Left on
+    the device, so that the caller folds it into a host sync it makes anyway."""
+    return (~(logits.amax(dim=-1) < torch.inf)).any() | confidence.isnan().any()
+
+
+def _nan_last(confidence: torch.Tensor) -> torch.Tensor:
+    """NaN confidences as candidates ranked below every other one. Sorting and top-k rank NaN
+    above everything and `> -inf` is False for it, so a row of NaN candidates would otherwise
+    commit nothing (or garbage first) and a loop that decodes until its block is full would
+    never end. The samplers raise on non-finite logits; the rules stay total regardless."""
+    low = torch.finfo(confidence.dtype).min
+    return torch.where(confidence.isnan(), low, confidence)
+
+
 def commit_schedule(confidence: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     """Top-`quota[row]` of each row's confidences (-inf = not a candidate), as the reference."""
+    confidence = _nan_last(confidence)
     commit = torch.zeros_like(confidence, dtype=torch.bool)
     for row in range(confidence.shape[0]):
         _, chosen = torch.topk(confidence[row], k=int(quota[row]))
@@ -93,6 +111,7 @@ def commit_schedule(confidence: torch.Tensor, quota: torch.Tensor) -> torch.Tens
 
 def _ranked(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted confidences, their columns, candidate counts) per row, most confident first."""
+    confidence = _nan_last(confidence)
     ordered, columns = confidence.sort(dim=-1, descending=True, stable=True)
     return ordered, columns, (confidence > -torch.inf).sum(-1)
 
@@ -112,11 +131,14 @@ def commit_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor
 
 
 def commit_factor(confidence: torch.Tensor, factor: float) -> torch.Tensor:
-    """Fast-dLLM's factor rule (SPEC §8), its all-at-the-end quirk included."""
+    """Fast-dLLM's factor rule (NVlabs/Fast-dLLM llada/generate.py), its all-at-the-end quirk
+    included."""
     ordered, columns, candidates = _ranked(confidence)
     n = torch.arange(1, ordered.shape[-1] + 1, device=ordered.device, dtype=ordered.dtype)
     thresholds = 1 - factor / (n + 1)
-    thresholds[0] = -1
+    # The first is always taken: -inf, not -1, as confidences below -1 occur (NaN ranked last,
+    # eos_in_order's shifted EOS proposals) and would otherwise commit nothing.
+    thresholds[0] = -torch.inf
     fails = (ordered < thresholds) & (n[None, :] <= candidates[:, None])
     first_fail = torch.where(
         fails.any(-1), fails.to(torch.int64).argmax(-1), candidates.to(torch.int64) - 1
@@ -126,8 +148,10 @@ def commit_factor(confidence: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def commit_entropy(confidence: torch.Tensor, entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """EB-sampler: lowest-entropy candidates first, while their entropy sum stays <= bound."""
-    candidate = confidence > -torch.inf
+    """EB-sampler: lowest-entropy candidates first, while their entropy sum stays <= bound.
+    A NaN entropy ranks after every finite one, still before the non-candidates."""
+    candidate = _nan_last(confidence) > -torch.inf
+    entropy = torch.where(entropy.isnan(), torch.finfo(entropy.dtype).max, entropy)
     keyed = torch.where(candidate, entropy, torch.inf)
     ordered, columns = keyed.sort(dim=-1, stable=True)
     total = torch.where(ordered.isinf(), torch.inf, ordered).cumsum(-1)

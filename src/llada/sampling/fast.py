@@ -17,14 +17,29 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inputs import check_attention_mask, check_token_ids, device_of, vocab_size_of
+from ..inputs import (
+    check_attention_mask,
+    check_context,
+    check_mask_id,
+    check_prompt,
+    check_token_ids,
+    device_of,
+    vocab_size_of,
+)
 from ..tokens import special_tokens_of
-from .config import DecodeConfig, GenerateConfig, decode_preset
+from .config import (
+    DecodeConfig,
+    GenerateConfig,
+    NonFiniteLogitsError,
+    decode_preset,
+    nonfinite_logits_message,
+)
 from .decoding import (
     commit_entropy,
     commit_factor,
     commit_schedule,
     commit_threshold,
+    has_nonfinite_logits,
     propose,
 )
 from .reference import get_num_transfer_tokens
@@ -84,24 +99,31 @@ def denoise(
     server's client disconnected). They leave the batch and the cache as ended rows do (their
     undecided positions become EOS and they count as finished), so the other rows go on with
     less work and unchanged results."""
-    config = config or GenerateConfig()
-    if isinstance(decode, str):
-        decode = decode_preset(decode)
+    config, decode = _settings(config, decode)
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
+    vocab_size = vocab_size_of(model)
+    check_mask_id(mask_id, vocab_size)
     device = device_of(model)
-    prompt = check_token_ids("prompt", prompt, 2, vocab_size_of(model)).to(device)
+    prompt = check_prompt(prompt, vocab_size).to(device)
     batch, prompt_length = prompt.shape
     length = prompt_length + config.gen_length
+    check_context(model, length, prompt_length, config.gen_length)
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_length] = prompt
     if answer is not None:
-        answer = check_token_ids("answer", answer, 2, vocab_size_of(model)).to(device)
+        answer = check_token_ids("answer", answer, 2, vocab_size).to(device)
         if answer.shape != (batch, config.gen_length):
             raise ValueError(
                 f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
                 f"got {tuple(answer.shape)}"
             )
+        if not bool((answer == mask_id).any()):
+            raise ValueError(
+                f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
+                "nothing to generate; put the mask id where the model should write"
+            )
+        # An answer of mask ids only is the same as answer=None: every position is free.
         x[:, prompt_length:] = answer
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
@@ -130,6 +152,8 @@ def denoise(
         config.temperature > 0 or config.remasking == "random"
     )
     never_propose = None if decode.reference_numerics else mask_id
+    step_limit = config.steps_per_block if decode.commit == "schedule" else config.block_length
+    step_limit = max(step_limit, config.steps_per_block if decode.reference_numerics else 0)
     for block in range(config.num_blocks):
         block_start = prompt_length + block * config.block_length
         block_end = block_start + config.block_length
@@ -140,6 +164,15 @@ def denoise(
         while True:
             if _block_done(x, rows, block_start, block_end, mask_id, decode, step, config):
                 break
+            if step >= step_limit:
+                # Every rule commits at least one candidate of each unfinished row per step,
+                # so a block of block_length positions fills within block_length steps.
+                raise RuntimeError(
+                    f"block {block} is still not full after {step} steps (at most "
+                    f"{step_limit} are possible with commit={decode.commit!r}): a step "
+                    "committed nothing. This is a bug in llada; please report it with the "
+                    "settings used"
+                )
             window = source.window(block_start, block_end, length, first_step=step == 0)
             span = positions[window.start : window.end]
             canvas = x[rows]
@@ -155,6 +188,7 @@ def denoise(
                 need_entropy=decode.commit == "entropy",
                 never_propose=never_propose,
             )
+            nonfinite = has_nonfinite_logits(logits, confidence)
             dense_token = torch.full_like(candidate, mask_id, dtype=torch.long)
             dense_conf = torch.full(candidate.shape, -torch.inf, device=device)
             dense_token[logits_at] = proposal
@@ -198,7 +232,15 @@ def denoise(
             shown[rows, window.start : window.end] = torch.where(
                 candidate, dense_conf, torch.nan
             ).float()
-            if bool(ended.any()):
+            # One host sync per step, for both questions (a row ended; the logits are broken).
+            any_ended, broken = torch.stack([ended.any(), nonfinite]).tolist()
+            if broken:
+                raise NonFiniteLogitsError(
+                    nonfinite_logits_message(  # `step` already counts this step
+                        block, step - 1, source.forward_passes, config.cfg_scale, logits.dtype
+                    )
+                )
+            if any_ended:
                 done = rows[ended]
                 answer = x[done, prompt_length:]
                 x[done, prompt_length:] = answer.masked_fill(answer == mask_id, tokens.eos_id)
@@ -228,6 +270,30 @@ def denoise(
                 return
         if len(rows) == 0:
             return
+
+
+def _settings(config: object, decode: object) -> tuple[GenerateConfig, DecodeConfig]:
+    """The settings objects, or a TypeError that says how to build them."""
+    if config is None:
+        config = GenerateConfig()
+    if isinstance(config, dict):
+        raise TypeError(
+            "config must be a llada.GenerateConfig, got a dict; pass GenerateConfig(**your_dict)"
+        )
+    if not isinstance(config, GenerateConfig):
+        raise TypeError(f"config must be a llada.GenerateConfig, got {type(config).__name__}")
+    if isinstance(decode, str):
+        decode = decode_preset(decode)
+    elif isinstance(decode, dict):
+        raise TypeError(
+            "decode must be a preset name or a llada.DecodeConfig, got a dict; pass "
+            "DecodeConfig(**your_dict)"
+        )
+    elif not isinstance(decode, DecodeConfig):
+        raise TypeError(
+            f"decode must be a preset name or a llada.DecodeConfig, got {type(decode).__name__}"
+        )
+    return config, decode
 
 
 def _block_done(x, rows, block_start, block_end, mask_id, decode, step, config) -> bool:
@@ -262,7 +328,6 @@ def sample(
     where fixed (the reference demo's word constraints). Fixed tokens are never changed and,
     as in the reference demo, count as prompt for CFG's unconditional pass.
     """
-    config = config or GenerateConfig()
     last = None
     steps = 0
     for event in denoise(model, prompt, attention_mask, config, decode, mask_id, answer):

@@ -1,4 +1,5 @@
-"""The reference sampler: LLaDA's `generate()` (paper Algorithm 4/5, SPEC §4), the oracle.
+"""The reference sampler: LLaDA's `generate()` (paper Algorithm 4/5; ML-GSAI/LLaDA generate.py),
+the oracle.
 
 Reverse process of the masked diffusion: the answer starts as `gen_length` mask tokens; it is
 split into semi-autoregressive blocks of `block_length`; within a block, a linear schedule says
@@ -9,7 +10,10 @@ ones) are committed while the rest stay masked ("low-confidence remasking").
 This file is deliberately plain. It reproduces the published code token for token, including
 its random draws from the global torch generator, so that every fast sampler can be tested
 against it. Known reference bugs are reproduced where the reference returns a result and fixed
-where it crashes (SPEC §4): CFG without an attention mask works here.
+where it crashes: CFG without an attention mask works here. Inputs the reference would run into
+noise are refused with a ValueError instead: an empty prompt or an all-padding row, a mask id
+outside the vocabulary, a canvas longer than the model's context, and NaN/inf logits (a broken
+checkpoint; `NonFiniteLogitsError`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,16 @@ from __future__ import annotations
 import torch
 
 from ..guidance import predict_logits
-from ..inputs import check_attention_mask, check_token_ids, device_of, vocab_size_of
+from ..inputs import (
+    check_attention_mask,
+    check_context,
+    check_mask_id,
+    check_prompt,
+    device_of,
+    vocab_size_of,
+)
 from ..tokens import special_tokens_of
-from .config import GenerateConfig, Remasking
+from .config import GenerateConfig, NonFiniteLogitsError, Remasking, nonfinite_logits_message
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,9 +102,11 @@ def generate(
     )
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
+    check_mask_id(mask_id, vocab_size_of(model))
     device = device_of(model)
-    prompt = check_token_ids("prompt", prompt, 2, vocab_size_of(model)).to(device)
+    prompt = check_prompt(prompt, vocab_size_of(model)).to(device)
     batch, prompt_length = prompt.shape
+    check_context(model, prompt_length + config.gen_length, prompt_length, config.gen_length)
 
     x = torch.full(
         (batch, prompt_length + config.gen_length), mask_id, dtype=torch.long, device=device
@@ -105,7 +118,8 @@ def generate(
             (batch, config.gen_length), dtype=attention_mask.dtype, device=device
         )
         attention_mask = torch.cat([attention_mask, answer_ones], dim=-1)
-    # Mask tokens inside the prompt are infilled like answer positions (SPEC §4 quirk).
+    # Mask tokens inside the prompt are infilled like answer positions (a quirk of the
+    # reference generate.py, kept).
     prompt_index = x != mask_id
 
     for block in range(config.num_blocks):
@@ -124,6 +138,16 @@ def generate(
                 cfg_scale=config.cfg_scale,
                 attention_mask=attention_mask,
             )
+            if not bool((logits.amax(dim=-1) < torch.inf).all()):  # NaN or +inf somewhere
+                raise NonFiniteLogitsError(
+                    nonfinite_logits_message(
+                        block,
+                        step,
+                        block * config.steps_per_block + step + 1,
+                        config.cfg_scale,
+                        logits.dtype,
+                    )
+                )
             if config.logits_eos_inf:
                 logits[:, :, tokens.eos_id] = -torch.inf
 
