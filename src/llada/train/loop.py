@@ -291,7 +291,8 @@ class Trainer:
                         elif path.exists():
                             path.unlink()
                     self.say(f"--overwrite: removed the run that was in {out_dir} (step {held})")
-                barrier(self.env)
+            # Every process passes here, whether or not it saw the run before rank 0 removed it.
+            barrier(self.env)
             return None, None
         if config.resume_from:
             folder = Path(config.resume_from)
