@@ -226,6 +226,15 @@ def test_file_with_a_separator_and_jsonl_input(tmp_path, capsys):
     assert f"--file {records} line 2: expected a JSON string or an object with a" in line
 
 
+def test_chat_set_with_a_bad_value_says_what_it_expects(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", Stdin("/set steps=abc\n/set temperature=warm\n"))
+    assert main(["chat", "--model", str(INSTRUCT), *TINY, "--no-live"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "error: /set steps: expected a whole number, got 'abc'",
+        "error: /set temperature: expected a number, got 'warm'",
+    ]
+
+
 def test_chat_takes_multi_line_messages(monkeypatch, capsys):
     text = 'Reverse the order:\\\nking moon sword\n"""\nSort in ascending order:\n42 17 9 63\n"""\n'
     monkeypatch.setattr("sys.stdin", Stdin(text))

@@ -81,7 +81,11 @@ def _set(config: GenerateConfig, assignment: str) -> GenerateConfig:
     if isinstance(current, bool):
         parsed = value.strip().lower() in ("1", "true", "yes", "on")
     elif isinstance(current, (int, float)):
-        parsed = type(current)(value)
+        try:
+            parsed = type(current)(value)
+        except ValueError:
+            kind = "a whole number" if isinstance(current, int) else "a number"
+            raise ValueError(f"/set {name}: expected {kind}, got {value.strip()!r}") from None
     else:
         parsed = value.strip()
     return dataclasses.replace(config, **{name: parsed})
