@@ -83,6 +83,20 @@ def test_a_file_that_is_not_utf8_is_named_with_the_offending_byte(tmp_path, caps
     assert f"--file {latin} is not UTF-8 text (byte 0xe9 at offset 3)" in line
 
 
+def test_an_empty_file_is_named_and_stdin_is_not_read(tmp_path, monkeypatch, capsys):
+    class Unread(Stdin):
+        def read(self, *args):
+            raise AssertionError("stdin was read")
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    monkeypatch.setattr("sys.stdin", Unread("", tty=True))
+    assert main(["generate", "--file", str(empty)]) == 2
+    assert (
+        one_error_line(capsys.readouterr().err) == f"llada: error: --file {empty} holds no prompts"
+    )
+
+
 def test_file_system_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", "--file", str(tmp_path)]) == 2  # a folder: IsADirectoryError
     assert one_error_line(capsys.readouterr().err) == (

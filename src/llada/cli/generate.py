@@ -145,7 +145,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--file {args.file}: {error.strerror or error}") from None
         text = _decode(data, f"--file {args.file}")
         prompts += split_prompts(text, input_format, args.separator, f"--file {args.file}")
-    if not prompts or "-" in args.prompts:
+    if "-" in args.prompts or not (args.prompts or args.file):
         if sys.stdin.isatty():
             how = {
                 "lines": "one per line",
@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     prompts = _read_prompts(args)
+    if not prompts and args.file and "-" not in args.prompts:
+        raise ValueError(f"--file {args.file} holds no prompts")
     if not prompts:
         raise ValueError("no prompts: pass them as arguments, with --file, or on standard input")
     model, tokenizer, _ = load_from_args(args)
