@@ -248,13 +248,18 @@ def _broken_latest(tiny, tmp_path, damage: str) -> tuple[Path, Path]:
     if damage == "hostile":
         payload = {"step": 4, "optimizer": _Payload(tmp_path / "pwned")}
         torch.save(payload, broken / "trainer_state.pt")
+    elif damage == "config.json":  # whole files that do not belong together
+        config = json.loads((broken / damage).read_text())
+        (broken / damage).write_text(json.dumps(dict(config, mlp_hidden_size=48)))
     else:
         file = broken / damage
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     return out, broken
 
 
-@pytest.mark.parametrize("damage", ["hostile", "model.safetensors", "trainer_state.pt"])
+@pytest.mark.parametrize(
+    "damage", ["hostile", "model.safetensors", "trainer_state.pt", "config.json"]
+)
 def test_a_broken_checkpoint_names_the_last_good_one(tiny, reference, tmp_path, capsys, damage):
     out, broken = _broken_latest(tiny, tmp_path, damage)
     capsys.readouterr()
@@ -269,6 +274,8 @@ def test_a_broken_checkpoint_names_the_last_good_one(tiny, reference, tmp_path, 
         )
         assert "it was not loaded. Resume from another checkpoint or start a new run" in line
         assert not (tmp_path / "pwned").exists()
+    elif damage == "config.json":
+        assert "config.json implies" in line
     else:
         assert f"{file} is truncated or corrupt" in line
     assert line.startswith(f"llada: error: cannot resume from {broken}: ")

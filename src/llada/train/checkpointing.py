@@ -155,11 +155,12 @@ class BrokenCheckpoint(ValueError):
     """A checkpoint that cannot be resumed from; the message says which file and what to do."""
 
 
-def load_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
-    """The trainer state of a checkpoint, read without unpickling any object."""
+def load_trainer_state(folder: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint, read without unpickling any object. With `mmap`, the
+    tensors are mapped, not read: a cheap check of the whole file's structure."""
     path = Path(folder) / TRAINER_STATE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # torch's message advises weights_only=False, i.e. running the file's code: never.
         raise BrokenCheckpoint(
@@ -180,7 +181,7 @@ def load_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """What is wrong with a checkpoint folder (one line), or None when it looks whole: every
     file is present, config.json parses, each safetensors file is as long as its header says,
-    and the trainer state loads. Cheap: the weights are not read."""
+    and the trainer state loads. Cheap: no tensor is read."""
     folder = Path(folder)
     config = folder / "config.json"
     try:
@@ -195,7 +196,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         if problem:
             return problem
     try:
-        load_trainer_state(folder)
+        load_trainer_state(folder, mmap=True)
     except BrokenCheckpoint as error:
         return str(error)
     return None

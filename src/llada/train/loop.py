@@ -339,7 +339,15 @@ class Trainer:
             else (self.resume_from or config.model or None)
         )
         if source is not None:
-            model = load_model(source, dtype=torch.float32)
+            try:
+                model = load_model(source, dtype=torch.float32)
+            except ValueError as error:
+                if source != self.resume_from:
+                    raise
+                # Damage the cheap check cannot see (e.g. wrong shapes): still offer the way back.
+                raise BrokenCheckpoint(
+                    f"cannot resume from {source}: {error}. {self._fallback(source)}"
+                ) from None
             self.tokenizer_folder = Path(model.checkpoint_folder)
             given = _read_json(self.tokenizer_folder / "config.json")
         else:
