@@ -16,18 +16,21 @@ import torch
 from llada.sampling.config import GenerateConfig
 from llada.sampling.fast import sample
 from llada.serve.metrics import parse_metrics
+from llada.serve.server import uvicorn_config
 
 
 @contextmanager
 def live_server(app) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on 127.0.0.1 and a free port; yield its base URL and
-    stop it (and its scheduler) on exit."""
+    """Run `app` with uvicorn in a thread on 127.0.0.1 and a free port, with the server's
+    connection limits (llada.serve.server); yield its base URL and stop it (and its scheduler)
+    on exit."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn_config(app, app.state.llada.config, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -38,7 +38,7 @@ DEFAULTS = GenerateConfig(steps=64, gen_length=64, block_length=32)
 def client(chat_checkpoint):
     model, tokenizer, _ = load(chat_checkpoint)
     config = ServeConfig(api_key=KEY, max_body_bytes=4000, max_prompt_tokens=200)
-    with TestClient(create_app(model, tokenizer, config)) as client:
+    with TestClient(create_app(model, tokenizer, config), base_url="http://localhost") as client:
         yield client
 
 

@@ -29,7 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "streaming), /health and /metrics. Concurrent requests with the same sampler settings "
         "share sampler calls. The sampler flags are the defaults of a request; a request may "
         "override them with extra body fields (steps, gen_length, block_length, cfg_scale, "
-        "remasking, threshold, preset) and temperature / max_tokens.",
+        "remasking, threshold, preset) and temperature / max_tokens. Set the API key in the "
+        "LLADA_API_KEY environment variable (a --api-key flag shows in `ps`). On SIGTERM or "
+        "Ctrl-C the server stops accepting, gives requests in flight --shutdown-grace seconds, "
+        "then cancels the rest and exits.",
     )
     add_model_arguments(parser)
     add_preset_argument(parser, PRESET)
@@ -40,33 +43,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from ..serve.app import create_app
+        from ..serve.server import Server, bind, uvicorn_config
     except ImportError as error:
         raise ValueError(
             f"llada serve needs FastAPI and uvicorn ({error}): pip install 'llada-kit[serve]'"
         ) from None
     import torch
 
-    if args.api_key is None and os.environ.get("LLADA_API_KEY"):
+    if args.api_key is not None:
+        print(
+            "warning: --api-key is visible to other users of this machine (ps); "
+            "set LLADA_API_KEY instead",
+            file=sys.stderr,
+        )
+    elif os.environ.get("LLADA_API_KEY"):
         args.api_key = os.environ["LLADA_API_KEY"]
     config = dataclass_from_args(ServeConfig, args)
     sampler = dataclass_from_args(GenerateConfig, args)
-    model, tokenizer, _ = load_from_args(args)
+    # Bind before loading the model: a busy port is one line at once, not after the load.
+    sock = bind(config.host, config.port)
+    try:
+        model, tokenizer, _ = load_from_args(args)
+    except BaseException:
+        sock.close()
+        raise
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"warning: serving on {config.host} without an API key (--api-key or LLADA_API_KEY)",
+            f"warning: serving on {config.host} without an API key (set LLADA_API_KEY)",
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
     app = create_app(model, tokenizer, config, sampler, preset=args.preset)
     name = app.state.llada.model_name
-    print(
-        f"llada serve: model {name!r} on http://{config.host}:{config.port}/v1 "
-        f"(preset {args.preset}, gen_length {sampler.gen_length}, block_length "
-        f"{sampler.block_length}, steps {sampler.steps})",
-        file=sys.stderr,
-    )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    port = sock.getsockname()[1]
+    shown_host = f"[{config.host}]" if ":" in config.host else config.host
+
+    def listening() -> None:
+        print(
+            f"llada serve: model {name!r} on http://{shown_host}:{port}/v1 "
+            f"(preset {args.preset}, gen_length {sampler.gen_length}, block_length "
+            f"{sampler.block_length}, steps {sampler.steps})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    server = Server(uvicorn_config(app, config, log_level="warning"), on_listening=listening)
+    server.run(sockets=[sock])
     return 0

@@ -5,6 +5,11 @@ Handlers validate a request, encode its prompt and hand one `Job` per prompt to 
 then wait for the job's updates: a streaming request forwards each newly final piece of text as
 an SSE chunk, a plain request joins them. Every error is an OpenAI-style JSON body
 `{"error": {"message", "type", "param", "code"}}`; a client that goes away cancels its jobs.
+
+Requests must name an allowed host (the Host header; loopback names by default on a loopback
+server) and POST bodies must be `application/json`, so that a web page in a browser cannot
+drive a local server (DNS rebinding, cross-site form posts). No OpenAPI schema or docs pages
+are served. How connections are timed and shut down is in server.py.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ try:
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "the server needs FastAPI and uvicorn: pip install 'llada-kit[serve]'"
@@ -34,7 +40,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 from ..sampling.config import GenerateConfig
 from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
-from .config import ServeConfig
+from .config import ServeConfig, host_name
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
     ChatCompletionRequest,
@@ -53,10 +59,17 @@ logger = logging.getLogger(__name__)
 SERVE_SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
 SERVE_PRESET = "fast"
 
+# Errors sent before the body has been read to its end close the connection: the rest of the
+# body must not be taken as the next request, nor keep the connection open.
+CLOSE = {"Connection": "close"}
+
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 # Status of a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
+
+# At shutdown, seconds to wait for the scheduler thread to leave a running sampler step.
+STOP_WAIT_S = 2.0
 
 
 def _error_type(status: int) -> str:
@@ -76,10 +89,39 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    # A message may quote the client's input: keep it encodable whatever that held.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {
         "error": {"message": message, "type": _error_type(status), "param": param, "code": code}
     }
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _HostCheck:
+    """ASGI middleware: refuse (400) a request whose Host header is not on the allow-list."""
+
+    def __init__(self, app, allowed: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.allowed is None:
+            await self.app(scope, receive, send)
+            return
+        raw = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+        name = host_name(raw.decode("latin-1")) if raw is not None else None
+        if name in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        shown = "no Host header" if raw is None else f"the Host {raw.decode('latin-1')!r}"
+        message = (
+            f"{shown} is not allowed by this server (it takes {', '.join(sorted(self.allowed))});"
+            " start it with --allowed-hosts to allow other names"
+        )
+        response = error_response(400, message, code="host_not_allowed", headers=CLOSE)
+        await response(scope, receive, send)
 
 
 class _RequestMetrics:
@@ -119,20 +161,50 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
+def _grace_ended() -> RequestError:
+    """uvicorn cancels the requests still running when the shutdown grace ends (the only
+    cancellation a handler sees): answer them with a 503 instead of uvicorn's plain 500."""
+    return RequestError(
+        503,
+        "the server is shutting down and the grace period of requests in flight has ended; retry",
+        code="unavailable",
+        headers=CLOSE,
+    )
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its request body was complete."""
+
+
 async def _read_json(request: Request, max_bytes: int) -> object:
-    """The request body as JSON, refusing bodies over `max_bytes` (413) and bad JSON (400)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    """The request body as JSON, refusing another Content-Type (415), bodies over `max_bytes`
+    (413) and bad JSON (400)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"{media_type!r}" if media_type else "none"
         raise RequestError(
-            413, f"the request body is larger than {max_bytes} bytes", code="too_large"
+            415,
+            f"the request body must be JSON sent with 'Content-Type: application/json' "
+            f"(got {shown})",
+            code="unsupported_media_type",
+            headers=CLOSE,
         )
+    length = request.headers.get("content-length", "")
+    too_large = RequestError(
+        413, f"the request body is larger than {max_bytes} bytes", code="too_large", headers=CLOSE
+    )
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise RequestError(
-                413, f"the request body is larger than {max_bytes} bytes", code="too_large"
-            )
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect:
+        raise _ClientGone() from None
+    except asyncio.CancelledError:
+        raise _grace_ended() from None
     if not body:
         raise RequestError(400, "the request body is empty; send a JSON object")
     try:
@@ -182,6 +254,19 @@ class _State:
         model_config = getattr(model, "config", None)
         self.vocab_size = getattr(model_config, "vocab_size", None)
         self.max_sequence_length = getattr(model_config, "max_sequence_length", None)
+
+    @property
+    def health(self) -> tuple[bool, str]:
+        """(healthy, status): 'ok', 'stopping', 'stalled' (the sampler made no progress for
+        stall_timeout while requests wait or run) or 'down' (the scheduler thread died)."""
+        batcher = self.batcher
+        if batcher.stopping:
+            return False, "stopping"
+        if not batcher.thread_ok:
+            return False, "down"
+        if batcher.stalled_for() > self.config.stall_timeout:
+            return False, "stalled"
+        return True, "ok"
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
@@ -376,11 +461,16 @@ async def _respond(
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         while open_jobs:
-            item = await _next_update(queue, watcher)
+            try:
+                item = await _next_update(queue, watcher)
+            except asyncio.CancelledError:
+                raise _grace_ended() from None
             if item is None:
                 return Response(status_code=CLIENT_CLOSED)
             index, update = item
             if update.error is not None:
+                if update.stopping:
+                    raise RequestError(503, update.error, code="unavailable")
                 raise RequestError(500, update.error, code="generation_failed")
             texts[index] += update.text
             tokens[index] = update.completion_tokens
@@ -417,8 +507,9 @@ async def _stream(
                 return  # the client went away; `finally` cancels its jobs
             index, update = item
             if update.error is not None:
+                code = "unavailable" if update.stopping else "generation_failed"
                 error = {"message": update.error, "type": "server_error", "param": None}
-                yield _sse({"error": {**error, "code": "generation_failed"}})
+                yield _sse({"error": {**error, "code": code}})
                 break
             tokens[index] = update.completion_tokens
             if update.text:
@@ -462,10 +553,16 @@ def create_app(
         try:
             yield
         finally:
-            await run_in_threadpool(state.batcher.stop)
+            # Requests in flight have had the grace period already (server.py); a sampler
+            # stuck in a step must not hold the exit.
+            await run_in_threadpool(state.batcher.stop, STOP_WAIT_S)
 
-    app = FastAPI(title="llada serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No /docs, /redoc or /openapi.json: they would be open without the key.
+    app = FastAPI(
+        title="llada serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.llada = state
+    app.add_middleware(_HostCheck, allowed=config.host_allow_list())
     app.add_middleware(_RequestMetrics, metrics=state.metrics)
 
     @app.exception_handler(RequestError)
@@ -482,6 +579,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(400, str(error))
+
+    @app.exception_handler(_ClientGone)
+    async def on_client_gone(request: Request, error: _ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, error: Exception) -> JSONResponse:
@@ -503,9 +604,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        healthy = state.batcher.healthy
+        healthy, status = state.health
         body = {
-            "status": "ok" if healthy else "unavailable",
+            "status": status,
             "model": state.model_name,
             "queue_depth": state.batcher.queue_depth,
         }

@@ -13,6 +13,11 @@ row finished) sends the newly final text to its client. A row whose client has g
 whose answer is complete for its client (max_tokens reached, a stop string seen), is no longer
 followed and leaves the sampler call at the next step (`denoise(abandoned=...)`), so the other
 rows go on with less work; when no row is wanted any more the call is stopped at that step.
+
+A sampler call that fails, or that runs more steps than its canvas can need (a loop that
+commits nothing, e.g. on non-finite model outputs), fails its own requests with a clear error
+and the scheduler goes on with the next batch. `stalled_for()` tells how long the sampler has
+made no progress while requests wait or run, which /health reports.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ class ServerStopping(Exception):
     """The scheduler is shutting down and takes no more requests."""
 
 
+class SamplerStuck(RuntimeError):
+    """A sampler call ran more steps than its canvas can need without finishing."""
+
+
+def step_limit(config: GenerateConfig) -> int:
+    """Steps a sampler call may take at most: the schedule's steps, or one per answer position
+    for the rules that commit at least one token per step, whichever is more (their sum, to be
+    safe); a call past it is stuck."""
+    return config.steps + config.gen_length
+
+
 @dataclass
 class Update:
     """What a client is sent after a step.
@@ -51,6 +67,8 @@ class Update:
     finish_reason: 'stop' (EOS/EoT or a stop string) or 'length' (max_tokens reached), when
         finished.
     error: set (with finished) when the sampler failed; the text is then incomplete.
+    stopping: the error is the server's shutdown (the client may retry elsewhere or later),
+        not a failed sampler call.
     """
 
     text: str
@@ -58,6 +76,7 @@ class Update:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    stopping: bool = False
 
 
 @dataclass(eq=False)
@@ -136,6 +155,7 @@ class Batcher:
         self._running: list[Job] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._progress_at = time.monotonic()  # when the sampler last made progress
         metrics.set("llada_queue_capacity", max_queue)
         metrics.set("llada_queue_depth", 0)
         metrics.set("llada_running_rows", 0)
@@ -159,7 +179,7 @@ class Batcher:
             self._cond.notify_all()
             thread = self._thread
         for job in waiting:
-            self._fail(job, "the server is shutting down")
+            self._fail(job, "the server is shutting down", stopping=True)
         if thread is not None:
             thread.join(timeout)
         self._thread = None
@@ -170,9 +190,27 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def thread_ok(self) -> bool:
+        """The scheduler thread is running, or has not been started yet."""
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
+    @property
     def healthy(self) -> bool:
         """Taking jobs, and the scheduler thread (once started) is running."""
-        return not self._stopping and (self._thread is None or self._thread.is_alive())
+        return not self._stopping and self.thread_ok
+
+    def stalled_for(self) -> float:
+        """Seconds since the sampler last made progress (a token committed, a row or a call
+        ended), while requests wait or run; 0 when there is no work."""
+        with self._cond:
+            if not self._waiting and not self._running:
+                return 0.0
+            return time.monotonic() - self._progress_at
 
     @property
     def queue_depth(self) -> int:
@@ -186,6 +224,8 @@ class Batcher:
                 raise ServerStopping("the server is shutting down")
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            if not self._waiting and not self._running:
+                self._progress_at = time.monotonic()  # idle time is no stall
             self._waiting.extend(jobs)
             self.metrics.set("llada_queue_depth", len(self._waiting))
             self._cond.notify_all()
@@ -219,10 +259,15 @@ class Batcher:
             with self._cond:
                 batch = self._take_batch()
                 self._running = batch
+                self._progress_at = time.monotonic()
             if not batch:
                 continue
             try:
                 self._run_batch(batch)
+            except SamplerStuck as error:
+                logger.error("sampler call stopped: %s", error)
+                for job in batch:
+                    self._fail(job, f"generation failed: {error}")
             except Exception as error:  # the server must outlive a failed sampler call
                 logger.exception("sampler call failed")
                 for job in batch:
@@ -230,6 +275,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running = []
+                    self._progress_at = time.monotonic()
                 self.metrics.set("llada_running_rows", 0)
 
     def _take_batch(self) -> list[Job]:
@@ -262,6 +308,9 @@ class Batcher:
         # the next step, so the rest of the batch goes on with less work.
         finished_rows = [False] * len(batch)  # as of the last event seen
         left_early: set[int] = set()
+        limit = step_limit(config)
+        steps = 0
+        progress = (config.gen_length * len(batch), 0)  # (masked answer positions, finished)
 
         def abandoned() -> set[int]:
             gone = {row for row, job in enumerate(batch) if job.done or job.cancelled.is_set()}
@@ -282,6 +331,16 @@ class Batcher:
                 finished_rows[:] = event.finished.tolist()
                 answers = event.tokens[:, width:]  # (B, gen_length)
                 is_masked = answers == self._special.mask_id
+                now = (int(is_masked.sum()), int(event.finished.sum()))
+                if now[0] < progress[0] or now[1] > progress[1]:
+                    self._progress_at = time.monotonic()
+                progress = now
+                steps += 1
+                if steps > limit:
+                    raise SamplerStuck(
+                        f"the sampler made no progress: {steps} steps for an answer canvas of "
+                        f"{config.gen_length} tokens (the model may output NaN or infinity)"
+                    )
                 # Answer positions before the first mask are final (LLaDA never remasks).
                 leading = torch.where(
                     is_masked.any(-1), is_masked.int().argmax(-1), config.gen_length
@@ -302,7 +361,7 @@ class Batcher:
                 self.metrics.set("llada_running_rows", wanted)
                 if self._stopping:
                     for job in batch:
-                        self._fail(job, "the server is shutting down")
+                        self._fail(job, "the server is shutting down", stopping=True)
                     break
                 if wanted == 0:
                     break
@@ -342,11 +401,11 @@ class Batcher:
         if delta or ended:
             self._send(job, Update(delta, len(ids), ended, reason))
 
-    def _fail(self, job: Job, message: str) -> None:
+    def _fail(self, job: Job, message: str, stopping: bool = False) -> None:
         if job.done:
             return
         job.done = True
-        self._send(job, Update("", 0, True, None, error=message))
+        self._send(job, Update("", 0, True, None, error=message, stopping=stopping))
 
     def _send(self, job: Job, update: Update) -> None:
         try:

@@ -6,6 +6,7 @@ The sampler's defaults are not here: they are a `GenerateConfig` and a preset na
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from ..settings import require_non_negative_numbers, require_positive_ints
@@ -17,8 +18,9 @@ class ServeConfig:
 
     host: interface to bind; the loopback default keeps the server private to this machine.
     port: TCP port to listen on.
-    api_key: if set, every /v1 request needs `Authorization: Bearer <key>`; `llada serve`
-        reads the LLADA_API_KEY environment variable when the flag is not given.
+    api_key: if set, every /v1 request needs `Authorization: Bearer <key>`. Prefer the
+        LLADA_API_KEY environment variable, which `llada serve` reads: a key given as
+        --api-key is visible to every user of the machine (`ps`).
     served_model_name: the model id clients ask for (default: the model folder's name).
     max_queue: requests waiting for the model at most; more are refused with 429.
     max_batch_size: rows (prompts) in one sampler call at most.
@@ -28,6 +30,17 @@ class ServeConfig:
     max_gen_length: answer tokens one request may ask for at most (max_tokens / gen_length).
     max_body_bytes: request bodies larger than this get a 413.
     retry_after: seconds a refused client is told to wait (the Retry-After header of a 429).
+    allowed_hosts: comma-separated names clients may reach the server by (the Host header;
+        '*' allows any), so that a web page cannot drive it through DNS rebinding. Default:
+        the loopback names (localhost, 127.0.0.1, ::1) when bound to loopback, else any.
+    request_read_timeout: seconds a client has to send a request's headers and body; a slower
+        one gets a 408 and is disconnected (slowloris).
+    keep_alive_timeout: seconds an idle keep-alive connection stays open.
+    max_connections: open connections at most; more are answered 503 and closed at once.
+    shutdown_grace: seconds that requests in flight get to finish after SIGTERM/SIGINT (no new
+        connections are accepted meanwhile); the rest are then cancelled and the server exits.
+    stall_timeout: seconds without progress of the sampler, while requests wait or run, after
+        which /health answers 503 (a stuck scheduler).
     """
 
     host: str = "127.0.0.1"
@@ -41,6 +54,12 @@ class ServeConfig:
     max_gen_length: int = 512
     max_body_bytes: int = 1_000_000
     retry_after: int = 1
+    allowed_hosts: str | None = None
+    request_read_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 256
+    shutdown_grace: float = 10.0
+    stall_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -51,11 +70,52 @@ class ServeConfig:
             "max_gen_length",
             "max_body_bytes",
             "retry_after",
+            "max_connections",
         )
-        require_non_negative_numbers(self, "batch_window_ms")
+        require_non_negative_numbers(
+            self,
+            "batch_window_ms",
+            "request_read_timeout",
+            "keep_alive_timeout",
+            "shutdown_grace",
+            "stall_timeout",
+        )
+        for name in ("request_read_timeout", "keep_alive_timeout", "stall_timeout"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"port must be an integer, got {self.port!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; leave it unset to serve without a key")
+        if self.allowed_hosts is not None and not self.allowed_hosts.replace(",", "").strip():
+            raise ValueError("allowed_hosts is empty; name at least one host, or '*' for any")
+
+    def host_allow_list(self) -> frozenset[str] | None:
+        """The Host names a request may carry (lowercase, no port), or None for any."""
+        if self.allowed_hosts is None:
+            if _is_loopback(self.host):
+                return frozenset({"localhost", "127.0.0.1", "::1", self.host.lower()})
+            return None
+        names = {host_name(n) for n in self.allowed_hosts.split(",") if n.strip()}
+        return None if "*" in names else frozenset(names)
+
+
+def host_name(value: str) -> str:
+    """'Example.org:8000' -> 'example.org'; '[::1]:8000' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

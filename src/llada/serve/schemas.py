@@ -16,12 +16,19 @@ when not given). How the answer length is chosen:
   otherwise, with the sampler's own message). Given with max_tokens, it must be >= max_tokens.
 - `steps` defaults to the server's steps per answer token times the canvas length, rounded to a
   multiple of the number of blocks.
+- Whatever fields set them, the canvas (gen_length, after rounding up to whole blocks), the
+  block and the steps must each stay within the server's `max_gen_length`: a 400 names the
+  field otherwise.
+
+Numbers must be finite (no NaN, Infinity or 1e400), `seed` must fit in 64 bits, and every
+string must be valid Unicode (no lone UTF-16 surrogates such as "\ud800"): a 400 otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +39,8 @@ from .config import ServeConfig
 # OpenAI allows at most this many stop sequences.
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 200
+# `seed` is a signed 64-bit integer, the range torch's generator takes.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -57,7 +66,7 @@ class RequestError(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -75,7 +84,7 @@ class SamplerFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Any = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -240,10 +249,59 @@ class ChatCompletionRequest(SamplerFields):
         return out
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _short_repr(value: object) -> str:
+    """A bounded repr for error messages: a huge or deeply nested value is abbreviated."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return _REPR.repr(value)
+
+
+def find_lone_surrogate(body: object) -> str | None:
+    """The path ('messages.0.content') of the first string, or object key, in a decoded JSON
+    value that holds a lone UTF-16 surrogate (JSON's "\ud800" escapes decode to one; it is
+    not text and cannot be encoded), or None. Iterative: the nesting may be deep."""
+    stack: list[tuple[object, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if _has_surrogate(key):
+                    return path or "body"
+                stack.append((item, where))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def parse_body(cls: type[_Body], body: object) -> Any:
     """Validate a decoded JSON body into `cls`, or raise a `RequestError` naming the field."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    where = find_lone_surrogate(body)
+    if where is not None:
+        raise RequestError(
+            400,
+            f"{where} holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+            "pair); send valid Unicode text",
+            where,
+        )
     try:
         return cls.model_validate(body)
     except ValidationError as error:
@@ -254,7 +312,9 @@ def parse_body(cls: type[_Body], body: object) -> Any:
         elif first["type"] == "missing":
             message = f"missing required argument: {param}"
         else:
-            message = f"invalid value for {param}: {first['msg']} (got {first['input']!r})"
+            message = (
+                f"invalid value for {param}: {first['msg']} (got {_short_repr(first['input'])})"
+            )
         raise RequestError(400, message, param) from None
 
 
@@ -295,6 +355,13 @@ def resolve_sampling(
             f"{param} ({wanted}) is more than this server allows ({limits.max_gen_length})",
             param,
         )
+    if request.block_length is not None and request.block_length > limits.max_gen_length:
+        raise RequestError(
+            400,
+            f"block_length ({request.block_length}) is more than this server allows "
+            f"({limits.max_gen_length})",
+            "block_length",
+        )
     if request.gen_length is not None:
         if request.gen_length > limits.max_gen_length:
             raise RequestError(
@@ -314,6 +381,15 @@ def resolve_sampling(
     else:
         block_length = request.block_length or min(defaults.block_length, wanted)
         gen_length = math.ceil(wanted / block_length) * block_length
+        if gen_length > limits.max_gen_length:
+            # Only a block_length the request chose can round the canvas past the limit.
+            raise RequestError(
+                400,
+                f"{param} ({wanted}) in whole blocks of block_length ({block_length}) is a "
+                f"canvas of {gen_length} tokens, more than this server allows "
+                f"({limits.max_gen_length}); ask for a block_length that divides {param}",
+                "block_length",
+            )
     if request.steps is not None:
         steps = request.steps
         if steps > limits.max_gen_length:
@@ -327,6 +403,14 @@ def resolve_sampling(
         blocks = max(1, gen_length // block_length)
         per_token = defaults.steps / defaults.gen_length
         steps = blocks * max(1, round(gen_length * per_token / blocks))
+        if steps > limits.max_gen_length:
+            raise RequestError(
+                400,
+                f"this request's canvas ({gen_length} tokens in blocks of {block_length}) needs "
+                f"{steps} steps at the server's steps per token, more than it allows "
+                f"({limits.max_gen_length}); pass a smaller steps",
+                "steps",
+            )
     temperature = defaults.temperature if request.temperature is None else request.temperature
     try:
         config = dataclasses.replace(
