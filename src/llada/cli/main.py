@@ -23,17 +23,15 @@ def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """-v and --threads, on the top-level parser and on every subcommand, so that they may be
     written before or after the command name. On subcommands they default to SUPPRESS, so a
     value given before the command name is not overwritten."""
-    default = {} if top else {"default": argparse.SUPPRESS}
+    suppress = {} if top else {"default": argparse.SUPPRESS}
     parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
         help="log progress to stderr, and show the traceback of an error",
-        **({"default": False} if top else default),
+        **suppress,
     )
-    parser.add_argument(
-        "--threads", type=int, metavar="N", help=THREADS_HELP, **({"default": None} | default)
-    )
+    parser.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP, **suppress)
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser):
