@@ -129,6 +129,16 @@ def test_slow_clients_are_timed_out_and_connections_are_capped(server):
     assert reply.status_code == 200
 
 
+def test_malformed_http_gets_a_json_400(server):
+    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            seconds, data = bench._seconds_until_closed(sock, 10)
+        assert seconds is not None and data.startswith(b"HTTP/1.1 400 "), data
+        body = json.loads(data.partition(b"\r\n\r\n")[2])
+        assert body["error"]["code"] == "bad_http"
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_despite_stalled_clients():
     grace = 6.0

@@ -83,6 +83,34 @@ def test_a_sampler_call_without_progress_fails_only_its_requests(chat_model, mon
         assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_a_model_that_outputs_nan_fails_its_request_and_the_server_goes_on(chat_model):
+    """NaN confidences once made the fast loop spin forever, with /health still 'ok'."""
+    model, tokenizer = chat_model
+    broken = threading.Event()
+    broken.set()
+
+    def poison(module, args, output):
+        return output * float("nan") if broken.is_set() else output
+
+    handle = model.embed.register_forward_hook(poison)
+    try:
+        app = create_app(model, tokenizer, ServeConfig())
+        with live_server(app) as url:
+            for preset in ("fast", "fastest", "fastdllm-dual"):
+                started = time.monotonic()
+                response = httpx.post(
+                    url + CHAT, json={**_body("hi", 16), "preset": preset}, timeout=20
+                )
+                assert time.monotonic() - started < 10
+                assert response.status_code == 500, response.text
+                assert response.json()["error"]["code"] == "generation_failed"
+            broken.clear()
+            assert httpx.post(url + CHAT, json=_body("hi", 16), timeout=20).status_code == 200
+            assert httpx.get(url + "/health").json()["status"] == "ok"
+    finally:
+        handle.remove()
+
+
 def test_health_reports_a_scheduler_stuck_in_a_step(chat_model, monkeypatch):
     model, tokenizer = chat_model
     real = batcher_module.denoise
