@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import selectors
 import signal
 import socket
 import subprocess
@@ -589,29 +590,86 @@ def _seconds_until_closed(sock: socket.socket, limit: float) -> tuple[float | No
     return None, received
 
 
+def _watch_until_closed(
+    socks: list[socket.socket], opened: list[float], limit: float
+) -> list[tuple[float | None, bytes]]:
+    """For each socket, (seconds from its opening until the server closed it, what the server
+    sent), or (None, ...) if still open `limit` seconds after the last opening."""
+    selector = selectors.DefaultSelector()
+    received = {sock: b"" for sock in socks}
+    closed: dict[socket.socket, float] = {}
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    deadline = max(opened) + limit
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.1):
+            sock = key.fileobj
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                received[sock] += data
+            else:
+                closed[sock] = time.monotonic()
+                selector.unregister(sock)
+    selector.close()
+    return [
+        (closed[s] - t if s in closed else None, received[s])
+        for s, t in zip(socks, opened, strict=True)
+    ]
+
+
 def run_slow_clients(server: ServerProcess, count: int, read_timeout: float) -> dict:
     """`count` connections that stall (half of them in their headers, half in their body);
-    each must be answered 408 and closed by the server, and a normal request must be served
-    meanwhile."""
-    socks = [_stalled_connection(server.port, ("headers", "body")[i % 2]) for i in range(count)]
-    served = httpx.post(
-        server.url + CHAT,
-        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        timeout=30,
-    ).status_code
-    limit = read_timeout * 3 + 5
-    with ThreadPoolExecutor(min(count, 64)) as pool:
-        results = list(pool.map(lambda s: _seconds_until_closed(s, limit), socks))
+    each must be closed by the server: answered 408 once its read timeout passes, or 503 at
+    once past the connection cap; a normal request must be served meanwhile."""
+    socks, opened = [], []
+    for i in range(count):
+        socks.append(_stalled_connection(server.port, ("headers", "body")[i % 2]))
+        opened.append(time.monotonic())
+    watch: dict = {}
+    watcher = threading.Thread(
+        target=lambda: watch.update(
+            results=_watch_until_closed(socks, opened, read_timeout * 3 + 5)
+        )
+    )
+    watcher.start()
+    # A normal client meanwhile: refused (503) while the stalled ones hold every connection,
+    # served once the server has timed them out.
+    sent = time.monotonic()
+    while True:
+        try:
+            served = httpx.post(
+                server.url + CHAT,
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                timeout=30,
+            ).status_code
+        except httpx.TransportError as error:
+            served = type(error).__name__
+        if served == 200 or time.monotonic() - sent > read_timeout * 3 + 10:
+            break
+        time.sleep(0.1)
+    served_after = time.monotonic() - sent
+    watcher.join()
+    results = watch["results"]
     for sock in socks:
         sock.close()
-    times = [t for t, _ in results if t is not None]
+    timed_out = [t for t, data in results if t is not None and b" 408 " in data[:20]]
+    refused = [t for t, data in results if t is not None and b" 503 " in data[:20]]
     return {
         "slow_clients": count,
-        "timed_out_by_server": len(times),
-        "answered_408": sum(b" 408 " in data[:20] for _, data in results),
-        "still_open": count - len(times),
-        "max_close_s": round(max(times), 2) if times else None,
+        "closed_by_server": sum(t is not None for t, _ in results),
+        "answered_408": len(timed_out),
+        "answered_503": len(refused),
+        "still_open": sum(t is None for t, _ in results),
+        "408_after_s": [round(min(timed_out), 2), round(max(timed_out), 2)] if timed_out else None,
+        "503_after_max_s": round(max(refused), 3) if refused else None,
         "normal_request_meanwhile": served,
+        "normal_request_served_after_s": round(served_after, 2),
     }
 
 
@@ -673,7 +731,7 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=2000, help="fuzz requests")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument("--disconnects", type=int, default=16)
-    parser.add_argument("--slow-clients", type=int, default=100)
+    parser.add_argument("--slow-clients", type=int, default=600)
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--stalled", type=int, default=8)
     parser.add_argument("--grace", type=float, default=5.0)
