@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import signal
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,65 @@ def test_nonfinite_check_adds_no_host_sync_per_step(monkeypatch):
     decode = dataclasses.replace(PRESETS["fast"], early_stop=False)
     result = sample(make_random_model(seed=5), PROMPT, None, config, decode)
     assert calls["tolist"] == result.steps
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, attention_mask
+
+
+@pytest.mark.parametrize("preset", ["fast", "fastest", "reference"])
+def test_batch_invariant_groups_rows_by_length_in_the_padded_layout(preset):
+    model = make_random_model(seed=9, dtype=torch.bfloat16)
+    prompts = [[5, 9, 11, 2, 7, 8, 1], [4, 6, 3], [7, 7, 2, 9], [8, 3, 5], [6, 2, 9, 4, 1]]
+    ids, attention_mask = _left_padded(prompts, model.special_tokens.pad_id)
+    config = GenerateConfig(steps=8, gen_length=16, block_length=8)
+    decode = dataclasses.replace(PRESETS[preset], batch_invariant=True)
+    gone: set[int] = set()
+    events = []
+    for event in denoise(model, ids, attention_mask, config, decode, abandoned=lambda: gone):
+        events.append(event)
+        gone.add(3)  # row 3 (a group of two with row 1) leaves after the first step
+    width = ids.shape[1]
+    assert events[-1].finished.all()
+    assert torch.equal(events[-1].tokens[:, :width], ids)  # prompts stay in the padded layout
+    for row, prompt in enumerate(prompts):
+        if row == 3:
+            continue
+        alone = sample(model, torch.tensor([prompt]), None, config, preset).tokens
+        assert events[-1].tokens[row, width:].tolist() == alone[0, len(prompt) :].tolist(), row
+    # Each event commits only answer positions; the events together decode every free one.
+    committed = sum(event.committed.long() for event in events)
+    assert not committed[:, :width].any() and committed[[0, 1, 2, 4], width:].eq(1).all()
+    with pytest.raises(ValueError, match="batch_invariant needs left padding"):
+        sample(model, ids, attention_mask.flip(-1), config, decode)
+
+
+INSTRUCT = Path(__file__).parents[2] / "models" / "llada-tiny-instruct"
+# Two prompts of bench/batch_invariance.py (rows 13 and the longest): the first one, padded by
+# the second's length, gets another answer in bfloat16 than alone.
+BF16_BATCH = [
+    "Copy this: lamp tiger moon house green sword",
+    "Reverse the order:\nocean river seven sword moon tiger cloud house",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INSTRUCT.is_dir(), reason="llada-tiny-instruct is not shipped here")
+def test_bf16_rows_get_what_they_get_alone_with_batch_invariant():
+    """On the shipped bf16 model, left padding changes some rows' answers (attention sums round
+    differently); batch_invariant restores the row-alone answers. bench/batch_invariance.py
+    measures it on 64 prompts."""
+    from llada.api import generate_texts, load
+
+    model, tokenizer, _ = load(INSTRUCT, dtype=torch.bfloat16)
+    questions = BF16_BATCH
+    config = GenerateConfig(steps=32, gen_length=32, block_length=32)
+    for preset in ("fast", "fastest"):
+        alone = [generate_texts(model, tokenizer, [q], config, decode=preset)[0] for q in questions]
+        padded = generate_texts(model, tokenizer, questions, config, decode=preset)
+        assert padded != alone, "the batch no longer shows the bf16 padding effect"
+        decode = dataclasses.replace(PRESETS[preset], batch_invariant=True)
+        assert generate_texts(model, tokenizer, questions, config, decode=decode) == alone

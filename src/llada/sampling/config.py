@@ -165,6 +165,19 @@ class DecodeConfig:
     reference_numerics: confidences from a full softmax in the logits' dtype and every
         scheduled step run even when its block is already full, so that source='full' with
         commit='schedule' repeats the reference sampler bit for bit (random draws included).
+    fastdllm_numerics: Fast-dLLM's arithmetic and loop (NVlabs/Fast-dLLM llada/generate.py):
+        confidences from a float64 softmax, and with source='prefix' or 'dual' a block that the
+        cache-filling pass decoded completely still runs the next (cached) forward, which
+        commits nothing, since Fast-dLLM checks whether a block is full only after that pass.
+        The 'fastdllm-*' presets set it, so that they give Fast-dLLM's tokens and forward-pass
+        counts; without it the loop leaves a full block at once (one pass fewer per such block).
+    batch_invariant: in a left-padded batch, run the rows of each prompt length as their own
+        batch without padding, so each row gets exactly what it gets alone at temperature 0
+        in any dtype. Without it that holds in float32, but in bfloat16 the padding shifts a
+        row's keys and its attention sums round differently (on the shipped instruct model,
+        a few rows in 64 change; README). Costs one forward per distinct prompt length per
+        step. Random draws (temperature > 0, random remasking) differ from a row alone either
+        way, as they follow the batch's shape.
     """
 
     source: str = "full"
@@ -177,6 +190,8 @@ class DecodeConfig:
     eos_in_order: bool = False
     early_stop: bool = True
     reference_numerics: bool = False
+    fastdllm_numerics: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in LOGITS_SOURCES:
@@ -198,9 +213,20 @@ class DecodeConfig:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("eos_in_order", "early_stop", "reference_numerics"):
+        for name in (
+            "eos_in_order",
+            "early_stop",
+            "reference_numerics",
+            "fastdllm_numerics",
+            "batch_invariant",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.reference_numerics and self.fastdllm_numerics:
+            raise ValueError(
+                "reference_numerics (LLaDA's sampler) and fastdllm_numerics (Fast-dLLM's) "
+                "exclude each other; choose one"
+            )
 
 
 # Named decoding presets, for every command and the Python API.
@@ -208,8 +234,12 @@ PRESETS: dict[str, DecodeConfig] = {
     # The published sampler, token for token.
     "reference": DecodeConfig(source="full", early_stop=False, reference_numerics=True),
     # Fast-dLLM's published methods (threshold 0.9), for comparisons.
-    "fastdllm-prefix": DecodeConfig(source="prefix", commit="threshold", early_stop=False),
-    "fastdllm-dual": DecodeConfig(source="dual", commit="threshold", early_stop=False),
+    "fastdllm-prefix": DecodeConfig(
+        source="prefix", commit="threshold", early_stop=False, fastdllm_numerics=True
+    ),
+    "fastdllm-dual": DecodeConfig(
+        source="dual", commit="threshold", early_stop=False, fastdllm_numerics=True
+    ),
     # Ours: confidence 0.99, not Fast-dLLM's 0.9, and an answer's end decided after its text.
     # On the shipped instruct model at gen_length 256 (800 questions, BENCHMARKS.md): the
     # reference 54.5%, threshold 0.9 44.2%, 0.99 52.6%, 0.99 with eos_in_order 56.2%.
@@ -222,7 +252,10 @@ def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:
     """The most steps (= forward passes) the fast loop can take for one request: the schedule's
     `steps`, or one per answer position for the rules that decode until a block is full (every
     step commits at least one token of each unfinished row). For servers that bound work."""
-    return config.steps if decode.commit == "schedule" else config.gen_length
+    if decode.commit == "schedule":
+        return config.steps
+    # Fast-dLLM's cached loop runs at least two passes per block (fastdllm_numerics).
+    return config.num_blocks * max(config.block_length, 2 if decode.fastdllm_numerics else 1)
 
 
 def decode_preset(name: str) -> DecodeConfig:

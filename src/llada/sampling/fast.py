@@ -98,8 +98,34 @@ def denoise(
     abandoned: called after every step; the batch rows it names are no longer wanted (e.g. a
     server's client disconnected). They leave the batch and the cache as ended rows do (their
     undecided positions become EOS and they count as finished), so the other rows go on with
-    less work and unchanged results."""
+    less work and unchanged results.
+
+    With `decode.batch_invariant` and a padded batch, the rows of each prompt length run as
+    their own batch without padding, one step of each group per event (see `DecodeConfig`)."""
     config, decode = _settings(config, decode)
+    if decode.batch_invariant and attention_mask is not None:
+        yield from _denoise_by_length(
+            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned
+        )
+    else:
+        yield from _denoise(
+            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned
+        )
+
+
+def _denoise(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: GenerateConfig,
+    decode: DecodeConfig,
+    mask_id: int | None,
+    answer: torch.Tensor | None,
+    abandoned: Callable[[], Collection[int]] | None,
+    whole_batch: bool = True,
+) -> Iterator[StepEvent]:
+    """`denoise` for one batch (whole_batch=False: one group of a larger batch, whose answers
+    may all be fixed)."""
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
     vocab_size = vocab_size_of(model)
@@ -118,7 +144,7 @@ def denoise(
                 f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
                 f"got {tuple(answer.shape)}"
             )
-        if not bool((answer == mask_id).any()):
+        if whole_batch and not bool((answer == mask_id).any()):
             raise ValueError(
                 f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
                 "nothing to generate; put the mask id where the model should write"
@@ -147,6 +173,8 @@ def denoise(
     softmax_dtype = None
     if decode.reference_numerics:
         softmax_dtype = model.dtype if isinstance(model.dtype, torch.dtype) else torch.float32
+    elif decode.fastdllm_numerics:
+        softmax_dtype = torch.float64
     # Random draws follow the reference only when they cover every position.
     draws_all = decode.reference_numerics and (
         config.temperature > 0 or config.remasking == "random"
@@ -154,6 +182,7 @@ def denoise(
     never_propose = None if decode.reference_numerics else mask_id
     step_limit = config.steps_per_block if decode.commit == "schedule" else config.block_length
     step_limit = max(step_limit, config.steps_per_block if decode.reference_numerics else 0)
+    step_limit = max(step_limit, _least_passes(decode))
     for block in range(config.num_blocks):
         block_start = prompt_length + block * config.block_length
         block_end = block_start + config.block_length
@@ -272,6 +301,108 @@ def denoise(
             return
 
 
+def _denoise_by_length(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerateConfig,
+    decode: DecodeConfig,
+    mask_id: int | None,
+    answer: torch.Tensor | None,
+    abandoned: Callable[[], Collection[int]] | None,
+) -> Iterator[StepEvent]:
+    """The rows of each prompt length as their own unpadded batch, stepped in turn; the events
+    show the whole batch in its padded layout. Low-precision attention sums round differently
+    when left padding shifts a row's keys (bf16: a few rows in 64 change), while rows of equal
+    length batched without padding compute exactly what each computes alone."""
+    tokens = special_tokens_of(model, mask_id)
+    mask_id = tokens.mask_id
+    vocab_size = vocab_size_of(model)
+    device = device_of(model)
+    prompt = check_prompt(prompt, vocab_size).to(device)
+    batch, width = prompt.shape
+    attention_mask = check_attention_mask(attention_mask, (batch, width)).to(device)
+    lengths = attention_mask.sum(dim=-1)  # (B,) real tokens per row
+    columns = torch.arange(width, device=device)
+    if not bool((attention_mask == (columns[None, :] >= width - lengths[:, None])).all()):
+        raise ValueError(
+            "batch_invariant needs left padding: each attention_mask row 0, ..., 0, 1, ..., 1"
+        )
+    length = width + config.gen_length
+    x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
+    x[:, :width] = prompt
+    if answer is not None:
+        answer = check_token_ids("answer", answer, 2, vocab_size).to(device)
+        if answer.shape != (batch, config.gen_length):
+            raise ValueError(
+                f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
+                f"got {tuple(answer.shape)}"
+            )
+        if not bool((answer == mask_id).any()):
+            raise ValueError(
+                f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
+                "nothing to generate; put the mask id where the model should write"
+            )
+        x[:, width:] = answer
+    groups: dict[int, list[int]] = {}
+    for row, real in enumerate(lengths.tolist()):
+        groups.setdefault(int(real), []).append(row)
+    runs = []  # [rows, first column, generator, last event]
+    for real, rows in sorted(groups.items()):
+        group_abandoned = None
+        if abandoned is not None:
+
+            def group_abandoned(rows=rows):
+                gone = set(abandoned())
+                return {local for local, row in enumerate(rows) if row in gone}
+
+        steps = _denoise(
+            model,
+            x[rows, width - real : width],
+            None,
+            config,
+            decode,
+            mask_id,
+            None if answer is None else answer[rows],
+            group_abandoned,
+            whole_batch=False,
+        )
+        runs.append([torch.tensor(rows, device=device), width - real, steps, None])
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    live = list(runs)
+    while live:
+        committed = torch.zeros((batch, length), dtype=torch.bool, device=device)
+        shown = torch.full((batch, length), torch.nan, device=device)
+        advanced = []
+        for run in live:
+            rows, first, steps, _ = run
+            event = next(steps, None)
+            if event is None:  # this group is done (or had nothing to decode)
+                finished[rows] = True
+                continue
+            x[rows, first:] = event.tokens
+            committed[rows, first:] = event.committed
+            shown[rows, first:] = event.confidence
+            finished[rows] = event.finished
+            run[3] = event
+            advanced.append(run)
+        live = advanced
+        if not live:
+            return
+        seen = [run[3] for run in runs if run[3] is not None]
+        work = {key: sum(event.work[key] for event in seen) for key in seen[0].work}
+        yield StepEvent(
+            block=max(run[3].block for run in live),
+            step=max(run[3].step for run in live),
+            forward_passes=sum(event.forward_passes for event in seen),
+            work=work,
+            tokens=x.clone(),
+            committed=committed,
+            confidence=shown,
+            finished=finished.clone(),
+        )
+
+
 def _settings(config: object, decode: object) -> tuple[GenerateConfig, DecodeConfig]:
     """The settings objects, or a TypeError that says how to build them."""
     if config is None:
@@ -296,12 +427,22 @@ def _settings(config: object, decode: object) -> tuple[GenerateConfig, DecodeCon
     return config, decode
 
 
+def _least_passes(decode: DecodeConfig) -> int:
+    """Passes every block runs, full or not: Fast-dLLM's loops check for a full block only
+    after a pass, and its cached ones only after the first pass over the cache."""
+    if not decode.fastdllm_numerics:
+        return 0
+    return 2 if decode.source in ("prefix", "dual") else 1
+
+
 def _block_done(x, rows, block_start, block_end, mask_id, decode, step, config) -> bool:
     """Whether the loop leaves this block: the schedule's steps are spent, or (except for the
     reference's fixed step count) no masks are left in it."""
     if decode.commit == "schedule" and step == config.steps_per_block:
         return True
     if decode.commit == "schedule" and decode.reference_numerics:
+        return False
+    if step < _least_passes(decode):
         return False
     return not bool((x[rows, block_start:block_end] == mask_id).any())
 
