@@ -100,6 +100,10 @@ def generate_texts(
     """Answers to `prompts` (one batch), decoded up to the first EOS/EoT.
 
     decode: a `DecodeConfig` or preset name ('reference', 'fast', 'fastest', ...)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got one string; pass [prompt]")
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt")
     tokens = model.special_tokens
     if chat:
         encoded = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]

@@ -334,3 +334,14 @@ def test_bf16_rows_get_what_they_get_alone_with_batch_invariant():
         assert padded != alone, "the batch no longer shows the bf16 padding effect"
         decode = dataclasses.replace(PRESETS[preset], batch_invariant=True)
         assert generate_texts(model, tokenizer, questions, config, decode=decode) == alone
+
+
+def test_generate_texts_refuses_a_string_or_no_prompts(chat_checkpoint):
+    from llada.api import generate_texts, load
+
+    model, tokenizer, _ = load(chat_checkpoint)
+    config = GenerateConfig(steps=4, gen_length=4, block_length=4)
+    with pytest.raises(TypeError, match=r"got one string; pass \[prompt\]"):
+        generate_texts(model, tokenizer, "What is 2 + 3?", config)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate_texts(model, tokenizer, [], config)
