@@ -675,7 +675,9 @@ def run_slow_clients(server: ServerProcess, count: int, read_timeout: float) -> 
 
 def run_sigterm(model: Path, flags: list[str], grace: float, in_flight: int, stalled: int) -> dict:
     """A fresh server (long read timeout, so that only the drain cuts stalled clients) gets
-    SIGTERM while `in_flight` requests run and `stalled` clients hold half-sent requests."""
+    SIGTERM while `in_flight` requests run and `stalled` clients hold half-sent requests (half
+    of them in their headers: closed when the drain starts; half in their body: answered 503
+    when the grace ends)."""
     server = ServerProcess(
         model, [*flags, "--shutdown-grace", str(grace), "--request-read-timeout", "600"]
     )
@@ -689,32 +691,57 @@ def run_sigterm(model: Path, flags: list[str], grace: float, in_flight: int, sta
         except httpx.HTTPError as error:
             results.append(type(error).__name__)
 
-    socks = [_stalled_connection(server.port, ("headers", "body")[i % 2]) for i in range(stalled)]
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(in_flight)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while server.metrics()["llada_running_rows"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    sent = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
     try:
-        server.process.wait(grace + 60)
-        exit_s: float | None = time.monotonic() - sent
-    except subprocess.TimeoutExpired:
-        exit_s = None
+        kinds = [("headers", "body")[i % 2] for i in range(stalled)]
+        socks = [_stalled_connection(server.port, kind) for kind in kinds]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(in_flight)]
+        for thread in threads:
+            thread.start()
+        # Every in-flight request has reached the scheduler (running or queued).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = server.metrics()
+            if m["llada_running_rows"] + m["llada_queue_depth"] >= in_flight:
+                break
+            time.sleep(0.01)
+        watch: dict = {}
+        sent = time.monotonic()
+        watcher = threading.Thread(
+            target=lambda: watch.update(
+                closed=_watch_until_closed(socks, [sent] * len(socks), grace + 60)
+            )
+        )
+        watcher.start()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(grace + 60)
+            exit_s: float | None = time.monotonic() - sent
+        except subprocess.TimeoutExpired:
+            exit_s = None
+        for thread in threads:
+            thread.join(60)
+        watcher.join()
+        for sock in socks:
+            sock.close()
+    finally:
         server.kill()
-    for thread in threads:
-        thread.join(60)
-    closed = [_seconds_until_closed(s, 5)[0] is not None for s in socks]
-    for sock in socks:
-        sock.close()
+    closed = watch["closed"]
+    by_kind = {
+        kind: [
+            round(t, 2)
+            for (t, _), k in zip(closed, kinds, strict=True)
+            if k == kind and t is not None
+        ]
+        for kind in ("headers", "body")
+    }
     return {
         "in_flight": in_flight,
         "in_flight_answered_200": sum(r == 200 for r in results),
         "in_flight_other": sorted({str(r) for r in results if r != 200}),
         "stalled": stalled,
-        "stalled_closed": sum(closed),
+        "stalled_answered_503": sum(data.startswith(b"HTTP/1.1 503 ") for _, data in closed),
+        "stalled_in_headers_closed_after_s": max(by_kind["headers"], default=None),
+        "stalled_in_body_closed_after_s": max(by_kind["body"], default=None),
         "shutdown_grace_s": grace,
         "exit_s": None if exit_s is None else round(exit_s, 2),
         "exit_code": server.process.returncode,
