@@ -257,7 +257,7 @@ def test_answers_fixed_everywhere_or_nowhere():
         )
 
 
-def test_nonfinite_check_adds_no_host_sync_per_step(monkeypatch):
+def test_nonfinite_check_rides_on_the_one_sync_per_step(monkeypatch):
     """The NaN check rides on the sync the loop makes anyway: one `.tolist()` per step and no
     `bool()`/`int()`/`.item()` of a tensor inside the step beyond the block-done check."""
     calls = {"tolist": 0}
