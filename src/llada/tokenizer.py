@@ -172,11 +172,16 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
     return destination
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool = True,
+) -> str:
     """Render chat messages with the tokenizer's template (LLaDA's, if the tokenizer has none).
 
     messages: [{"role": "user" | "assistant" | "system", "content": str}, ...]. The result ends
-    with the assistant header, ready for generation. The template runs sandboxed and bounded
+    with the assistant header, ready for generation (LLaDA's template writes it whatever
+    `add_generation_prompt` says; templates that honour the flag get it). The template runs sandboxed and bounded
     (`CHAT_TEMPLATE_SECONDS`); one that does not finish raises `ChatTemplateError`.
     """
     if not messages:
@@ -196,7 +201,7 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str,
     origin = f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
     context = {
         "messages": [dict(m) for m in messages],
-        "add_generation_prompt": True,
+        "add_generation_prompt": add_generation_prompt,
         **{
             name: getattr(tokenizer, name, None)
             for name in ("bos_token", "eos_token", "pad_token", "unk_token")

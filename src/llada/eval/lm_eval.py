@@ -445,12 +445,10 @@ class LLaDAEvalLM(LM):
         says (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json); it is passed on for templates
         that honour it.
         """
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            chat_template=self.chat_template(True),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        from ..tokenizer import render_chat
+
+        # Our sandboxed, time-bounded renderer: a checkpoint's template is untrusted input.
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
     @property
     def eot_token_id(self) -> int:
