@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from serve_helpers import live_server, metrics, slow_down, wait_until
 
 from llada.api import load
@@ -19,6 +21,7 @@ from llada.serve.batcher import Batcher, Job
 from llada.serve.config import ServeConfig
 from llada.serve.metrics import Metrics
 from llada.serve.schemas import SamplerFields, resolve_sampling
+from llada.tokenizer import encode_chat
 
 openai = pytest.importorskip("openai")
 
@@ -208,3 +211,53 @@ def test_full_queue_answers_429_with_retry_after(slow_server):
     assert metrics(url)['llada_rejected_total{reason="queue_full"}'] >= 1
     short = {**LONG, "max_tokens": 4, "preset": "fast"}
     assert httpx.post(f"{url}/v1/chat/completions", json=short, timeout=30).status_code == 200
+
+
+INSTRUCT = Path(__file__).parents[2] / "models" / "llada-tiny-instruct"
+# Two questions whose shared bf16 batch changes the shorter one's answer (left padding rounds
+# its attention sums differently); tests/reliability/test_sampler.py uses the same pair.
+BF16_PAIR = [
+    "Copy this: lamp tiger moon house green sword",
+    "Reverse the order:\nocean river seven sword moon tiger cloud house",
+]
+
+
+def _batched_answers(model, tokenizer, limits: ServeConfig, together: bool) -> list[str]:
+    """The answers of BF16_PAIR from a scheduler, submitted in one call or one at a time."""
+    defaults = GenerateConfig(steps=32, gen_length=32, block_length=32)
+    sampling = resolve_sampling(SamplerFields(), defaults, "fast", limits)
+    texts = dict.fromkeys(range(len(BF16_PAIR)), "")
+
+    def job(index: int, question: str) -> Job:
+        def sink(update) -> None:
+            assert update.error is None, update.error
+            texts[index] += update.text
+
+        ids = encode_chat(tokenizer, [{"role": "user", "content": question}])
+        return Job(ids, sampling.config, sampling.decode, sink, sampling.max_tokens)
+
+    batcher = Batcher(model, tokenizer, Metrics(), max_queue=8, max_batch_size=8)
+    jobs = [job(i, q) for i, q in enumerate(BF16_PAIR)]
+    try:
+        if together:
+            batcher.submit(jobs)  # queued before the scheduler starts: one sampler call
+            batcher.start()
+        else:
+            batcher.start()
+            for one in jobs:
+                batcher.submit([one])
+                wait_until(lambda one=one: one.done, timeout=60)
+        wait_until(lambda: all(j.done for j in jobs), timeout=60)
+    finally:
+        batcher.stop()
+    return [texts[i] for i in range(len(BF16_PAIR))]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INSTRUCT.is_dir(), reason="llada-tiny-instruct is not shipped here")
+def test_batch_invariant_server_answers_each_request_as_alone_in_bf16():
+    model, tokenizer, _ = load(INSTRUCT, dtype=torch.bfloat16)
+    plain, invariant = ServeConfig(), ServeConfig(batch_invariant=True)
+    alone = _batched_answers(model, tokenizer, plain, together=False)
+    assert _batched_answers(model, tokenizer, plain, together=True) != alone  # the bf16 effect
+    assert _batched_answers(model, tokenizer, invariant, together=True) == alone

@@ -41,6 +41,11 @@ class ServeConfig:
         connections are accepted meanwhile); the rest are then cancelled and the server exits.
     stall_timeout: seconds without progress of the sampler, while requests wait or run, after
         which /health answers 503 (a stuck scheduler).
+    batch_invariant: every answer is exactly what its request gets alone, whatever else shares
+        its sampler call (`DecodeConfig.batch_invariant`: each prompt length runs as its own
+        unpadded batch). Off by default, as in other servers: in bfloat16, left padding changes
+        a few answers in a hundred (float32 models are batch invariant without it), and the
+        option costs about 1.2-2.4x the time of a mixed-length batch on CPU (BENCHMARKS.md).
     """
 
     host: str = "127.0.0.1"
@@ -60,6 +65,7 @@ class ServeConfig:
     max_connections: int = 256
     shutdown_grace: float = 10.0
     stall_timeout: float = 120.0
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -83,6 +89,8 @@ class ServeConfig:
         for name in ("request_read_timeout", "keep_alive_timeout", "stall_timeout"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"port must be an integer, got {self.port!r}")
         if not 0 <= self.port <= 65535:

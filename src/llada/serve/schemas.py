@@ -340,6 +340,8 @@ def resolve_sampling(
     if name not in PRESETS:
         raise RequestError(400, f"unknown preset {name!r}; choose from {sorted(PRESETS)}", "preset")
     decode = PRESETS[name]
+    if limits.batch_invariant:
+        decode = dataclasses.replace(decode, batch_invariant=True)
     if request.threshold is not None:
         try:
             decode = dataclasses.replace(decode, threshold=request.threshold)
