@@ -46,14 +46,16 @@ def propose(
     never_propose: a token id that is never proposed. The fast loop passes the mask id: a
     proposed mask would leave its position masked, and a rule that decodes until the block is
     full would never finish (the reference, with a fixed step count, just wastes the step).
+    It still counts in the distribution: confidences and entropies are those of the model's
+    full softmax, as in Fast-dLLM (renormalising without it would raise every confidence by
+    the mask's probability and move threshold decisions).
     """
-    if config.logits_eos_inf or never_propose is not None:
+    if config.logits_eos_inf:
         logits = logits.clone()
-        if config.logits_eos_inf:
-            logits[:, tokens.eos_id] = -torch.inf
-        if never_propose is not None:
-            logits[:, never_propose] = -torch.inf
+        logits[:, tokens.eos_id] = -torch.inf
     noisy = add_gumbel_noise(logits, config.temperature)
+    if never_propose is not None:
+        noisy = noisy.index_fill(-1, torch.tensor([never_propose], device=noisy.device), -torch.inf)
     proposal = noisy.argmax(dim=-1)
     entropy = None
     if need_entropy:
