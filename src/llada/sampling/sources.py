@@ -5,6 +5,9 @@
   later steps run the current block and everything after it over the cached prefix.
 - `dual`: Fast-dLLM's dual cache. The same fill; later steps run only the current block, over
   the cached prefix and the (stale) cached suffix.
+  With `DecodeConfig(fastdllm_numerics=True)` (the fastdllm-* presets) the loop runs these two
+  as Fast-dLLM does, with at least one cached step per block even when the fill's step already
+  decoded the whole block; otherwise a full block is left at once.
 - `block`: ours. Only the very first step runs the whole canvas. The first step of every later
   block runs the block just finished together with the new block (one pass commits the finished
   tokens' keys and values and decides the new block's first tokens), so no step ever
