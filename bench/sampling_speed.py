@@ -42,10 +42,14 @@ EXTRA = {
     "fastest-vicinity8": DecodeConfig(source="block", commit="threshold", vicinity=8),
     # Fast-dLLM's methods at our threshold: the Fast-dLLM baselines of equal accuracy.
     "fastdllm-prefix-0.99": DecodeConfig(
-        source="prefix", commit="threshold", threshold=0.99, early_stop=False
+        source="prefix",
+        commit="threshold",
+        threshold=0.99,
+        early_stop=False,
+        fastdllm_numerics=True,
     ),
     "fastdllm-dual-0.99": DecodeConfig(
-        source="dual", commit="threshold", threshold=0.99, early_stop=False
+        source="dual", commit="threshold", threshold=0.99, early_stop=False, fastdllm_numerics=True
     ),
 }
 DECODERS = {**PRESETS, **EXTRA}
