@@ -1,0 +1,176 @@
+"""The grouped experts (sorted tokens, grouped matmuls) against the readable expert loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llada.model.experts import (
+    experts_forward,
+    experts_grouped,
+    experts_loop,
+    grouped_mm_applies,
+)
+
+BACKENDS = ("grouped_mm", "slices")
+
+
+def make_case(
+    tokens: int,
+    experts: int,
+    k: int,
+    d: int = 16,
+    f: int = 32,
+    dtype: torch.dtype = torch.float32,
+    routing: str = "random",
+    seed: int = 0,
+):
+    """x (T, D), topk_ids (T, k), topk_weights (T, k) float32, gate, up (E, F, D), down (E, D, F)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    if routing == "random":
+        scores = torch.rand(tokens, experts, generator=g)
+    elif routing == "skewed":
+        # Experts 0 and 1 take most of the tokens; the last experts get none.
+        scores = torch.rand(tokens, experts, generator=g)
+        scores[:, :2] += 1.0
+        scores[:, -2:] -= 2.0
+    else:
+        raise AssertionError(routing)
+    topk_weights, topk_ids = scores.softmax(-1).topk(k, dim=-1)
+    gate = (torch.randn(experts, f, d, generator=g) / d**0.5).to(dtype)
+    up = (torch.randn(experts, f, d, generator=g) / d**0.5).to(dtype)
+    down = (torch.randn(experts, d, f, generator=g) / f**0.5).to(dtype)
+    return x, topk_ids, topk_weights, gate, up, down
+
+
+CASES = [
+    # tokens, experts, k, routing
+    (37, 8, 2, "random"),
+    (1, 8, 2, "random"),
+    (20, 6, 1, "random"),
+    (9, 5, 5, "random"),  # k = E: every token to every expert
+    (40, 8, 3, "skewed"),  # uneven, experts without tokens
+    (3, 16, 2, "random"),  # most experts without tokens
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens,experts,k,routing", CASES)
+def test_grouped_equals_loop_float32(tokens, experts, k, routing, backend):
+    x, ids, w, gate, up, down = make_case(tokens, experts, k, routing=routing)
+    assert grouped_mm_applies(x, gate, up, down)
+    expected = experts_loop(x, ids, w, gate, up, down)
+    got = experts_grouped(x, ids, w, gate, up, down, backend=backend)
+    if backend == "slices":
+        # The same matmuls on the same rows, added in the same order: bit for bit.
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_skewed_case_has_idle_experts_and_a_crowded_one():
+    _, ids, *_ = make_case(40, 8, 3, routing="skewed")
+    counts = torch.bincount(ids.reshape(-1), minlength=8)
+    assert (counts == 0).any() and counts.max() >= 30
+
+
+@pytest.mark.parametrize("tokens,experts,k,routing", CASES)
+def test_grouped_equals_loop_bfloat16(tokens, experts, k, routing):
+    x, ids, w, gate, up, down = make_case(tokens, experts, k, dtype=torch.bfloat16, routing=routing)
+    w = w.to(torch.bfloat16)
+    expected = experts_loop(x, ids, w, gate, up, down)
+    exact = experts_loop(*(t.double() if t.is_floating_point() else t for t in (x, ids, w)),
+                         gate.double(), up.double(), down.double())  # fmt: skip
+    got = experts_grouped(x, ids, w, gate, up, down)
+    assert got.dtype == torch.bfloat16
+    # Both round to bf16 along the way: the grouped result is as close to the float64 answer as
+    # the loop's, within a few bf16 steps (2**-8 relative) of it.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    err_grouped = (got.double() - exact).abs().max()
+    err_loop = (expected.double() - exact).abs().max()
+    assert err_grouped <= 2 * err_loop + 1e-2
+
+
+@pytest.mark.parametrize(
+    "dtype,d",
+    [(torch.float64, 16), (torch.float32, 15)],  # dtype refused; rows not 16-byte aligned
+)
+def test_operands_grouped_mm_refuses_run_on_slices(dtype, d):
+    x, ids, w, gate, up, down = make_case(23, 6, 2, d=d, f=12 if d == 15 else 32, dtype=dtype)
+    w = w.to(dtype)
+    assert not grouped_mm_applies(x, gate, up, down)
+    assert torch.equal(
+        experts_grouped(x, ids, w, gate, up, down), experts_loop(x, ids, w, gate, up, down)
+    )
+
+
+def test_forward_casts_router_weights_as_the_model_passes_them():
+    # The router's softmax is float32; the experts run in the model dtype.
+    x, ids, w, gate, up, down = make_case(17, 8, 2, dtype=torch.bfloat16)
+    assert w.dtype == torch.float32
+    expected = experts_loop(x, ids, w.to(torch.bfloat16), gate, up, down)
+    assert torch.equal(experts_forward(x, ids, w, gate, up, down, impl="loop"), expected)
+    got = experts_forward(x, ids, w, gate, up, down, impl="auto")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    x32, *_ = make_case(17, 8, 2)
+    torch.testing.assert_close(
+        experts_forward(x32, ids, w, gate.float(), up.float(), down.float(), impl="grouped"),
+        experts_loop(x32, ids, w, gate.float(), up.float(), down.float()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_forward_refuses_an_unknown_impl():
+    x, ids, w, gate, up, down = make_case(4, 4, 2)
+    with pytest.raises(ValueError, match="experts impl must be one of auto, loop, grouped"):
+        experts_forward(x, ids, w, gate, up, down, impl="bmm")
+    with pytest.raises(ValueError, match="experts backend"):
+        experts_grouped(x, ids, w, gate, up, down, backend="bmm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+def test_gradients_of_grouped_equal_the_loop(backend, routing):
+    case = make_case(40, 8, 3, routing=routing, seed=1)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in case]
+        out = fn(*leaves)
+        # A fixed random cotangent, so that every row and column matters.
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        (out * cotangent).sum().backward()
+        return [t.grad for t in leaves if t.is_floating_point()]
+
+    expected = grads(experts_loop)
+    got = grads(lambda *a: experts_grouped(*a, backend=backend))
+    for name, g, e in zip(("x", "topk_weights", "gate", "up", "down"), got, expected, strict=True):
+        assert g is not None, name
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+    # The skewed routing leaves experts unused: their weights get exactly zero gradient.
+    if routing == "skewed":
+        assert torch.equal(got[2][-1], torch.zeros_like(got[2][-1]))
+
+
+def test_grouped_mm_path_never_reads_back_to_the_host():
+    # On the meta device any host read (.tolist(), int(tensor), torch.where) raises: the
+    # grouped_mm path runs there in full, so it has no synchronisation; the loop does not.
+    tokens, experts, k, d, f = 24, 8, 2, 16, 32
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    args = (
+        meta(tokens, d),
+        meta(tokens, k, dtype=torch.int64),
+        meta(tokens, k),
+        meta(experts, f, d),
+        meta(experts, f, d),
+        meta(experts, d, f),
+    )
+    out = experts_grouped(*args, backend="grouped_mm")
+    assert out.shape == (tokens, d) and out.dtype == torch.bfloat16
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        experts_loop(*args)
