@@ -1,5 +1,6 @@
-"""Tokenizers: loading from a checkpoint folder, the LLaDA chat template, batch encoding,
-and training a byte-level BPE tokenizer with LLaDA's special tokens for small models.
+"""Tokenizers: loading from a checkpoint folder, the built-in chat templates (LLaDA-8B's and
+LLaDA-MoE's), batch encoding, and training a byte-level BPE tokenizer with the special tokens of
+either family for small models.
 
 transformers is used for tokenization only, and imported on first use. Chat templates come
 from the checkpoint folder, so they are untrusted: they are rendered here, in jinja2's
@@ -25,9 +26,17 @@ from .tokens import (
     END_HEADER_TOKEN,
     EOS_TOKEN,
     EOT_TOKEN,
+    LLADA_8B_FAMILY,
+    LLADA_MOE_FAMILY,
     MASK_TOKEN,
+    MOE_MASK_TOKEN,
+    ROLE_CLOSE_TOKEN,
+    ROLE_END_TOKEN,
+    ROLE_OPEN_TOKEN,
     START_HEADER_TOKEN,
+    TokenFamily,
     _json_object,
+    token_family,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +51,40 @@ LLADA_CHAT_TEMPLATE = (
     "{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
 )
 
+# The system text that LLaDA-MoE and LLaDA 2.x prompts carry when the chat has no system turn
+# (inclusionAI/dInfer's LLaDA-MoE scripts, SGLang's LLaDA2 example). A system turn's text is
+# written before it, on its own line, as the chat template of inclusionAI's Ling 2.0 models (the
+# same tokenizer) does; that LLaDA-MoE's own template does the same is not verified.
+LLADA_MOE_SYSTEM_DEFAULT = "detailed thinking off"
+
+# Our chat template for the llada-moe token family (LLaDA-MoE-7B-A1B, LLaDA 2.x), used when such
+# a checkpoint ships none. Every turn is `<role>NAME</role>text<|role_end|>` with the names
+# SYSTEM, HUMAN and ASSISTANT; the chat opens with a system turn that ends in
+# LLADA_MOE_SYSTEM_DEFAULT; the text is not trimmed; `add_generation_prompt` is honoured.
+# One user turn renders as `<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>
+# {q}<|role_end|><role>ASSISTANT</role>`.
+LLADA_MOE_CHAT_TEMPLATE = (
+    "{% set names = {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'} %}"
+    "{% set turns = messages %}"
+    "<role>SYSTEM</role>"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\\n' }}{% set turns = messages[1:] %}"
+    "{% endif %}" + LLADA_MOE_SYSTEM_DEFAULT + "<|role_end|>"
+    "{% for message in turns %}"
+    "{% if message['role'] not in names %}"
+    "{{ raise_exception('the role ' + message['role'] + ' is not one of system, user, assistant') }}"
+    "{% endif %}"
+    "{{ '<role>' + names[message['role']] + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
+
+# The built-in template of each token family.
+BUILTIN_CHAT_TEMPLATES: dict[str, str] = {
+    LLADA_8B_FAMILY: LLADA_CHAT_TEMPLATE,
+    LLADA_MOE_FAMILY: LLADA_MOE_CHAT_TEMPLATE,
+}
+
 # The files that make up a tokenizer in a checkpoint folder.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,8 +93,17 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
-# Special tokens of a tokenizer trained here, in id order (ids 0..5).
+# Special tokens of a tokenizer trained here, in id order (ids 0..5), per token family.
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN)
+MOE_SPECIAL_TOKENS = (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    MOE_MASK_TOKEN,
+    ROLE_OPEN_TOKEN,
+    ROLE_CLOSE_TOKEN,
+    ROLE_END_TOKEN,
+)
+_FAMILY_SPECIAL_TOKENS = {LLADA_8B_FAMILY: SPECIAL_TOKENS, LLADA_MOE_FAMILY: MOE_SPECIAL_TOKENS}
 
 
 def load_tokenizer(path: str | os.PathLike | Any) -> PreTrainedTokenizerBase:
@@ -172,17 +224,46 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
     return destination
 
 
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The chat template `render_chat` uses for a tokenizer.
+
+    The tokenizer's own template when it has one (for several named templates, the "default"
+    one, as transformers picks it). Otherwise the built-in template of the tokenizer's token
+    family (`llada.tokens.token_family` on its added tokens): LLaDA-MoE's `<role>` template
+    when it declares `<|mask|>` (or, without a mask token, `<|role_end|>`), LLaDA-8B's
+    otherwise. A tokenizer with the markers of both families and no template of its own is a
+    `ChatTemplateError`: which format the model was trained on cannot be told.
+    """
+    source = tokenizer.chat_template
+    if isinstance(source, dict):
+        source = source.get("default")
+    if source:
+        return source
+    name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+    get_added_vocab = getattr(tokenizer, "get_added_vocab", None)
+    added = get_added_vocab() if callable(get_added_vocab) else {}
+    try:
+        family = token_family(added, where=f"the tokenizer {name}")
+    except ValueError as error:
+        raise ChatTemplateError(
+            f"{error}; it has no chat template either: add a 'chat_template' to its "
+            "tokenizer_config.json"
+        ) from None
+    return BUILTIN_CHAT_TEMPLATES[family or LLADA_8B_FAMILY]
+
+
 def render_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[dict[str, str]],
     add_generation_prompt: bool = True,
 ) -> str:
-    """Render chat messages with the tokenizer's template (LLaDA's, if the tokenizer has none).
+    """Render chat messages with the tokenizer's template, or the built-in one of its family.
 
-    messages: [{"role": "user" | "assistant" | "system", "content": str}, ...]. The result ends
-    with the assistant header, ready for generation (LLaDA's template writes it whatever
-    `add_generation_prompt` says; templates that honour the flag get it). The template runs sandboxed and bounded
-    (`CHAT_TEMPLATE_SECONDS`); one that does not finish raises `ChatTemplateError`.
+    messages: [{"role": "user" | "assistant" | "system", "content": str}, ...]. The template is
+    `chat_template_of(tokenizer)`. The result ends with the assistant header, ready for
+    generation (LLaDA-8B's template writes it whatever `add_generation_prompt` says; templates
+    that honour the flag, LLaDA-MoE's included, get it). The template runs sandboxed and
+    bounded (`CHAT_TEMPLATE_SECONDS`); one that does not finish raises `ChatTemplateError`.
     """
     if not messages:
         raise ValueError("messages is empty; pass at least one {'role': 'user', 'content': ...}")
@@ -195,9 +276,7 @@ def render_chat(
             raise ValueError(
                 f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}"
             )
-    source = tokenizer.chat_template or LLADA_CHAT_TEMPLATE
-    if isinstance(source, dict):  # several named templates: the default one, as transformers
-        source = source.get("default") or LLADA_CHAT_TEMPLATE
+    source = chat_template_of(tokenizer)
     origin = f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
     context = {
         "messages": [dict(m) for m in messages],
@@ -374,19 +453,31 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike, min_frequency: int = 2
+    texts: Iterable[str],
+    vocab_size: int,
+    output_dir: str | os.PathLike,
+    min_frequency: int = 2,
+    family: TokenFamily = LLADA_8B_FAMILY,
 ) -> Path:
-    """Train a byte-level BPE tokenizer with LLaDA's special tokens and chat template.
+    """Train a byte-level BPE tokenizer with the special tokens and chat template of a family.
 
-    Writes tokenizer.json and tokenizer_config.json (the official layout) to output_dir. With
-    no texts, the result is a pure byte tokenizer (256 byte tokens plus the special tokens).
+    family: "llada-8b" (LLaDA's `<|mdm_mask|>`, headers and `<|eot_id|>`, `SPECIAL_TOKENS`) or
+    "llada-moe" (LLaDA-MoE's `<|mask|>`, `<role>`, `</role>` and `<|role_end|>`,
+    `MOE_SPECIAL_TOKENS`); the special tokens get ids 0..5. Writes tokenizer.json and
+    tokenizer_config.json (the official layout) to output_dir. With no texts, the result is a
+    pure byte tokenizer (256 byte tokens plus the special tokens).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + len(SPECIAL_TOKENS)
+    if family not in _FAMILY_SPECIAL_TOKENS:
+        raise ValueError(
+            f"family must be one of {', '.join(map(repr, _FAMILY_SPECIAL_TOKENS))}, got {family!r}"
+        )
+    special_tokens = _FAMILY_SPECIAL_TOKENS[family]
+    minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
         raise ValueError(
-            f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            f"vocab_size must be at least {minimum} (256 bytes + {len(special_tokens)} special tokens)"
         )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -394,7 +485,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -411,14 +502,14 @@ def train_tokenizer(
             "single_word": False,
             "special": True,
         }
-        for token in SPECIAL_TOKENS
+        for token in special_tokens
     }
     config = {
         "add_bos_token": False,
         "add_eos_token": False,
         "added_tokens_decoder": added,
         "bos_token": BOS_TOKEN,
-        "chat_template": LLADA_CHAT_TEMPLATE,
+        "chat_template": BUILTIN_CHAT_TEMPLATES[family],
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
         "model_max_length": 1000000000000000019884624838656,

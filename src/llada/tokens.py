@@ -1,16 +1,28 @@
-"""Special token ids: LLaDA's defaults, and their resolution from a checkpoint folder.
+"""Special token ids: the defaults of each token family, and their resolution from a checkpoint.
 
-This is the only module that writes LLaDA-8B's token ids as numbers. Everything else asks a
+This is the only module that writes token ids as numbers. Everything else asks a
 `SpecialTokens` object, resolved once from a checkpoint's config.json and tokenizer files, so
 that a small model with its own vocabulary (or a future release with other ids) works unchanged.
+
+Two token families exist, told apart by their marker tokens (`token_family`):
+
+- "llada-8b": LLaDA-8B-Base/-Instruct and LLaDA 1.5. Mask `<|mdm_mask|>`, end of turn
+  `<|eot_id|>`, chat turns between `<|start_header_id|>` and `<|end_header_id|>` headers.
+- "llada-moe": LLaDA-MoE-7B-A1B and LLaDA 2.x, which share the Ling tokenizer. Mask `<|mask|>`,
+  end of turn `<|role_end|>`, chat turns opened by `<role>NAME</role>`.
+
+The family follows the tokenizer files, not the architecture: a MoE model trained here with
+LLaDA's tokenizer is in the "llada-8b" family. The architecture decides only for a folder whose
+tokenizer files name no marker at all.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # The token strings of the LLaDA tokenizer (GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json).
 # Ids are looked up by these strings.
@@ -20,6 +32,33 @@ MASK_TOKEN = "<|mdm_mask|>"
 START_HEADER_TOKEN = "<|start_header_id|>"
 END_HEADER_TOKEN = "<|end_header_id|>"
 EOT_TOKEN = "<|eot_id|>"
+
+# The token strings of LLaDA-MoE-7B-A1B and LLaDA 2.x that differ from LLaDA-8B's (the Ling
+# tokenizer; inclusionAI/dInfer and llama.cpp's LLaDA-MoE converter). BOS and EOS have the
+# same strings as LLaDA-8B's.
+MOE_MASK_TOKEN = "<|mask|>"
+ROLE_END_TOKEN = "<|role_end|>"
+ROLE_OPEN_TOKEN = "<role>"
+ROLE_CLOSE_TOKEN = "</role>"
+
+TokenFamily = Literal["llada-8b", "llada-moe"]
+LLADA_8B_FAMILY: TokenFamily = "llada-8b"
+LLADA_MOE_FAMILY: TokenFamily = "llada-moe"
+
+# Per family: the mask token, the end-of-turn markers (the first one is the EoT token).
+_MARKERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    LLADA_8B_FAMILY: (MASK_TOKEN, (EOT_TOKEN, START_HEADER_TOKEN)),
+    LLADA_MOE_FAMILY: (MOE_MASK_TOKEN, (ROLE_END_TOKEN,)),
+}
+
+# config.json keys that only a mixture-of-experts LLaDA has (LLaDA-MoE's, then LLaDA 2.x's).
+_MOE_CONFIG_KEYS = (
+    "num_experts",
+    "expert_intermediate_size",
+    "moe_layer_freq",
+    "moe_intermediate_size",
+    "num_shared_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -31,8 +70,10 @@ class SpecialTokens:
         GUIDELINES.md).
     pad_id: used to left-pad batches (LLaDA uses EOS).
     bos_id: start of text, written by the chat template. None when the vocabulary has none.
-    eot_id: end of turn (`<|eot_id|>`). None for models without a chat vocabulary.
-    start_header_id, end_header_id: chat role headers, None when absent.
+    eot_id: end of turn: `<|eot_id|>` (llada-8b family) or `<|role_end|>` (llada-moe family).
+        None for models without a chat vocabulary.
+    start_header_id, end_header_id: llada-8b's chat role headers, None when absent (always for
+        the llada-moe family, whose `<role>` markers are plain text to the sampler).
     """
 
     mask_id: int
@@ -61,6 +102,84 @@ LLADA_8B = SpecialTokens(
     end_header_id=126347,
 )
 
+# LLaDA-MoE-7B-A1B-Base/-Instruct and LLaDA 2.0/2.1 (inclusionAI/dInfer's constants and llama.cpp's
+# LLaDA-MoE converter; LLaDA2's config.json has pad_token_id 156892). Used only for a folder
+# without tokenizer files: the other ids (BOS, `<|role_end|>`) come from the tokenizer files.
+LLADA_MOE = SpecialTokens(mask_id=156895, eos_id=156892, pad_id=156892)
+
+_DEFAULTS = {LLADA_8B_FAMILY: LLADA_8B, LLADA_MOE_FAMILY: LLADA_MOE}
+
+
+class UnknownSpecialTokenError(ValueError):
+    """The mask or EOS id of a checkpoint cannot be told from its files.
+
+    `key` is the config.json key that would say it ('mask_token_id' or 'eos_token_id'). A
+    loader may still load such a model for logits alone, leaving the id to each call
+    (`mask_id=...`).
+    """
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+def is_moe_config(config: Mapping[str, Any]) -> bool:
+    """Whether a config.json dict describes a mixture-of-experts LLaDA (LLaDA-MoE, LLaDA 2.x).
+
+    Told by `architectures` and the MoE keys, never by model_type: LLaDA-MoE's official
+    config.json says `"model_type": "llada"`, as LLaDA-8B's does.
+    """
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and any(
+        isinstance(name, str) and "moe" in name.lower() for name in architectures
+    ):
+        return True
+    return any(config.get(key) is not None for key in _MOE_CONFIG_KEYS)
+
+
+def token_family(
+    added: Mapping[str, int],
+    config: Mapping[str, Any] | None = None,
+    where: str = "the tokenizer files",
+) -> TokenFamily | None:
+    """The token family of a tokenizer, from its added tokens (string -> id).
+
+    The rule, first match wins:
+    1. config.json's `mask_token_id` is the id of one family's mask token: that family.
+    2. the mask tokens: `<|mdm_mask|>` alone is llada-8b, `<|mask|>` alone is llada-moe.
+    3. the end-of-turn markers: `<|eot_id|>` or the header tokens alone are llada-8b,
+       `<|role_end|>` alone is llada-moe.
+    4. no marker: llada-moe if `config` describes a MoE model (`is_moe_config`), llada-8b if
+       another config is given, None without a config.
+    Markers of both families at the step that decides (both masks, or both kinds of end of
+    turn) are a ValueError naming them: the ids would be a guess.
+    """
+    mask_key = config.get("mask_token_id") if config is not None else None
+    if mask_key is not None:
+        for family, (mask, _) in _MARKERS.items():
+            if added.get(mask) == mask_key:
+                return family
+    for step, what in ((0, "mask tokens"), (1, "end-of-turn markers")):
+        found = {
+            family: [
+                token for token in ((markers[0],) if step == 0 else markers[1]) if token in added
+            ]
+            for family, markers in _MARKERS.items()
+        }
+        present = [family for family, tokens in found.items() if tokens]
+        if len(present) == 1:
+            return present[0]
+        if len(present) == 2:
+            names = ", ".join(f"{t} (id {added[t]})" for tokens in found.values() for t in tokens)
+            raise ValueError(
+                f"{where} declare the {what} of both LLaDA-8B and LLaDA-MoE: {names}; "
+                "add 'mask_token_id' to config.json to say which one the model uses, or use "
+                "the tokenizer files of its checkpoint"
+            )
+    if config is None:
+        return None
+    return LLADA_MOE_FAMILY if is_moe_config(config) else LLADA_8B_FAMILY
+
 
 def _added_tokens(folder: Path, origins: dict[str, Path] | None = None) -> dict[str, int]:
     """Token string -> id for the special tokens declared in the tokenizer files, if any.
@@ -86,7 +205,14 @@ def _added_tokens(folder: Path, origins: dict[str, Path] | None = None) -> dict[
         model = data.get("model")
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
-            for token in (BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, EOT_TOKEN):
+            for token in (
+                BOS_TOKEN,
+                EOS_TOKEN,
+                MASK_TOKEN,
+                EOT_TOKEN,
+                MOE_MASK_TOKEN,
+                ROLE_END_TOKEN,
+            ):
                 if token in vocab and token not in found:
                     found[token] = _token_id(tokenizer_json, token, vocab[token])
                     origins[token] = tokenizer_json
@@ -141,15 +267,23 @@ def resolve_special_tokens(
 ) -> SpecialTokens:
     """Resolve the special ids of a checkpoint from its config.json dict and tokenizer files.
 
-    config.json decides mask, EOS and pad (that is what the reference code reads). BOS, EoT and the
-    chat headers come from the tokenizer files by token string. Without tokenizer files, an id of
-    `LLADA_8B` is used only if the model's vocabulary is large enough to hold it.
+    config.json decides mask, EOS and pad (that is what the reference code reads). The other ids
+    come from the tokenizer files by token string, those of the folder's token family
+    (`token_family`): `<|mdm_mask|>`, `<|eot_id|>` and the chat headers for llada-8b,
+    `<|mask|>` and `<|role_end|>` (as EoT) for llada-moe. Without tokenizer files, an id of the
+    family's defaults (`LLADA_8B`, `LLADA_MOE`) is used only if the model's vocabulary is large
+    enough to hold it. A mask or EOS id that cannot be told is an `UnknownSpecialTokenError`.
     """
     origins: dict[str, Path] = {}
     added = _added_tokens(Path(folder), origins) if folder is not None else {}
     vocab = vocab_size if vocab_size is not None else config.get("vocab_size")
+    where = f"the tokenizer files of {folder}" if folder is not None else "the tokenizer files"
+    family = token_family(added, config, where) or LLADA_8B_FAMILY
+    defaults = _DEFAULTS[family]
+    mask_token, (eot_token, *_) = _MARKERS[family]
+    is_8b = family == LLADA_8B_FAMILY
 
-    def pick(config_key: str | None, token: str, default: int | None) -> int | None:
+    def pick(config_key: str | None, token: str | None, default: int | None) -> int | None:
         if config_key is not None and config.get(config_key) is not None:
             value = config[config_key]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -157,6 +291,8 @@ def resolve_special_tokens(
                     f"config key '{config_key}' must be an integer token id, got {value!r}"
                 )
             return value
+        if token is None:
+            return None
         if token in added:
             return added[token]
         if added:
@@ -166,32 +302,35 @@ def resolve_special_tokens(
             return default
         return None
 
-    mask_id = pick("mask_token_id", MASK_TOKEN, LLADA_8B.mask_id)
-    eos_id = pick("eos_token_id", EOS_TOKEN, LLADA_8B.eos_id)
+    mask_id = pick("mask_token_id", mask_token, defaults.mask_id)
+    eos_id = pick("eos_token_id", EOS_TOKEN, defaults.eos_id)
     if mask_id is None or eos_id is None:
-        missing = "mask_token_id" if mask_id is None else "eos_token_id"
-        raise ValueError(
+        missing, token = (
+            ("mask_token_id", mask_token) if mask_id is None else ("eos_token_id", EOS_TOKEN)
+        )
+        raise UnknownSpecialTokenError(
             f"cannot tell the {missing} of this model: config.json has no '{missing}' and the "
-            f"tokenizer files declare no matching token. Add '{missing}' to config.json."
+            f"tokenizer files declare no {token}. Add '{missing}' to config.json.",
+            missing,
         )
     pad_id = pick("pad_token_id", EOS_TOKEN, None)
     tokens = SpecialTokens(
         mask_id=mask_id,
         eos_id=eos_id,
         pad_id=eos_id if pad_id is None else pad_id,
-        bos_id=pick(None, BOS_TOKEN, LLADA_8B.bos_id),
-        eot_id=pick(None, EOT_TOKEN, LLADA_8B.eot_id),
-        start_header_id=pick(None, START_HEADER_TOKEN, LLADA_8B.start_header_id),
-        end_header_id=pick(None, END_HEADER_TOKEN, LLADA_8B.end_header_id),
+        bos_id=pick(None, BOS_TOKEN, defaults.bos_id),
+        eot_id=pick(None, eot_token, defaults.eot_id),
+        start_header_id=pick(None, START_HEADER_TOKEN if is_8b else None, defaults.start_header_id),
+        end_header_id=pick(None, END_HEADER_TOKEN if is_8b else None, defaults.end_header_id),
     )
     if vocab is not None:
         # An id the embedding has no row for would only fail later, inside a forward pass.
         strings = {
-            "mask_id": MASK_TOKEN,
+            "mask_id": mask_token,
             "eos_id": EOS_TOKEN,
             "pad_id": EOS_TOKEN,
             "bos_id": BOS_TOKEN,
-            "eot_id": EOT_TOKEN,
+            "eot_id": eot_token,
             "start_header_id": START_HEADER_TOKEN,
             "end_header_id": END_HEADER_TOKEN,
         }
@@ -206,7 +345,7 @@ def resolve_special_tokens(
             elif strings[name] in origins:
                 source = f"the token {strings[name]} in {origins[strings[name]]}"
             else:
-                source = "LLaDA's default"
+                source = "LLaDA's default" if is_8b else "LLaDA-MoE's default"
             raise ValueError(
                 f"the {name} {value} from {source} is outside the model's vocabulary of {vocab} "
                 "tokens; fix the id there, or pass --model with a folder whose tokenizer matches "

@@ -432,9 +432,9 @@ class LLaDAEvalLM(LM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         if not chat_template:
             return None
-        from ..tokenizer import LLADA_CHAT_TEMPLATE
+        from ..tokenizer import chat_template_of
 
-        return self.tokenizer.chat_template or LLADA_CHAT_TEMPLATE
+        return chat_template_of(self.tokenizer)
 
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
