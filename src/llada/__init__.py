@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLaDAConfig": "llada.model.config",
     "LLaDAModel": "llada.model.transformer",
+    "LLaDAMoEConfig": "llada.model.llada_moe",
+    "LLaDAMoEModel": "llada.model.llada_moe",
     "load_model": "llada.model.checkpoint",
     "save_pretrained": "llada.model.checkpoint",
     "SpecialTokens": "llada.tokens",

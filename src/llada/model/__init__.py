@@ -1,7 +1,20 @@
-"""The dense LLaDA model, its configuration and its checkpoint format."""
+"""The model families (dense LLaDA, LLaDA-MoE), their configurations and checkpoint format."""
 
 from .checkpoint import load_model, save_pretrained
 from .config import LLaDAConfig
+from .families import FAMILIES, Family, detect_family
+from .llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 from .transformer import LLaDAModel, LLaDAOutput
 
-__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAOutput", "load_model", "save_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModel",
+    "LLaDAOutput",
+    "detect_family",
+    "load_model",
+    "save_pretrained",
+]

@@ -28,7 +28,11 @@ from safetensors.torch import save_file
 
 from ..tokens import SpecialTokens, resolve_special_tokens
 from .config import LLaDAConfig
+from .families import DENSE, Family, detect_family, family_of, from_hf_name, to_hf_name
+from .llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 from .transformer import AttentionImplementation, LLaDAModel
+
+__all__ = ["from_hf_name", "to_hf_name", "from_hf", "to_hf", "load_model", "save_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,56 +41,14 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# Official name (GSAI-ML/LLaDA-8B-Instruct modeling_llada.py) <-> our parameter name. `{}` is
-# the block index.
-_BLOCK_NAMES = {
-    "attn_norm.weight": "attn_norm.weight",
-    "q_proj.weight": "attn.q_proj.weight",
-    "k_proj.weight": "attn.k_proj.weight",
-    "v_proj.weight": "attn.v_proj.weight",
-    "attn_out.weight": "attn.o_proj.weight",
-    "ff_norm.weight": "ff_norm.weight",
-    "ff_proj.weight": "mlp.gate_proj.weight",  # the official "ff_proj" is the SiLU gate
-    "up_proj.weight": "mlp.up_proj.weight",
-    "ff_out.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {
-    "model.transformer.wte.weight": "embed.weight",
-    "model.transformer.ln_f.weight": "final_norm.weight",
-    "model.transformer.ff_out.weight": "lm_head.weight",
-}
-_BLOCK_PATTERN = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
-_OUR_BLOCK_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_OUR_TO_HF_BLOCK = {ours: theirs for theirs, ours in _BLOCK_NAMES.items()}
-_OUR_TO_HF_TOP = {ours: theirs for theirs, ours in _TOP_NAMES.items()}
-
-
-def from_hf_name(name: str) -> str:
-    """Official tensor name -> our parameter name. Raises ValueError for unknown names."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    match = _BLOCK_PATTERN.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"blocks.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
-    raise ValueError(f"unexpected tensor '{name}' in a dense LLaDA checkpoint")
-
-
-def to_hf_name(name: str) -> str:
-    """Our parameter name -> official tensor name."""
-    if name in _OUR_TO_HF_TOP:
-        return _OUR_TO_HF_TOP[name]
-    match = _OUR_BLOCK_PATTERN.match(name)
-    if match and match.group(2) in _OUR_TO_HF_BLOCK:
-        return f"model.transformer.blocks.{match.group(1)}.{_OUR_TO_HF_BLOCK[match.group(2)]}"
-    raise ValueError(f"parameter '{name}' has no official checkpoint name")
-
 
 def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {from_hf_name(k): v for k, v in state_dict.items()}
+    """Official dense state dict -> ours (see `families.py` for every family's map)."""
+    return DENSE.from_official(state_dict)
 
 
 def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {to_hf_name(k): v for k, v in state_dict.items()}
+    return DENSE.to_official(state_dict)
 
 
 # Reading ---------------------------------------------------------------------------------------
@@ -316,29 +278,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def expected_tensors(config: LLaDAConfig) -> dict[str, tuple[int, ...]]:
-    """Official tensor name -> shape for a config, computed without building the model."""
-    d, hidden = config.d_model, config.hidden_size
-    kv = config.effective_n_kv_heads * config.head_dim
-    block = {
-        "attn_norm.weight": (d,),
-        "q_proj.weight": (d, d),
-        "k_proj.weight": (kv, d),
-        "v_proj.weight": (kv, d),
-        "attn_out.weight": (d, d),
-        "ff_norm.weight": (d,),
-        "ff_proj.weight": (hidden, d),
-        "up_proj.weight": (hidden, d),
-        "ff_out.weight": (d, hidden),
-    }
-    shapes = {"model.transformer.wte.weight": (config.padded_vocab_size, d)}
-    for i in range(config.n_layers):
-        for name, shape in block.items():
-            shapes[f"model.transformer.blocks.{i}.{name}"] = shape
-    shapes["model.transformer.ln_f.weight"] = (d,)
-    if not config.weight_tying:
-        shapes["model.transformer.ff_out.weight"] = (config.padded_vocab_size, d)
-    return shapes
+def expected_tensors(config: LLaDAConfig | LLaDAMoEConfig) -> dict[str, tuple[int, ...]]:
+    """Official tensor name -> shape for a config of any family, without building the model."""
+    return family_of(config).expected_tensors(config)
 
 
 @dataclass(frozen=True)
@@ -346,13 +288,14 @@ class CheckpointPlan:
     """What `inspect_checkpoint` found: everything checked, nothing allocated."""
 
     folder: Path
-    config: LLaDAConfig
+    config: LLaDAConfig | LLaDAMoEConfig
     raw_config: dict
     # Official tensor name -> (file, header entry).
     tensors: dict[str, tuple[Path, TensorEntry]]
-    special_tokens: SpecialTokens
+    special_tokens: SpecialTokens | None
     # Bytes the weights take once loaded in the requested dtype.
     weight_bytes: int
+    family: Family = DENSE
 
 
 def inspect_checkpoint(
@@ -377,7 +320,8 @@ def inspect_checkpoint(
         )
     raw_config = _read_json_object(config_path, "config.json")
     try:
-        config = LLaDAConfig.from_hf_dict(raw_config)
+        family = detect_family(raw_config)
+        config = family.config_class.from_hf_dict(raw_config)
     except ValueError as error:
         raise CheckpointError(
             f"{config_path}: {_one_line(error)}; fix config.json or pass --model with another "
@@ -395,16 +339,16 @@ def inspect_checkpoint(
                     f"{file}: tensor '{name}' is also in {tensors[name][0].name}; {_ADVICE}"
                 )
             if name not in expected:
-                hint = " (weight_tying?)" if name == "model.transformer.ff_out.weight" else ""
                 raise CheckpointError(
-                    f"{file}: tensor '{name}' does not belong to the model that {CONFIG_FILE} "
-                    f"describes{hint}; {_ADVICE}"
+                    f"{file}: tensor '{name}' does not belong to the {family.name} model that "
+                    f"{CONFIG_FILE} describes ({family.describe(name, config)}); {_ADVICE}"
                 )
             if entry.shape != expected[name]:
                 raise CheckpointError(
                     f"{file}: tensor '{name}' has shape {entry.shape}, {CONFIG_FILE} implies "
-                    f"{expected[name]}; the weights and config.json do not belong together "
-                    "(fix config.json or pass --model with a matching folder)"
+                    f"{expected[name]} ({family.describe(name, config)}); the weights and "
+                    "config.json do not belong together (fix config.json or pass --model with "
+                    "a matching folder)"
                 )
             if entry.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(
@@ -418,8 +362,9 @@ def inspect_checkpoint(
         where = str(files[0]) + (f" and {len(files) - 1} more shards" if len(files) > 1 else "")
         raise CheckpointError(
             f"{where}: the weights lack {len(missing)} of the {len(expected)} tensors that "
-            f"{CONFIG_FILE} implies, e.g. '{missing[0]}' (n_layers = {config.n_layers}); fix "
-            "config.json or pass --model with a complete folder"
+            f"{CONFIG_FILE} implies, e.g. '{missing[0]}' "
+            f"({family.describe(missing[0], config)}); fix config.json or pass --model with a "
+            "complete folder"
         )
 
     weight_bytes = sum(
@@ -436,11 +381,16 @@ def inspect_checkpoint(
     try:
         special_tokens = resolve_special_tokens(raw_config, folder, config.padded_vocab_size)
     except ValueError as error:
-        raise CheckpointError(_one_line(error)) from None
+        unknown_id = getattr(error, "key", None) is not None or str(error).startswith("cannot tell")
+        if family is DENSE or not unknown_id:
+            raise CheckpointError(_one_line(error)) from None
+        # A LLaDA-MoE config.json carries no mask id; without tokenizer files that declare
+        # one, the callers pass mask_id explicitly (llada.tokens.special_tokens_of).
+        special_tokens = None
     from ..tokenizer import check_tokenizer_files
 
     check_tokenizer_files(folder)
-    return CheckpointPlan(folder, config, raw_config, tensors, special_tokens, weight_bytes)
+    return CheckpointPlan(folder, config, raw_config, tensors, special_tokens, weight_bytes, family)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -583,8 +533,11 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     attn_implementation: AttentionImplementation = "sdpa",
-) -> LLaDAModel:
-    """Load an official LLaDA checkpoint folder (or hub id) into `LLaDAModel`, in eval mode.
+) -> LLaDAModel | LLaDAMoEModel:
+    """Load an official checkpoint folder (or hub id) into its family's model, in eval mode.
+
+    The family (dense LLaDA -> `LLaDAModel`, LLaDA-MoE -> `LLaDAMoEModel`) is told from
+    config.json (`families.detect_family`).
 
     dtype: None keeps the checkpoint's dtype. device: where the parameters end up; tensors are
     streamed there one at a time. The model's `special_tokens` are resolved from the folder.
@@ -595,8 +548,9 @@ def load_model(
     plan = inspect_checkpoint(path_or_hub_id, dtype=dtype, device=device)
     target_dtype = _parse_dtype(dtype)
 
+    family = plan.family
     with torch.device("meta"), _skip_weight_init():
-        model = LLaDAModel(plan.config, attn_implementation=attn_implementation)
+        model = family.model_class(plan.config, attn_implementation=attn_implementation)
     by_file: dict[Path, list[TensorEntry]] = {}
     for file, entry in plan.tensors.values():
         by_file.setdefault(file, []).append(entry)
@@ -610,8 +564,8 @@ def load_model(
                     raise CheckpointError(f"{file} changed while it was being loaded; retry")
                 tensor = _read_tensor(file, handle, entry, data_start)
                 tensor = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
-                name = from_hf_name(entry.name)
-                _set_parameter(model, name, torch.nn.Parameter(tensor, requires_grad=False))
+                name, index = family.from_official_name(entry.name)
+                _set_tensor(model, name, tensor, index)
                 del tensor
     model.special_tokens = plan.special_tokens
     model.checkpoint_folder = plan.folder
@@ -636,10 +590,29 @@ def _skip_weight_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
-def _set_parameter(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+def _set_tensor(
+    model: torch.nn.Module, name: str, tensor: torch.Tensor, index: int | None = None
+) -> None:
+    """Put a loaded tensor in place of the meta parameter or buffer `name`.
+
+    With `index`, the tensor is slice `index` along dim 0 of a stacked parameter (an expert of
+    a MoE layer): the whole parameter is allocated at its first slice and filled slice by slice.
+    """
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    setattr(owner, leaf, value)
+    if index is not None:
+        current = getattr(owner, leaf)
+        if current.is_meta:
+            current = torch.nn.Parameter(
+                torch.empty(current.shape, dtype=tensor.dtype, device=tensor.device),
+                requires_grad=False,
+            )
+            setattr(owner, leaf, current)
+        current.data[index].copy_(tensor)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        setattr(owner, leaf, torch.nn.Parameter(tensor, requires_grad=False))
 
 
 # Writing ---------------------------------------------------------------------------------------
@@ -663,7 +636,7 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_pretrained(
-    model: LLaDAModel,
+    model: LLaDAModel | LLaDAMoEModel,
     folder: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
@@ -690,7 +663,12 @@ def save_pretrained(
 
     if state_dict is None:
         state_dict = {name: p.detach() for name, p in model.named_parameters()}
-    state = {to_hf_name(name): tensor for name, tensor in state_dict.items()}
+        # Persistent buffers are weights of the checkpoint too (LLaDA-MoE's expert_bias).
+        persistent = model.state_dict(keep_vars=True).keys()
+        state_dict.update(
+            (name, b.detach()) for name, b in model.named_buffers() if name in persistent
+        )
+    state = family_of(model).to_official(state_dict)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     total = 0

@@ -161,30 +161,53 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, positions, positions)
-        if cache is not None:
-            kv_cache, layer = cache
-            if len(kv_cache.keys) == layer:  # filling forward: store the whole sequence
-                kv_cache.keys.append(k)
-                kv_cache.values.append(v)
-            else:  # window forward: overwrite the window's slots, attend over all of them
-                start = int(positions[0])
-                kv_cache.keys[layer][:, :, start : start + length] = k
-                kv_cache.values[layer][:, :, start : start + length] = v
-                k, v = kv_cache.keys[layer], kv_cache.values[layer]
+        k, v = cached_keys_values(cache, k, v, positions)
         dropout = self.dropout if self.training else 0.0
-        if implementation == "sdpa":
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attention_bias,
-                dropout_p=dropout,
-                is_causal=False,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-        else:
-            out = eager_attention(q, k, v, attention_bias, dropout)
+        out = attend(q, k, v, attention_bias, implementation, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def cached_keys_values(
+    cache: tuple[KVCache, int] | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a layer attends over, storing this forward's in the cache.
+
+    A filling forward stores the whole sequence; a window forward overwrites the window's
+    slots and attends over all of them (the others as they were last computed).
+    """
+    if cache is None:
+        return k, v
+    kv_cache, layer = cache
+    if len(kv_cache.keys) == layer:
+        kv_cache.keys.append(k)
+        kv_cache.values.append(v)
+        return k, v
+    start, length = int(positions[0]), k.shape[2]
+    kv_cache.keys[layer][:, :, start : start + length] = k
+    kv_cache.values[layer][:, :, start : start + length] = v
+    return kv_cache.keys[layer], kv_cache.values[layer]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_bias: torch.Tensor | None,
+    implementation: AttentionImplementation,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Bidirectional attention (B, H, Tq, D) with grouped K/V heads, by SDPA or written out."""
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_bias,
+            dropout_p=dropout,
+            is_causal=False,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+    return eager_attention(q, k, v, attention_bias, dropout)
 
 
 def eager_attention(
@@ -281,6 +304,52 @@ def _add_causal_bias(
     return (bias + causal).clamp(min=torch.finfo(dtype).min)
 
 
+def forward_setup(
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    causal: bool,
+    kv_cache: KVCache | None,
+    window_start: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(RoPE positions, additive attention bias) of a forward over embeddings x (B, T, D).
+
+    Shared by every family's model: checks the mask's shape and the cache window, and keeps
+    the filling forward's padding bias in the cache for the window forwards that follow.
+    """
+    batch, length = x.shape[:2]
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)} "
+            "(one 1/0 entry per input token)"
+        )
+    windowed = kv_cache is not None and kv_cache.filled
+    if windowed:
+        if attention_mask is not None or positions is not None or causal:
+            raise ValueError(
+                "a forward over a filled KV cache takes no attention_mask, positions or "
+                "causal flag: the cache holds the filling forward's padding"
+            )
+        cache_length = kv_cache.keys[0].shape[2]
+        if not 0 <= window_start <= cache_length - length:
+            raise ValueError(
+                f"window [{window_start}, {window_start + length}) lies outside the cached "
+                f"sequence of length {cache_length}"
+            )
+        positions = torch.arange(window_start, window_start + length, device=x.device)
+    elif positions is None:
+        positions = torch.arange(length, device=x.device)
+    if windowed:
+        bias = kv_cache.bias
+    else:
+        bias = attention_bias_from_mask(attention_mask, x.dtype)
+        if kv_cache is not None:
+            kv_cache.bias = bias
+    if causal:
+        bias = _add_causal_bias(bias, length, x.dtype, x.device)
+    return positions, bias
+
+
 class LLaDAModel(nn.Module):
     """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
 
@@ -349,37 +418,10 @@ class LLaDAModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, length = x.shape[:2]
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)} "
-                "(one 1/0 entry per input token)"
-            )
-        windowed = kv_cache is not None and kv_cache.filled
-        if windowed:
-            if attention_mask is not None or positions is not None or causal:
-                raise ValueError(
-                    "a forward over a filled KV cache takes no attention_mask, positions or "
-                    "causal flag: the cache holds the filling forward's padding"
-                )
-            cache_length = kv_cache.keys[0].shape[2]
-            if not 0 <= window_start <= cache_length - length:
-                raise ValueError(
-                    f"window [{window_start}, {window_start + length}) lies outside the cached "
-                    f"sequence of length {cache_length}"
-                )
-            positions = torch.arange(window_start, window_start + length, device=x.device)
-        elif positions is None:
-            positions = torch.arange(length, device=x.device)
+        positions, bias = forward_setup(
+            x, attention_mask, positions, causal, kv_cache, window_start
+        )
         x = self.embed_dropout(x)
-        if windowed:
-            bias = kv_cache.bias
-        else:
-            bias = attention_bias_from_mask(attention_mask, x.dtype)
-            if kv_cache is not None:
-                kv_cache.bias = bias
-        if causal:
-            bias = _add_causal_bias(bias, length, x.dtype, x.device)
         hidden_states: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache, index)
