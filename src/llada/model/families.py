@@ -276,8 +276,9 @@ def moe_expected_tensors(config: LLaDAMoEConfig) -> Shapes:
 
 
 def _moe_describe(name: str, config: LLaDAMoEConfig) -> str:
+    freq = None if config.moe_layer_freq is None else list(config.moe_layer_freq)
     if ".mlp.experts." in name or name.endswith("mlp.gate.weight"):
-        return f"num_experts = {config.num_experts}, moe_layer_freq = {config.moe_layer_freq}"
+        return f"num_experts = {config.num_experts}, moe_layer_freq = {freq}"
     if name.endswith("expert_bias"):
         return (
             "moe_router_enable_expert_bias = " + str(config.moe_router_enable_expert_bias).lower()
@@ -287,7 +288,7 @@ def _moe_describe(name: str, config: LLaDAMoEConfig) -> str:
     if "_norm." in name and "self_attn" in name:
         return f"qk_layernorm = {str(config.qk_layernorm).lower()}"
     if ".mlp." in name:
-        return f"moe_layer_freq = {config.moe_layer_freq}"
+        return f"moe_layer_freq = {freq}"
     if name == "lm_head.weight":
         return f"tie_word_embeddings = {str(config.tie_word_embeddings).lower()}"
     return f"num_hidden_layers = {config.num_hidden_layers}"
