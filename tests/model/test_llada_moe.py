@@ -218,3 +218,22 @@ def test_a_random_moe_trains_a_step_and_saves(tmp_path):
     torch.testing.assert_close(
         logits_of(load_model(tmp_path / "random")), logits_of(model), atol=0, rtol=0
     )
+
+
+def test_losses_and_activation_checkpointing_give_the_same_gradients():
+    from llada.losses import pretraining_loss
+
+    model = load_model(MOE_OPTS).train()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    x0 = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        loss = pretraining_loss(model, x0, 511, generator=torch.Generator().manual_seed(2))
+        loss.loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert loss.loss.item() > 0
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)

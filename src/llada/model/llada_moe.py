@@ -7,7 +7,7 @@ The numerics follow the reference modeling code (ZHZisZZ/dllm's copy of the offi
 - QK-norm: one RMSNorm over head_dim, shared by all heads, applied to q and k BEFORE RoPE (and
   before the optional clip_qkv clamp);
 - RoPE on the first int(head_dim * partial_rotary_factor) dims of each head (rotate-half within
-  that slice), the rest pass through;
+  that slice), the rest pass through; float32 tables, the rotation in the activation dtype;
 - router: probabilities = softmax(gate(x)) in float32; with `moe_router_enable_expert_bias` the
   bias is ADDED TO THE PROBABILITIES, top-k is taken on the biased values and those biased values
   are the weights; no renormalisation (the reference hard-codes norm_topk_prob off, whatever the
@@ -282,6 +282,14 @@ class LLaDAMoEConfig:
         return self.tie_word_embeddings
 
     @property
+    def residual_dropout(self) -> float:
+        return 0.0  # the reference has attention dropout only
+
+    @property
+    def embedding_dropout(self) -> float:
+        return 0.0
+
+    @property
     def mask_token_id(self) -> int | None:
         # Not an official key: the mask id comes from the tokenizer files (`<|mask|>`).
         value = self.extra.get("mask_token_id")
@@ -517,7 +525,9 @@ class LLaDAMoEModel(nn.Module):
         self.config = config
         self.attn_implementation: AttentionImplementation = attn_implementation
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rope = RotaryEmbedding(config.rotary_dim, config.rope_theta, True)
+        # HF-LLaMA RoPE: float32 tables cast to the activation dtype, the rotation in that dtype
+        # (the dense reference rotates in float32 instead).
+        self.rope = RotaryEmbedding(config.rotary_dim, config.rope_theta, full_precision=False)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
