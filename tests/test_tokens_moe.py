@@ -115,7 +115,7 @@ def without_template(folder, destination):
     return destination
 
 
-def test_moe_ids_are_resolved_by_content_from_the_tokenizer_files(moe_folder):
+def test_moe_ids_are_resolved_by_content_from_the_tokenizer_files(moe_folder, tmp_path):
     ids = added_ids(moe_folder)
     assert "<|mdm_mask|>" not in ids and "<|eot_id|>" not in ids
     config = json.loads((moe_folder / "config.json").read_text(encoding="utf-8"))
@@ -127,10 +127,9 @@ def test_moe_ids_are_resolved_by_content_from_the_tokenizer_files(moe_folder):
     assert tokens.start_header_id is None and tokens.end_header_id is None
     assert tokens.stop_ids == (ids["<|endoftext|>"], ids["<|role_end|>"])
     # The same ids from tokenizer_config.json alone, and with no EOS in config.json.
-    (moe_folder / "elsewhere").mkdir(exist_ok=True)
-    shutil.copy(moe_folder / "tokenizer_config.json", moe_folder / "elsewhere")
+    shutil.copy(moe_folder / "tokenizer_config.json", tmp_path)
     no_eos = {k: v for k, v in config.items() if k not in ("eos_token_id", "pad_token_id")}
-    assert resolve_special_tokens(no_eos, moe_folder / "elsewhere", VOCAB) == tokens
+    assert resolve_special_tokens(no_eos, tmp_path, VOCAB) == tokens
 
 
 def test_family_follows_the_tokenizer_and_the_architecture_only_without_one(chat_checkpoint):
@@ -272,3 +271,9 @@ def test_sampler_eos_and_eot_flags_use_the_moe_ids(moe_folder):
     _, confidence, _ = propose(rows, fixed, tokens)
     assert (confidence[:2] < -1).all()
     assert confidence[2] == pytest.approx(torch.softmax(rows[2], 0)[other].item(), rel=1e-6)
+
+
+def test_train_tokenizer_refuses_an_unknown_family(tmp_path):
+    with pytest.raises(ValueError, match="family must be one of 'llada-8b', 'llada-moe'"):
+        train_tokenizer([], vocab_size=300, output_dir=tmp_path, family="llada2")
+    assert not (tmp_path / "tokenizer.json").exists()
