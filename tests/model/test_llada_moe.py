@@ -237,3 +237,51 @@ def test_losses_and_activation_checkpointing_give_the_same_gradients():
     assert loss.loss.item() > 0
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_other_shapes_mqa_tied_no_qk_norm_partial_rope(tmp_path):
+    """Options the shipped vectors do not cover: MQA, tied embeddings, no QK-norm, a quarter of
+    each head rotated, clip_qkv, 8 experts top-3 with a shared expert on every layer."""
+    config = LLaDAMoEConfig.from_hf_dict(
+        raw_config(MOE_TINY)
+        | {
+            "num_key_value_heads": 1,
+            "tie_word_embeddings": True,
+            "qk_layernorm": False,
+            "partial_rotary_factor": 0.25,
+            "clip_qkv": 0.05,
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "shared_expert_intermediate_size": 24,
+        }
+    )
+    model = LLaDAMoEModel(config).eval()
+    model.init_weights(torch.Generator().manual_seed(3))
+    ids = torch.tensor([[509, 509, 5, 17, 300, 42], [7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, 2:]).logits
+        model.attn_implementation = "eager"
+        eager = model(ids, attention_mask=mask).logits
+        model.attn_implementation = "sdpa"
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa[:1, 2:], alone, atol=1e-5, rtol=0)
+    saved = model.save_pretrained(tmp_path / "other")
+    assert "lm_head.weight" not in load_file(saved / "model.safetensors")
+    torch.testing.assert_close(logits_of(load_model(saved)), logits_of(model), atol=0, rtol=0)
+
+
+def test_the_router_picks_top_k_of_the_biased_probabilities_without_renormalising():
+    config = LLaDAMoEConfig.from_hf_dict(raw_config(MOE_OPTS))
+    moe = LLaDAMoEModel(config).blocks[1].mlp
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(4, 64))
+        moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.5]))
+    x = torch.zeros(1, 64)
+    x[0, :4] = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    _, ids, weights = moe.route(x)
+    probs = torch.softmax(x[0, :4], -1)
+    # Expert 3 has the lowest probability but the bias lifts it above expert 1.
+    assert ids[0].tolist() == [0, 3]
+    torch.testing.assert_close(weights[0], torch.stack([probs[0], probs[3] + 0.5]))
