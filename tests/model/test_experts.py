@@ -75,17 +75,20 @@ def test_skewed_case_has_idle_experts_and_a_crowded_one():
     assert (counts == 0).any() and counts.max() >= 30
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tokens,experts,k,routing", CASES)
-def test_grouped_equals_loop_bfloat16(tokens, experts, k, routing):
+def test_grouped_equals_loop_bfloat16(tokens, experts, k, routing, backend):
     x, ids, w, gate, up, down = make_case(tokens, experts, k, dtype=torch.bfloat16, routing=routing)
     w = w.to(torch.bfloat16)
     expected = experts_loop(x, ids, w, gate, up, down)
-    exact = experts_loop(*(t.double() if t.is_floating_point() else t for t in (x, ids, w)),
-                         gate.double(), up.double(), down.double())  # fmt: skip
-    got = experts_grouped(x, ids, w, gate, up, down)
+    got = experts_grouped(x, ids, w, gate, up, down, backend=backend)
     assert got.dtype == torch.bfloat16
-    # Both round to bf16 along the way: the grouped result is as close to the float64 answer as
-    # the loop's, within a few bf16 steps (2**-8 relative) of it.
+    if backend == "slices":
+        assert torch.equal(got, expected)
+        return
+    # grouped_mm rounds differently along the way: as close to the float64 answer as the loop,
+    # within a few bf16 steps (2**-8 relative) of it.
+    exact = experts_loop(x.double(), ids, w.double(), gate.double(), up.double(), down.double())
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     err_grouped = (got.double() - exact).abs().max()
     err_loop = (expected.double() - exact).abs().max()
@@ -111,9 +114,8 @@ def test_forward_casts_router_weights_as_the_model_passes_them():
     assert w.dtype == torch.float32
     expected = experts_loop(x, ids, w.to(torch.bfloat16), gate, up, down)
     assert torch.equal(experts_forward(x, ids, w, gate, up, down, impl="loop"), expected)
-    got = experts_forward(x, ids, w, gate, up, down, impl="auto")
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    # On CPU "auto" walks the sorted slices: the loop's arithmetic exactly.
+    assert torch.equal(experts_forward(x, ids, w, gate, up, down, impl="auto"), expected)
     x32, *_ = make_case(17, 8, 2)
     torch.testing.assert_close(
         experts_forward(x32, ids, w, gate.float(), up.float(), down.float(), impl="grouped"),
@@ -172,5 +174,9 @@ def test_grouped_mm_path_never_reads_back_to_the_host():
     )
     out = experts_grouped(*args, backend="grouped_mm")
     assert out.shape == (tokens, d) and out.dtype == torch.bfloat16
+    # Off the CPU, "auto" takes this path for bf16.
+    assert experts_forward(*args, impl="auto").shape == (tokens, d)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        experts_grouped(*args, backend="slices")
     with pytest.raises((NotImplementedError, RuntimeError)):
         experts_loop(*args)

@@ -11,11 +11,10 @@ accumulated with `index_add_` in expert order, as the reference modeling code of
 does (ZHZisZZ/dllm, dllm/pipelines/llada/models/modeling_lladamoe.py). Faster paths must match
 it (tests/model/test_experts.py).
 
-`experts_grouped` is the fast path: the (token, slot) pairs are sorted by expert once, the
-tokens gathered once, each projection runs as one grouped matmul over the sorted rows, and the
-weighted rows are added back with a single `index_add_`. Because the sort is stable and the
-scatter follows the sorted order, every token still receives its experts' outputs in expert
-order, as in the loop. `experts_forward` is the entry point the models call.
+`experts_grouped` sorts the (token, slot) pairs by expert once and then either runs each
+projection as one grouped matmul over all experts (`torch._grouped_mm`: no host
+synchronisation, the GPU path) or walks the experts' contiguous slices of the sorted pairs (the
+CPU path, as fast as the loop there). `experts_forward` is the entry point the models call.
 """
 
 from __future__ import annotations
@@ -70,10 +69,8 @@ def experts_forward(
     """The routed experts' weighted sum, (T, D) in x's dtype, by the chosen implementation.
 
     topk_weights may come in the router's dtype (float32): they are cast to x's dtype first, as
-    the reference does before its expert loop. impl "loop" is the reference path, "grouped" the
-    sorted grouped-matmul path; "auto" is "grouped" on every device: on CPU it is as fast as the
-    loop or faster (BENCHMARKS.md, "LLaDA-MoE experts") and it never synchronises with the host
-    when `torch._grouped_mm` applies, where the loop's `torch.where` synchronises once per expert.
+    the reference does before its expert loop. impl "loop" is the reference path; "grouped" and
+    "auto" sort the tokens by expert (`experts_grouped`, whose backend is picked per device).
     """
     if impl not in EXPERTS_IMPLS:
         raise ValueError(f"experts impl must be one of {', '.join(EXPERTS_IMPLS)}, got {impl!r}")
@@ -92,74 +89,71 @@ def experts_grouped(
     down: torch.Tensor,
     backend: Literal["auto", "grouped_mm", "slices"] = "auto",
 ) -> torch.Tensor:
-    """`experts_loop`'s result from grouped matmuls over the tokens sorted by expert.
+    """`experts_loop`'s result computed over the (token, slot) pairs sorted by expert.
 
-    Same arguments and result as `experts_loop`. backend "grouped_mm" runs each projection as
-    one `torch._grouped_mm`; "slices" runs one matmul per expert on its contiguous slice of the
-    sorted rows (needs the group sizes on the host: one synchronisation per call); "auto" takes
-    "grouped_mm" whenever `grouped_mm_applies`.
+    Same arguments and result as `experts_loop`. backend:
+    - "grouped_mm": the tokens gathered once into (T*k, D), each projection one
+      `torch._grouped_mm` over all experts, one `index_add_` back. No host synchronisation.
+    - "slices": expert by expert over its contiguous slice of the sorted pairs: gather, SwiGLU,
+      weight and add back while the slice is in cache. The loop's arithmetic exactly (bit for
+      bit), without its boolean scan of all T*k pairs per expert; one host synchronisation.
+    - "auto": "grouped_mm" off the CPU where `grouped_mm_applies`, else "slices". Measured on
+      CPU (BENCHMARKS.md, "LLaDA-MoE experts"), the (T*k, D) and (T*k, F) intermediates of
+      "grouped_mm" leave the cache at T >= 1024 and cost 12-30% against the loop, while
+      "slices" runs level with it; on a GPU, "grouped_mm" saves one synchronisation and about
+      eight kernel launches per expert.
     """
     num_tokens, k = topk_ids.shape
     num_experts = gate.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(x)
+    if backend == "auto":
+        on_cpu = x.device.type == "cpu"
+        backend = "grouped_mm" if not on_cpu and grouped_mm_applies(x, gate, up, down) else "slices"
+    if backend not in ("grouped_mm", "slices"):
+        raise ValueError(f"experts backend must be auto, grouped_mm or slices, got {backend!r}")
     flat = topk_ids.reshape(-1)  # (T*k,) expert of each (token, slot) pair, token-major
-    # Stable: within an expert the pairs keep token order, as torch.where gives them to the loop.
+    # Stable: within an expert the pairs keep token order, as torch.where gives them to the loop,
+    # and adding back in sorted order gives every token its experts' outputs in expert order.
     order = torch.argsort(flat, stable=True)  # (T*k,)
     token = order // k  # (T*k,) the token of each sorted pair
-    # (E,) rows per expert; scatter_add_ keeps the shape static where bincount would read the
+    weights = topk_weights.reshape(-1)[order, None]  # (T*k, 1)
+    # (E,) pairs per expert; scatter_add_ keeps the shape static where bincount would read the
     # largest id back to the host on CUDA.
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    h = x[token]  # (T*k, D) each token once per expert that it is routed to
-    if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_applies(h, gate, up, down) else "slices"
+    out = torch.zeros_like(x)  # (T, D)
     if backend == "grouped_mm":
+        h = x[token]  # (T*k, D) each token once per expert that it is routed to
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-        y = _swiglu_grouped_mm(h, offsets, gate, up, down)
-    elif backend == "slices":
-        y = _swiglu_slices(h, counts, gate, up, down)
-    else:
-        raise ValueError(f"experts backend must be auto, grouped_mm or slices, got {backend!r}")
-    y = y * topk_weights.reshape(-1)[order, None]  # (T*k, D)
-    return torch.zeros_like(x).index_add_(0, token, y)
+        # gate.transpose(1, 2) is (E, D, F): the weights are read in place, never copied.
+        g = torch._grouped_mm(h, gate.transpose(1, 2), offs=offsets)  # (T*k, F)
+        u = torch._grouped_mm(h, up.transpose(1, 2), offs=offsets)  # (T*k, F)
+        y = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offsets)  # (T*k, D)
+        return out.index_add_(0, token, y * weights)
+    # Host synchronisation: the slice bounds must be Python ints (free on CPU, which has no
+    # queue of kernels to drain).
+    start = 0
+    for expert, size in enumerate(counts.tolist()):
+        if size == 0:
+            continue
+        rows = token[start : start + size]
+        h = x[rows]  # (size, D)
+        y = F.linear(F.silu(F.linear(h, gate[expert])) * F.linear(h, up[expert]), down[expert])
+        out.index_add_(0, rows, y * weights[start : start + size])
+        start += size
+    return out
 
 
 def grouped_mm_applies(
-    h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> bool:
-    """Whether `torch._grouped_mm` takes these operands (dtype, layout and 16-byte strides)."""
-    dtypes = _GROUPED_MM_CPU_DTYPES if h.device.type == "cpu" else (torch.bfloat16,)
-    if not hasattr(torch, "_grouped_mm") or h.dtype not in dtypes:
+    """Whether `torch._grouped_mm` takes these operands (device, dtype, layout, 16-byte rows)."""
+    dtypes = _GROUPED_MM_CPU_DTYPES if x.device.type == "cpu" else (torch.bfloat16,)
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in dtypes:
         return False
-    if not all(w.dtype == h.dtype and w.is_contiguous() for w in (gate, up, down)):
+    if not all(w.dtype == x.dtype and w.is_contiguous() for w in (gate, up, down)):
         return False
-    size = h.element_size()
+    size = x.element_size()
     widths_aligned = (gate.shape[1] * size) % 16 == 0 and (gate.shape[2] * size) % 16 == 0
-    pointers_aligned = all(t.data_ptr() % 16 == 0 for t in (h, gate, up, down))
-    return widths_aligned and pointers_aligned
-
-
-def _swiglu_grouped_mm(
-    h: torch.Tensor, offsets: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
-) -> torch.Tensor:
-    """SwiGLU of each row by its expert; rows sorted by expert, offsets (E,) int32 group ends."""
-    # gate.transpose(1, 2) is (E, D, F): the weights are read in place, never copied.
-    g = torch._grouped_mm(h, gate.transpose(1, 2), offs=offsets)  # (T*k, F)
-    u = torch._grouped_mm(h, up.transpose(1, 2), offs=offsets)  # (T*k, F)
-    return torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offsets)  # (T*k, D)
-
-
-def _swiglu_slices(
-    h: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
-) -> torch.Tensor:
-    """SwiGLU of each row by its expert, one expert at a time over its contiguous slice."""
-    # Host synchronisation: split sizes must be Python ints. Only for operands that
-    # torch._grouped_mm refuses (float64, widths not a multiple of 16 bytes, old torch).
-    sizes = counts.tolist()
-    outs = [
-        F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e])
-        for e, rows in enumerate(h.split(sizes))
-        if sizes[e]
-    ]
-    return torch.cat(outs)
+    return widths_aligned and all(w.data_ptr() % 16 == 0 for w in (gate, up, down))
