@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .experts import experts_loop
+from .experts import experts_forward
 from .transformer import (
     AttentionImplementation,
     KVCache,
@@ -376,8 +376,9 @@ def routed_experts(
     up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:
-    """The one place that picks how the routed experts run (see experts.py)."""
-    return experts_loop(x, topk_ids, topk_weights, gate, up, down)
+    """The one place that picks how the routed experts run (see experts.py): "auto" is the
+    loop's arithmetic exactly on CPU (sorted per-expert slices), grouped matmuls on GPU."""
+    return experts_forward(x, topk_ids, topk_weights, gate, up, down)
 
 
 class SwiGLU(nn.Module):
