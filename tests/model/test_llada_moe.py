@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llada.model.checkpoint import CheckpointError, inspect_checkpoint, load_model
+from llada.model.config import LLaDAConfig
 from llada.model.families import DENSE, LLADA_MOE, detect_family
 from llada.model.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 from llada.model.transformer import LLaDAModel
@@ -285,3 +286,9 @@ def test_the_router_picks_top_k_of_the_biased_probabilities_without_renormalisin
     # Expert 3 has the lowest probability but the bias lifts it above expert 1.
     assert ids[0].tolist() == [0, 3]
     torch.testing.assert_close(weights[0], torch.stack([probs[0], probs[3] + 0.5]))
+
+
+def test_the_dense_config_class_refuses_a_moe_config():
+    # Before: every dense key took its GPT-2-like default, building a wrong 768-wide model.
+    with pytest.raises(ValueError, match="LLaDA-MoE.*num_experts"):
+        LLaDAConfig.from_hf_dict(raw_config(MOE_TINY))

@@ -326,6 +326,15 @@ class LLaDAConfig:
                 f"config.json has model_type '{data.get('model_type')}', expected 'llada' "
                 "(LLaDA-MoE checkpoints use a different architecture)."
             )
+        from .llada_moe import MARKER_KEYS
+
+        moe_keys = [k for k in MARKER_KEYS if k in data]
+        if moe_keys:
+            # Otherwise every dense key would take its GPT-2-like default: a silent wrong model.
+            raise ValueError(
+                f"this config describes a LLaDA-MoE model ({', '.join(moe_keys)}), not a dense "
+                "LLaDA one; load it with llada.load_model or build it with LLaDAMoEConfig"
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: data.get(k, REFERENCE_DEFAULTS.get(k)) for k in known}
         extra = {k: v for k, v in data.items() if k not in known}
