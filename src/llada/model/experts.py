@@ -13,8 +13,10 @@ it (tests/model/test_experts.py).
 
 `experts_grouped` sorts the (token, slot) pairs by expert once and then either runs each
 projection as one grouped matmul over all experts (`torch._grouped_mm`: no host
-synchronisation, the GPU path) or walks the experts' contiguous slices of the sorted pairs (the
-CPU path, as fast as the loop there). `experts_forward` is the entry point the models call.
+synchronisation; the GPU path, and the CPU's for small batches) or walks the experts'
+contiguous slices of the sorted pairs (the CPU's for large batches, where it keeps pace with
+the loop and grouped_mm does not). `pick_backend` holds the rule. `experts_forward` is the
+entry point the models call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ EXPERTS_IMPLS: tuple[str, ...] = ("auto", "loop", "grouped")
 # CPU (torch 2.13) it takes these three dtypes, on CUDA (and the meta device, whose checks mirror
 # CUDA's) bfloat16 only. Anything else runs per expert on contiguous slices.
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Above this many bytes of grouped_mm intermediates a CPU runs the experts by slices
+# (`pick_backend`; measured on a 2-core AVX-512/AMX Xeon, BENCHMARKS.md).
+CPU_GROUPED_MM_BYTES = 16 << 20
 
 
 def experts_loop(
@@ -97,19 +102,14 @@ def experts_grouped(
     - "slices": expert by expert over its contiguous slice of the sorted pairs: gather, SwiGLU,
       weight and add back while the slice is in cache. The loop's arithmetic exactly (bit for
       bit), without its boolean scan of all T*k pairs per expert; one host synchronisation.
-    - "auto": "grouped_mm" off the CPU where `grouped_mm_applies`, else "slices". Measured on
-      CPU (BENCHMARKS.md, "LLaDA-MoE experts"), the (T*k, D) and (T*k, F) intermediates of
-      "grouped_mm" leave the cache at T >= 1024 and cost 12-30% against the loop, while
-      "slices" runs level with it; on a GPU, "grouped_mm" saves one synchronisation and about
-      eight kernel launches per expert.
+    - "auto": `pick_backend`.
     """
     num_tokens, k = topk_ids.shape
     num_experts = gate.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(x)
     if backend == "auto":
-        on_cpu = x.device.type == "cpu"
-        backend = "grouped_mm" if not on_cpu and grouped_mm_applies(x, gate, up, down) else "slices"
+        backend = pick_backend(x, topk_ids, gate, up, down)
     if backend not in ("grouped_mm", "slices"):
         raise ValueError(f"experts backend must be auto, grouped_mm or slices, got {backend!r}")
     flat = topk_ids.reshape(-1)  # (T*k,) expert of each (token, slot) pair, token-major
@@ -143,6 +143,32 @@ def experts_grouped(
         out.index_add_(0, rows, y * weights[start : start + size])
         start += size
     return out
+
+
+def pick_backend(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> Literal["grouped_mm", "slices"]:
+    """`experts_grouped`'s backend for these operands, from their shapes only (no sync).
+
+    "slices" when `torch._grouped_mm` does not take the operands. Off the CPU, "grouped_mm":
+    no host synchronisation and three kernels instead of about eight per expert. On CPU the
+    choice follows the size of grouped_mm's intermediates, (T*k, D) gathered rows and two
+    (T*k, F) projections: up to `CPU_GROUPED_MM_BYTES` grouped_mm is the faster (bf16 1.15x the
+    loop at T = 64 and 256 of LLaDA-MoE-7B's layer), beyond it they fall out of cache and it is
+    the slower (0.79-0.89x at T = 1024 and 2048) while "slices" stays level with the loop
+    (BENCHMARKS.md, "LLaDA-MoE experts": every measured shape and dtype is on the faster side).
+    """
+    if not grouped_mm_applies(x, gate, up, down):
+        return "slices"
+    if x.device.type != "cpu":
+        return "grouped_mm"
+    rows = topk_ids.numel()
+    intermediate_bytes = rows * (gate.shape[2] + 2 * gate.shape[1]) * x.element_size()
+    return "grouped_mm" if intermediate_bytes <= CPU_GROUPED_MM_BYTES else "slices"
 
 
 def grouped_mm_applies(

@@ -376,8 +376,8 @@ def routed_experts(
     up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:
-    """The one place that picks how the routed experts run (see experts.py): "auto" is the
-    loop's arithmetic exactly on CPU (sorted per-expert slices), grouped matmuls on GPU."""
+    """The one place that picks how the routed experts run: experts.py's "auto" (sorted
+    tokens; grouped matmuls or per-expert slices by device and size, tested equal to the loop)."""
     return experts_forward(x, topk_ids, topk_weights, gate, up, down)
 
 
