@@ -103,6 +103,49 @@ def chat_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_chat_checkpoint(tmp_path_factory) -> Path:
+    """A small random LLaDA-MoE folder (official layout: 4 experts top-2 with the expert bias, a
+    shared expert, a dense first layer, QK-norm, half RoPE) with a trained llada-moe tokenizer,
+    so the ids and the `<role>` chat template come from the files."""
+    from llada.model.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
+    from llada.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("moe-chat-model")
+    text = [
+        "To be, or not to be, that is the question. " * 20,
+        "What is 2 + 3? The answer is 5. " * 20,
+    ]
+    train_tokenizer(text, vocab_size=320, output_dir=folder, family="llada-moe")
+    tokens = resolve_special_tokens({}, folder, vocab_size=320)
+    config = LLaDAMoEConfig(
+        vocab_size=320,
+        hidden_size=32,
+        dense_intermediate_size=64,
+        expert_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokens.pad_id,
+        eos_token_id=tokens.eos_id,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        num_experts=4,
+        num_experts_per_tok=2,
+        qk_layernorm=True,
+        moe_layer_freq=(0, 1),
+        moe_router_enable_expert_bias=True,
+    )
+    model = LLaDAMoEModel(config)
+    model.init_weights(torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a non-zero expert bias, so the biased top-k is exercised
+        model.blocks[1].mlp.expert_bias.copy_(torch.tensor([0.05, -0.02, 0.0, 0.03]))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def training_setup(tmp_path_factory, chat_checkpoint):
     """A tokenised synthetic corpus (learnable patterns), a tiny model config, the tokenizer."""
     import random

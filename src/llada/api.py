@@ -89,7 +89,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[Path, bool]:
 
 
 def generate_texts(
-    model: LLaDAModel,
+    model: torch.nn.Module,
     tokenizer,
     prompts: Sequence[str],
     config: GenerateConfig,
@@ -139,7 +139,7 @@ class ChatSession:
 
     def __init__(
         self,
-        model: LLaDAModel,
+        model: torch.nn.Module,
         tokenizer,
         config: GenerateConfig,
         decode: DecodeConfig | str = "fast",

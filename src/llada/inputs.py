@@ -76,15 +76,29 @@ def check_mask_id(mask_id: int, vocab_size: int | None) -> None:
         )
 
 
-def check_context(model: object, length: int, prompt_length: int, gen_length: int) -> None:
-    """The canvas (prompt + answer) must fit the model's context (max_sequence_length): RoPE
-    runs past it without an error, but on positions the model was never trained on."""
+def context_of(model: object) -> tuple[int | None, str]:
+    """(the model's context in tokens or None, the config.json key that sets it).
+
+    Every family's config answers `max_sequence_length`; the key a user edits is the family's
+    own: LLaDA-8B's `max_sequence_length`, LLaDA-MoE's `max_position_embeddings` (its config
+    exposes `max_sequence_length` as an alias only)."""
     config = getattr(model, "config", None)
-    context = getattr(config, "max_sequence_length", None)
-    if isinstance(context, int) and length > context:
+    official = hasattr(type(config), "max_position_embeddings")
+    key = "max_position_embeddings" if official else "max_sequence_length"
+    context = getattr(config, key, None)
+    if isinstance(context, int) and not isinstance(context, bool):
+        return context, key
+    return None, key
+
+
+def check_context(model: object, length: int, prompt_length: int, gen_length: int) -> None:
+    """The canvas (prompt + answer) must fit the model's context (`context_of`): RoPE runs past
+    it without an error, but on positions the model was never trained on."""
+    context, key = context_of(model)
+    if context is not None and length > context:
         raise ValueError(
             f"prompt ({prompt_length} tokens) + gen_length ({gen_length}) = {length} tokens "
-            f"exceeds the model's context of {context} (max_sequence_length in its config.json); "
+            f"exceeds the model's context of {context} ({key} in its config.json); "
             "shorten the prompt or lower gen_length"
         )
 

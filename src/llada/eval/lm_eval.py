@@ -53,6 +53,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from ..diffusion import stratified_masking
+from ..inputs import context_of
 from ..likelihood import LikelihoodConfig
 from ..sampling.config import REMASKING_CHOICES, GenerateConfig, decode_preset
 from ..settings import require_non_negative_numbers, require_positive_ints
@@ -75,8 +76,9 @@ class HarnessSettings:
     cfg: classifier-free guidance scale for likelihoods and generation (0 = off).
     is_check_greedy: also report whether greedy one-token-at-a-time decoding reproduces the
         answer (lm-eval's is_greedy, used by e.g. LAMBADA's acc); costs one forward per token.
-    max_length: longest sequence scored or generated (None: the model's max_sequence_length,
-        4096 for LLaDA-8B as the reference); longer prompts lose their oldest tokens.
+    max_length: longest sequence scored or generated (None: the model's context, its config's
+        max_sequence_length or, for LLaDA-MoE, max_position_embeddings; 4096 for LLaDA-8B as
+        the reference); longer prompts lose their oldest tokens.
     steps: sampler forward passes for gen_length tokens (scaled with max_gen_toks).
     gen_length: answer tokens when a request names no max_gen_toks.
     block_length: semi-autoregressive block size of the sampler.
@@ -390,7 +392,7 @@ class LLaDAEvalLM(LM):
         if is_random:
             logger.warning("no model given and none shipped: scoring the random stand-in")
         self.tokens = self.model.special_tokens
-        self.max_length = self.settings.max_length or int(self.model.config.max_sequence_length)
+        self.max_length = self.settings.max_length or context_of(self.model)[0]
         stride = self.settings.rolling_stride or max(1, self.max_length // 2)
         self.rolling_stride = min(stride, self.max_length)
         self._warned: set[str] = set()

@@ -37,6 +37,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "the server needs FastAPI and uvicorn: pip install 'llada-kit[serve]'"
     ) from error
 
+from ..inputs import context_of
 from ..sampling.config import GenerateConfig
 from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
@@ -253,7 +254,7 @@ class _State:
         )
         model_config = getattr(model, "config", None)
         self.vocab_size = getattr(model_config, "vocab_size", None)
-        self.max_sequence_length = getattr(model_config, "max_sequence_length", None)
+        self.max_sequence_length, self.context_key = context_of(model)
 
     @property
     def health(self) -> tuple[bool, str]:
@@ -305,8 +306,9 @@ class _State:
             raise RequestError(
                 400,
                 f"prompt ({len(ids)} tokens) + answer canvas ({sampling.config.gen_length}) "
-                f"= {total} tokens, more than the model's {self.max_sequence_length}; "
-                "shorten the prompt or ask for fewer tokens",
+                f"= {total} tokens, more than the model's context of {self.max_sequence_length} "
+                f"({self.context_key} in its config.json); shorten the prompt or ask for fewer "
+                "tokens",
                 param,
                 "context_length_exceeded",
             )

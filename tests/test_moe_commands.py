@@ -1,0 +1,354 @@
+"""Every inference command on a tiny random LLaDA-MoE, as on the dense model: `llada generate`
+(every preset), `llada chat`, `llada serve`, the demo's handler, `llada eval tasks`, the lm-eval
+model and the library calls. Each answer is compared with the library's for the same settings;
+the ids and the `<role>` chat template come from the checkpoint's llada-moe tokenizer files."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from llada.api import ChatSession, generate_texts, load
+from llada.cli.main import main
+from llada.likelihood import get_log_likelihood
+from llada.model.llada_moe import LLaDAMoEModel
+from llada.sampling.config import GenerateConfig, decode_preset
+from llada.sampling.fast import sample
+from llada.tokenizer import encode_chat
+
+sys.path.insert(0, str(Path(__file__).parent / "serve"))
+
+PRESETS = ("reference", "fast", "fastest", "fastdllm-prefix", "fastdllm-dual")
+PROMPTS = ["To be, or not", "What is 2 + 3?"]
+SMALL = GenerateConfig(steps=8, gen_length=16, block_length=8)
+SMALL_ARGS = ["--gen-length", "16", "--steps", "8", "--block-length", "8"]
+
+
+@pytest.fixture(scope="module")
+def loaded(moe_chat_checkpoint):
+    model, tokenizer, is_random = load(moe_chat_checkpoint)
+    assert not is_random
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def stopper(loaded):
+    """The tiny MoE made to propose one stop token everywhere: a large constant feature in every
+    embedding (dim 0 dominates the final RMSNorm) read only by the stop token's output row."""
+
+    def make(token_id: int) -> LLaDAMoEModel:
+        model = copy.deepcopy(loaded[0])
+        with torch.no_grad():
+            model.embed.weight[:, 0] += 100.0
+            model.lm_head.weight[token_id, 0] = 10.0
+        return model
+
+    return make
+
+
+def test_the_checkpoint_is_a_moe_with_the_role_tokens(loaded):
+    model, tokenizer = loaded
+    assert isinstance(model, LLaDAMoEModel)
+    tokens = model.special_tokens
+    ids = tokenizer.convert_tokens_to_ids
+    assert tokens.mask_id == ids("<|mask|>") and tokens.eot_id == ids("<|role_end|>")
+    assert tokens.eos_id == ids("<|endoftext|>")
+    assert tokens.stop_ids == (ids("<|endoftext|>"), ids("<|role_end|>"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generate_command_answers_as_the_library(moe_chat_checkpoint, loaded, preset, capsys):
+    model, tokenizer = loaded
+    code = main(["generate", "--model", str(moe_chat_checkpoint), "--preset", preset])
+    assert code == 2  # no prompt: the usage error, not a crash on the family
+    capsys.readouterr()
+    args = ["generate", "--model", str(moe_chat_checkpoint), "--preset", preset, *SMALL_ARGS]
+    assert main([*args, "--jsonl", *PROMPTS]) == 0
+    printed = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == generate_texts(model, tokenizer, PROMPTS, SMALL, decode=preset)
+    assert any(printed)
+
+
+def test_chat_command_sends_the_role_template_and_answers_as_the_library(
+    moe_chat_checkpoint, loaded, monkeypatch, capsys
+):
+    model, tokenizer = loaded
+    import llada.api
+
+    sent = []
+    real = llada.api.sample
+
+    def recording(model_, prompt, *args, **kwargs):
+        sent.append(prompt[0].tolist())
+        return real(model_, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(llada.api, "sample", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n/quit\n"))
+    args = ["chat", "--model", str(moe_chat_checkpoint), "--preset", "fast", *SMALL_ARGS]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    session = ChatSession(model, tokenizer, SMALL, decode="fast")
+    assert printed == [session.reply("hello"), session.reply("again")]
+    role, role_end = tokenizer.convert_tokens_to_ids(["<role>", "<|role_end|>"])
+    first = tokenizer.decode(sent[0])
+    assert sent[0][0] == role and first.startswith("<role>SYSTEM</role>")
+    assert "<role>HUMAN</role>hello<|role_end|>" in first
+    assert first.endswith("<role>ASSISTANT</role>")
+    # The second prompt is the first turn (its EoT kept) followed by the new one.
+    second = tokenizer.decode(sent[1])
+    assert second.count("<role>HUMAN</role>") == 2 and sent[1].count(role_end) >= 3
+    assert second.endswith("<role>HUMAN</role>again<|role_end|><role>ASSISTANT</role>")
+
+
+def test_server_answers_as_the_library(moe_chat_checkpoint, loaded):
+    import httpx
+    from serve_helpers import library_answer, live_server
+
+    from llada.serve.app import create_app
+    from llada.serve.config import ServeConfig
+
+    model, tokenizer = loaded
+    name = moe_chat_checkpoint.name
+    app = create_app(model, tokenizer, ServeConfig())
+    # max_tokens 32: a canvas of one block of 32, 32 steps, the server's 'fast' preset.
+    config = GenerateConfig(steps=32, gen_length=32, block_length=32)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    with live_server(app) as url:
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": name, "messages": messages, "max_tokens": 32},
+            timeout=60,
+        ).json()
+        completion = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": name, "prompt": PROMPTS[0], "max_tokens": 32},
+            timeout=60,
+        ).json()
+        chunks = []
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={"model": name, "messages": messages, "max_tokens": 32, "stream": True},
+            timeout=60,
+        ) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    chunks.append(delta.get("content") or "")
+
+    expected = generate_texts(model, tokenizer, [PROMPTS[1]], config, decode="fast")[0]
+    assert chat["choices"][0]["message"]["content"] == expected
+    prompt_ids = encode_chat(tokenizer, messages)
+    assert prompt_ids[0] == tokenizer.convert_tokens_to_ids("<role>")
+    assert chat["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert "".join(chunks) == expected
+    ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    text, tokens = library_answer(model, tokenizer, ids, config, "fast", 32)
+    assert completion["choices"][0]["text"] == text
+    assert completion["usage"]["completion_tokens"] == tokens
+
+
+def test_server_stops_at_the_role_end_and_names_the_context_key(stopper, loaded):
+    from fastapi.testclient import TestClient
+
+    from llada.serve.app import create_app
+    from llada.serve.config import ServeConfig
+
+    model = stopper(loaded[0].special_tokens.eot_id)
+    app = create_app(model, loaded[1], ServeConfig())
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+        reply = client.post("/v1/chat/completions", json=body).json()
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["usage"]["completion_tokens"] == 0
+        body = {"prompt": "To be " * 200, "max_tokens": 256}  # 402 + 256 tokens > 512
+        too_long = client.post("/v1/completions", json=body)
+        assert too_long.status_code == 400
+        assert "max_position_embeddings" in too_long.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stop", ["eos_id", "eot_id"])
+def test_answers_end_at_the_moe_stop_tokens_and_stop_early(stopper, loaded, stop):
+    from llada.demo.session import DemoSettings, stream_turn
+
+    tokenizer = loaded[1]
+    model = stopper(getattr(loaded[0].special_tokens, stop))
+    stop_id = getattr(model.special_tokens, stop)
+    config = GenerateConfig(steps=16, gen_length=32, block_length=8)
+    prompt = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": "hi"}])])
+    fast = decode_preset("fast")
+    assert fast.early_stop
+    stopped = sample(model, prompt, None, config, fast)
+    full = sample(model, prompt, None, config, replace(fast, early_stop=False))
+    assert full.tokens[0, prompt.shape[1] :].tolist() == [stop_id] * 32
+    # The answer ended in its first block: the other three are not denoised.
+    assert stopped.forward_passes < full.forward_passes
+    assert generate_texts(model, tokenizer, ["hi"], config, decode="fast") == [""]
+    # The demo cuts its answer at the first stop token, not only drops special tokens: words
+    # placed after it (a constraint at position 12) are not part of the answer.
+    settings = DemoSettings(
+        gen_length=16, steps=8, block_length=8, preset="reference", constraints="0:question, 12:be"
+    )
+    frames = list(stream_turn(model, tokenizer, [{"role": "user", "content": "hi"}], settings))
+    assert stop_id in frames[-1].tokens
+    assert frames[-1].answer == " question"
+
+
+def test_demo_handler_answers_as_the_library(loaded):
+    pytest.importorskip("gradio")
+    from llada.demo.app import make_respond
+
+    model, tokenizer = loaded
+    respond = make_respond(model, tokenizer, max_gen_length=64)
+    frames = list(respond(PROMPTS[1], [], 16, 8, 8, 0.0, 0.0, "low_confidence", "reference", ""))
+    assert len(frames) == 9  # one frame per step of the 2 blocks x 4 steps, then the answer
+    *_, (chat, _, history, _) = frames
+    config = GenerateConfig(steps=8, gen_length=16, block_length=8)
+    expected = generate_texts(model, tokenizer, [PROMPTS[1]], config, decode="reference")[0]
+    assert history == [
+        {"role": "user", "content": PROMPTS[1]},
+        {"role": "assistant", "content": expected},
+    ]
+
+
+def test_eval_tasks_command_answers_through_the_library(
+    moe_chat_checkpoint, loaded, monkeypatch, tmp_path, capsys
+):
+    import llada.api
+
+    model, tokenizer = loaded
+    calls = []
+    real = llada.api.generate_texts
+
+    def recording(model_, tokenizer_, prompts, config, **kwargs):
+        answers = real(model_, tokenizer_, prompts, config, **kwargs)
+        calls.append((type(model_), list(prompts), config, kwargs["decode"], answers))
+        return answers
+
+    monkeypatch.setattr(llada.api, "generate_texts", recording)
+    out = tmp_path / "results.json"
+    args = ["eval", "tasks", "--model", str(moe_chat_checkpoint), "--no-lines", "--per-task", "2"]
+    args += ["--tasks", "arithmetic,copy", *SMALL_ARGS, "--json", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    results = json.loads(out.read_text())
+    assert {task: r["n"] for task, r in results["results"].items()} == {"arithmetic": 2, "copy": 2}
+    assert calls and all(kind is LLaDAMoEModel for kind, *_ in calls)
+    for _, prompts, config, decode, answers in calls:
+        assert config == SMALL and decode == "reference"
+        assert real(model, tokenizer, prompts, config, decode=decode) == answers
+
+
+def test_library_likelihood_and_context_error(loaded):
+    model, tokenizer = loaded
+    prompt = torch.tensor(tokenizer("What is 2 + 3?", add_special_tokens=False)["input_ids"])
+    answer = torch.tensor(tokenizer(" The answer is 5.", add_special_tokens=False)["input_ids"])
+    torch.manual_seed(0)
+    first = get_log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
+    torch.manual_seed(0)
+    again = get_log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
+    assert first == again and first < 0
+    too_long = GenerateConfig(steps=512, gen_length=512, block_length=512)
+    with pytest.raises(ValueError, match=r"context of 512 \(max_position_embeddings in its config"):
+        generate_texts(model, tokenizer, ["hi"], too_long)
+
+
+LM_EVAL_DATA = Path(__file__).parent / "eval" / "data" / "lm_eval"
+LM_EVAL_ARGS = {
+    "dtype": "float32",
+    "mc_num": 8,
+    "batch_size": 4,
+    "is_check_greedy": False,
+    "steps": 2,
+    "gen_length": 4,
+    "block_length": 4,
+    "max_length": 32,
+    "gen_batch_size": 2,
+    "seed": 1234,
+}
+
+
+def test_lm_eval_model_scores_and_generates_as_the_library(loaded, moe_chat_checkpoint, tmp_path):
+    pytest.importorskip("lm_eval")
+    yaml = pytest.importorskip("yaml")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from conftest import go_offline
+    from llada.eval.lm_eval import LLaDAEvalLM, request_seed
+
+    model, tokenizer = loaded
+    # Without max_length the model's context: max_position_embeddings for the family.
+    assert LLaDAEvalLM(pretrained=str(moe_chat_checkpoint), device="cpu").max_length == 512
+
+    def data(name: str) -> dict:
+        files = {"test": str(LM_EVAL_DATA / f"{name}.jsonl")}
+        return {"data_files": files, "cache_dir": str(tmp_path / "hf-cache")}
+
+    tasks = {
+        "moe_test_choice": {
+            "dataset_kwargs": data("choice"),
+            "output_type": "multiple_choice",
+            "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_choice": "choices",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc"}],
+        },
+        "moe_test_generate": {
+            "dataset_kwargs": data("generate"),
+            "output_type": "generate_until",
+            "doc_to_text": "Q: {{question}}\nA:",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n", "Q:"], "max_gen_toks": 4},
+            "metric_list": [{"metric": "exact_match"}],
+        },
+    }
+    for name, config in tasks.items():
+        task = {"task": name, "dataset_path": "json", "test_split": "test", **config}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(task))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        go_offline(monkeypatch)
+        results = lm_eval.simple_evaluate(
+            model="llada",
+            model_args={"pretrained": str(moe_chat_checkpoint), **LM_EVAL_ARGS},
+            tasks=list(tasks),
+            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+            device="cpu",
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+    choice = results["samples"]["moe_test_choice"]
+    assert choice
+    for sample_ in choice:
+        for (context, continuation), ((score, _),) in zip(
+            sample_["arguments"], sample_["resps"], strict=True
+        ):
+            # The contexts end without a space and the choices start with one: a plain split.
+            assert not context.endswith(" ")
+            ids = tokenizer(context)["input_ids"]
+            rest = tokenizer(context + continuation)["input_ids"][len(ids) :]
+            torch.manual_seed(request_seed(LM_EVAL_ARGS["seed"], ids, rest))
+            expected = get_log_likelihood(
+                model, torch.tensor(ids), torch.tensor(rest), mc_num=8, batch_size=4
+            )
+            assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    config = GenerateConfig(steps=2, gen_length=4, block_length=4)
+    for sample_ in results["samples"]["moe_test_generate"]:
+        ((context, gen_kwargs),) = sample_["arguments"]
+        prompt = tokenizer(context)["input_ids"]
+        out = sample(model, torch.tensor([prompt]), None, config, "reference").tokens
+        text = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=False)
+        for stop in gen_kwargs["until"]:
+            text = text.split(stop)[0]
+        text = tokenizer.decode(
+            tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
+        )
+        assert sample_["resps"] == [[text]]
