@@ -156,6 +156,53 @@ def test_server_answers_as_the_library(moe_chat_checkpoint, loaded):
     assert completion["usage"]["completion_tokens"] == tokens
 
 
+@pytest.mark.slow
+def test_llada_serve_command_answers_the_openai_client_as_the_library(
+    moe_chat_checkpoint, loaded, tmp_path
+):
+    """`llada serve` as a user runs it (a process of its own), through the openai client."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    openai = pytest.importorskip("openai")
+    model, tokenizer = loaded
+    command = [sys.executable, "-m", "llada.cli.main", "serve", "--model", str(moe_chat_checkpoint)]
+    command += ["--port", "0", "--served-model-name", "moe", "--gen-length", "16", "--steps", "16"]
+    command += ["--block-length", "8"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "llada serve: model" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        url = log.read_text().split(" on ", 1)[1].split()[0]  # http://127.0.0.1:PORT/v1
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": PROMPTS[1]}]
+        reply = client.chat.completions.create(model="moe", messages=messages)
+        stream = client.chat.completions.create(model="moe", messages=messages, stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    config = GenerateConfig(steps=16, gen_length=16, block_length=8)
+    expected = generate_texts(model, tokenizer, [PROMPTS[1]], config, decode="fast")[0]
+    assert reply.choices[0].message.content == streamed == expected
+    assert reply.usage.prompt_tokens == len(encode_chat(tokenizer, messages))
+
+
 def test_server_stops_at_the_role_end_and_names_the_context_key(stopper, loaded):
     from fastapi.testclient import TestClient
 
@@ -202,6 +249,20 @@ def test_answers_end_at_the_moe_stop_tokens_and_stop_early(stopper, loaded, stop
     assert frames[-1].answer == " question"
 
 
+def test_forbidding_eos_uses_the_moe_eos_id(stopper, loaded):
+    tokenizer = loaded[1]
+    model = stopper(loaded[0].special_tokens.eos_id)
+    eos = model.special_tokens.eos_id
+    prompt = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": "hi"}])])
+    config = GenerateConfig(steps=8, gen_length=16, block_length=8)
+    for preset in ("reference", "fast"):
+        plain = sample(model, prompt, None, config, preset).tokens[0, prompt.shape[1] :]
+        assert plain.tolist() == [eos] * 16
+        forbidden = replace(config, logits_eos_inf=True)
+        answer = sample(model, prompt, None, forbidden, preset).tokens[0, prompt.shape[1] :]
+        assert eos not in answer.tolist() and model.special_tokens.mask_id not in answer.tolist()
+
+
 def test_demo_handler_answers_as_the_library(loaded):
     pytest.importorskip("gradio")
     from llada.demo.app import make_respond
@@ -217,6 +278,19 @@ def test_demo_handler_answers_as_the_library(loaded):
         {"role": "user", "content": PROMPTS[1]},
         {"role": "assistant", "content": expected},
     ]
+
+
+def test_demo_command_builds_the_page_for_the_moe(moe_chat_checkpoint, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    import llada.demo.app as app_module
+
+    launched = {}
+    monkeypatch.setattr(
+        app_module, "launch", lambda app, host, port, block: launched.update(app=app, port=port)
+    )
+    args = ["demo", "--model", str(moe_chat_checkpoint), "--port", "0", "--max-gen-length", "32"]
+    assert main(args) == 0
+    assert isinstance(launched["app"], gr.Blocks) and launched["port"] == 0
 
 
 def test_eval_tasks_command_answers_through_the_library(
