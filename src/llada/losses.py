@@ -1,5 +1,6 @@
 """Training objectives: LLaDA pre-training and SFT losses (paper Eq. 3 and 5; ML-GSAI/LLaDA
-GUIDELINES.md), and an autoregressive loss on the same network for equal-compute comparisons.
+GUIDELINES.md), an autoregressive loss on the same network for equal-compute comparisons, and
+the routers' load-balancing loss of mixture-of-experts models (`load_balancing_loss`).
 
 The masking comes from `llada.diffusion`, the module the likelihood estimator uses too. The LM
 head runs only on the positions a loss reads (`logits_at`), and cross-entropy is taken in
@@ -8,6 +9,8 @@ float32 whatever the model dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +25,13 @@ RANDOM_LENGTH_PROBABILITY = 0.01
 
 @dataclass
 class LossOutput:
-    """loss: the scalar to minimise; num_targets: tokens that contributed to it."""
+    """loss: the LLaDA (or autoregressive) loss; num_targets: tokens that contributed to it;
+    aux_loss: the routers' load-balancing loss of the same forward when the trainer asked for it
+    (the trainer minimises loss + router_aux_loss_coef * aux_loss)."""
 
     loss: torch.Tensor
     num_targets: int
+    aux_loss: torch.Tensor | None = None
 
 
 def maybe_crop(
@@ -106,3 +112,66 @@ def autoregressive_loss(
         return LossOutput(loss=logits.float().sum() * 0.0, num_targets=0)
     loss = F.cross_entropy(logits.float(), targets, reduction="mean")
     return LossOutput(loss=loss, num_targets=int(predicts.sum()))
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The auxiliary load-balancing loss of top-k routers: num_experts * sum_e f_e * P_e.
+
+    Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, eq. 4), in the top-k form of the
+    LLaDA-MoE reference (`load_balancing_loss_func` in ZHZisZZ/dllm
+    dllm/pipelines/llada/models/modeling_lladamoe.py, the OLMoE/Mixtral function):
+    - P_e: the mean over rows of softmax(logits)[e] (float32 here);
+    - f_e: the fraction of rows whose top-k of that softmax holds e (so sum_e f_e = k);
+    - the rows of every MoE layer are pooled before the means, as the reference concatenates
+      the layers' logits; with `token_mask` (B, T), only the rows of real tokens count.
+    A perfectly even router gives top_k. As in the reference, the top-k is taken on the
+    unbiased probabilities even when the model routes with `expert_bias`. Only f_e is
+    piecewise constant: the gradient reaches the routers through P_e.
+
+    router_logits: one (B*T, E) or (B, T, E) tensor per MoE layer, over the same tokens.
+    """
+    if not router_logits:
+        raise ValueError("load_balancing_loss needs the router logits of at least one layer")
+    logits = torch.cat([layer.reshape(-1, num_experts) for layer in router_logits]).float()
+    probabilities = torch.softmax(logits, dim=-1)  # (layers * tokens, E)
+    chosen = torch.topk(probabilities, top_k, dim=-1).indices
+    routed = torch.zeros_like(probabilities).scatter_(1, chosen, 1.0)  # 0/1 per (row, expert)
+    if token_mask is None:
+        tokens_per_expert = routed.mean(0)
+        probability_per_expert = probabilities.mean(0)
+    else:
+        # Layer-major rows, each layer's in (B, T) order: the mask repeats once per layer.
+        weights = token_mask.reshape(-1).to(torch.float32).repeat(len(router_logits))[:, None]
+        count = weights.sum().clamp(min=1.0)  # a tensor: no host synchronisation
+        tokens_per_expert = (routed * weights).sum(0) / count
+        probability_per_expert = (probabilities * weights).sum(0) / count
+    return num_experts * (tokens_per_expert * probability_per_expert).sum()
+
+
+@contextmanager
+def recording_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the router logits of every MoE layer during the forwards run inside the block.
+
+    The model names its routers (`model.routers()`, e.g. `LLaDAMoEModel`); a forward hook on
+    each appends its output, in layer order, to the list this yields; a model without routers
+    records nothing. The hooks are removed on leaving, before any backward pass, so that the
+    recomputation of activation checkpointing does not record twice. Pass the unwrapped model
+    (hooks on its modules fire under DDP and FSDP2 as well).
+    """
+    recorded: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        recorded.append(output)
+
+    routers = model.routers() if hasattr(model, "routers") else []
+    handles = [router.register_forward_hook(keep) for router in routers]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

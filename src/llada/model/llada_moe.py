@@ -546,6 +546,12 @@ class LLaDAMoEModel(nn.Module):
 
         return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype, **options)
 
+    def routers(self) -> list[nn.Linear]:
+        """The router (`mlp.gate`) of each MoE layer, in layer order. Its output is that layer's
+        router logits (tokens, experts): a forward hook reads them from outside, so the forward
+        keeps its signature and has no extra outputs (llada.losses.recording_router_logits)."""
+        return [block.mlp.gate for block in self.blocks if block.is_moe]
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device

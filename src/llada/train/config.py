@@ -11,6 +11,7 @@ Objective = Literal["pretrain", "sft"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
+RouterAuxLoss = Literal["config", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class TrainConfig:
     autoregressive: train the same network as a causal next-token model instead, for
         masked-diffusion vs autoregressive comparisons at equal compute.
     model: a checkpoint folder to start from; empty for a new model from --model-config.
-    model_config: JSON file with the LLaDA config.json keys of a new model.
+    model_config: JSON file with the config.json keys of a new model, of either family: dense
+        LLaDA or LLaDA-MoE (told apart by `architectures` or the MoE keys).
     tokenizer: folder with the tokenizer files of a new model.
     data: training data: a token file made by `llada data` (pretrain), or a JSONL file of chat
         records with a 'messages' list (sft).
@@ -63,7 +65,12 @@ class TrainConfig:
     overwrite: start a new run in an out_dir that holds one, deleting its checkpoints and
         metrics (without it, such an out_dir is refused).
     lora_rank: > 0 fine-tunes LoRA adapters of this rank (through peft) instead of all weights.
+        On LLaDA-MoE the adapters cover the attention projections, the dense layers' MLPs and
+        the shared expert; the routed experts (stacked parameters) and the routers stay frozen.
     lora_alpha: LoRA scaling numerator.
+    router_aux_loss: mixture-of-experts models: add the routers' load-balancing loss times
+        the config's router_aux_loss_coef to the LLaDA loss. 'config': when config.json says
+        output_router_logits (as the reference does), 'on': always, 'off': never.
     """
 
     objective: Objective = "pretrain"
@@ -104,6 +111,7 @@ class TrainConfig:
     overwrite: bool = False
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    router_aux_loss: RouterAuxLoss = "config"
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -134,6 +142,10 @@ class TrainConfig:
             )
         if self.objective not in ("pretrain", "sft"):
             raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
+        if self.router_aux_loss not in ("config", "on", "off"):
+            raise ValueError(
+                f"router_aux_loss must be 'config', 'on' or 'off', got {self.router_aux_loss!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,10 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..losses import LossOutput, autoregressive_loss, maybe_crop, pretraining_loss, sft_loss
+from ..losses import (
+    LossOutput,
+    autoregressive_loss,
+    load_balancing_loss,
+    maybe_crop,
+    pretraining_loss,
+    recording_router_logits,
+    sft_loss,
+)
 from ..model.checkpoint import load_model
 from ..model.config import LLaDAConfig
-from ..model.transformer import LLaDAModel
+from ..model.families import DENSE, detect_family, family_of
+from ..model.llada_moe import LLaDAMoEConfig
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
 from .checkpointing import (
@@ -76,6 +85,7 @@ Say = Callable[[str], None]
 # What a run writes into its folder besides the tokenizer (`--overwrite` removes these).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "train_config.json")
 _DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
+BOARD_KEYS = ("loss", "aux_loss", "lr", "grad_norm", "val_loss", "val_bits_per_token")
 
 
 def _log_line(line: str) -> None:
@@ -111,19 +121,30 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return peak + (floor - peak) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
-def new_model_config(path: str | os.PathLike, tokenizer_folder: str | os.PathLike) -> LLaDAConfig:
-    """The config of a new model: a config.json-style file, with the vocabulary size and the
+def new_model_config(
+    path: str | os.PathLike, tokenizer_folder: str | os.PathLike
+) -> LLaDAConfig | LLaDAMoEConfig:
+    """The config of a new model: a config.json-style file of either family (told apart as
+    `llada.load_model` does: `architectures` or the MoE keys), with the vocabulary size and the
     special ids taken from the tokenizer where the file leaves them out."""
     data = _read_json(path)
+    family = detect_family(data)
     vocab_size = len(load_tokenizer(tokenizer_folder))
-    tokens = resolve_special_tokens({}, tokenizer_folder, vocab_size)
+    # The config decides the token family when the tokenizer has no markers (a MoE -> <|mask|>).
+    tokens = resolve_special_tokens(
+        {k: data[k] for k in family.marker_keys + ("architectures",) if k in data},
+        tokenizer_folder,
+        vocab_size,
+    )
     data.setdefault("vocab_size", vocab_size)
-    # A multiple of 64 keeps the embedding and LM head matmuls aligned (cf. 126464 = 988 * 128).
-    data.setdefault("embedding_size", -(-data["vocab_size"] // 64) * 64)
+    if family is DENSE:
+        # A multiple of 64 keeps the embedding and LM head matmuls aligned (126464 = 988 * 128).
+        data.setdefault("embedding_size", -(-data["vocab_size"] // 64) * 64)
+    # LLaDA-MoE has no official mask key: kept among its extra keys, written back on save.
     data.setdefault("mask_token_id", tokens.mask_id)
     data.setdefault("eos_token_id", tokens.eos_id)
     data.setdefault("pad_token_id", tokens.pad_id)
-    return LLaDAConfig.from_hf_dict(data)
+    return family.config_class.from_hf_dict(data)
 
 
 def _read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -354,7 +375,7 @@ class Trainer:
             self.tokenizer_folder = Path(config.tokenizer)
             given = _read_json(config.model_config)
             model_config = new_model_config(config.model_config, self.tokenizer_folder)
-            model = LLaDAModel(model_config)
+            model = family_of(model_config).model_class(model_config)
             model.init_weights(torch.Generator().manual_seed(config.seed))
             model.special_tokens = resolve_special_tokens(
                 model_config.to_hf_dict(), self.tokenizer_folder, model_config.padded_vocab_size
@@ -383,13 +404,45 @@ class Trainer:
         note = dropout_note(model.config, given)
         if note:
             self.say(note)
+        self.aux_loss_coef = self._router_aux_loss(model)
         self.special_tokens = model.special_tokens
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
-        self.base_model: LLaDAModel = model.to(self.env.device).train()
+        self.base_model: torch.nn.Module = model.to(self.env.device).train()
         mode = config.parallel
         if mode == "auto":
             mode = "fsdp" if self.env.enabled else "none"
         self.model = wrap_model(self.base_model, mode, self.env)
+
+    def _router_aux_loss(self, model: torch.nn.Module) -> float | None:
+        """The coefficient of the routers' load-balancing loss, None when it is not added.
+
+        Like the reference, the loss belongs to the objective when config.json says
+        output_router_logits (--router-aux-loss config), with router_aux_loss_coef from the
+        same file; --router-aux-loss on/off decides instead. The reference itself never adds
+        it (its loss path is off), and its layers do not return the router logits that its
+        aux-loss code expects: llada computes the intended loss from the routers' outputs.
+        """
+        choice = self.config.router_aux_loss
+        has_routers = bool(model.routers()) if hasattr(model, "routers") else False
+        if not has_routers:
+            if choice == "on":
+                raise ValueError(
+                    "--router-aux-loss on: this model has no router (a dense LLaDA); drop the flag"
+                )
+            return None
+        model_config = model.config
+        wanted = choice == "on" or (choice == "config" and model_config.output_router_logits)
+        if not wanted:
+            self.say(
+                "router load-balancing loss: off (config.json: output_router_logits false; "
+                "--router-aux-loss on adds it)"
+                if choice == "config"
+                else "router load-balancing loss: off (--router-aux-loss off)"
+            )
+            return None
+        coef = float(model_config.router_aux_loss_coef)
+        self.say(f"router load-balancing loss: on, coefficient {coef:g} (router_aux_loss_coef)")
+        return coef
 
     def _build_data(self) -> None:
         config = self.config
@@ -449,6 +502,27 @@ class Trainer:
         batch: dict[str, torch.Tensor],
         generator: torch.Generator,
         crop: torch.Generator | None,
+        with_aux: bool = False,
+    ) -> LossOutput:
+        """The objective's loss on one micro-batch; with `with_aux` (and a router aux loss in
+        this run), the load-balancing loss of the same forward in `aux_loss`."""
+        if not (with_aux and self.aux_loss_coef is not None):
+            return self._llada_loss(batch, generator, crop)
+        with recording_router_logits(self.base_model) as router_logits:
+            out = self._llada_loss(batch, generator, crop)
+        model_config = self.base_model.config
+        # Every token of a training batch is real (packed text, or EOS-padded answers that the
+        # SFT loss trains on), so no token mask.
+        out.aux_loss = load_balancing_loss(
+            router_logits, model_config.num_experts, model_config.num_experts_per_tok
+        )
+        return out
+
+    def _llada_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        crop: torch.Generator | None,
     ) -> LossOutput:
         config = self.config
         x0 = batch["input_ids"].to(self.env.device)
@@ -476,7 +550,7 @@ class Trainer:
         lr = learning_rate(config, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, targets = 0.0, 0
+        total_loss, total_aux, targets = 0.0, 0.0, 0
         for micro in range(config.grad_accum):
             indices = self.order.micro_batch(
                 step, micro, env.rank, env.world_size, self.items_per_micro_batch, config.grad_accum
@@ -490,9 +564,14 @@ class Trainer:
             devices = [env.device.index or 0] if env.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices, device_type="cuda"):
                 _seed_global_generators(env.device, _mixed_seed(config.seed, step, slot, -2))
-                out = self._loss(batch, generator, crop)
-                (out.loss / config.grad_accum).backward()
+                out = self._loss(batch, generator, crop, with_aux=True)
+                objective = out.loss
+                if out.aux_loss is not None:
+                    objective = objective + self.aux_loss_coef * out.aux_loss
+                (objective / config.grad_accum).backward()
             total_loss += float(out.loss.detach())
+            if out.aux_loss is not None:
+                total_aux += float(out.aux_loss.detach())
             targets += out.num_targets
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -500,10 +579,11 @@ class Trainer:
         )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        summed = all_reduce_sum([total_loss, float(targets)], env)
+        summed = all_reduce_sum([total_loss, float(targets), total_aux], env)
         loss = summed[0] / (config.grad_accum * env.world_size)
+        aux = summed[2] / (config.grad_accum * env.world_size)
         grad_norm = float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             good = latest_checkpoint(self.out_dir)
             where = (
@@ -518,13 +598,17 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {
+        record = {
             "step": self.step,
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "targets": summed[1],
         }
+        if self.aux_loss_coef is not None:
+            # Reported apart: "loss" stays the LLaDA loss, comparable with the validation -ELBO.
+            record["aux_loss"] = aux
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -640,7 +724,7 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if board is not None:
-                for key in ("loss", "lr", "grad_norm", "val_loss", "val_bits_per_token"):
+                for key in BOARD_KEYS:
                     if key in record:
                         board.add_scalar(key, record[key], step)
             if bar is not None:
