@@ -76,6 +76,16 @@ def test_generate_command_answers_as_the_library(moe_chat_checkpoint, loaded, pr
     assert any(printed)
 
 
+def test_a_left_padded_batch_answers_as_each_prompt_alone(loaded):
+    """What the server's batcher and `--batch-size` rely on: padding changes no MoE answer."""
+    model, tokenizer = loaded
+    prompts = [*PROMPTS, "hi", "The answer is the question of being or not being"]
+    config = GenerateConfig(steps=16, gen_length=16, block_length=8)
+    for preset in ("fast", "fastdllm-dual"):
+        alone = [generate_texts(model, tokenizer, [p], config, decode=preset)[0] for p in prompts]
+        assert generate_texts(model, tokenizer, prompts, config, decode=preset) == alone
+
+
 def test_chat_command_sends_the_role_template_and_answers_as_the_library(
     moe_chat_checkpoint, loaded, monkeypatch, capsys
 ):
