@@ -178,6 +178,12 @@ def test_the_aux_loss_follows_output_router_logits_unless_told(moe_setup, traini
     dense = _config(training_setup, tmp_path / "dense", router_aux_loss="on")
     with pytest.raises(ValueError, match="--router-aux-loss on: this model has no router"):
         Trainer(dense)
+    # A MoE config without its sizes is refused naming the flag, the family and the key.
+    path.write_text(json.dumps({k: v for k, v in TINY_MOE.items() if k != "num_experts"}))
+    with pytest.raises(
+        ValueError, match=r"--model-config .*off\.json \(LLaDA-MoE\).*'num_experts'"
+    ):
+        Trainer(_config(moe_setup, tmp_path / "bad", model_config=str(path)))
 
 
 # Training, checkpoints, resume ------------------------------------------------------------------

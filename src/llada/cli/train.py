@@ -13,7 +13,7 @@ from .options import add_dataclass_arguments
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="pre-train or fine-tune a LLaDA model",
+        help="pre-train or fine-tune a LLaDA or LLaDA-MoE model",
         description=(
             "Train with the LLaDA losses. Runs as one process, or on N processes with "
             "`torchrun --nproc_per_node N -m llada.cli.main train ...` (gloo on CPU, NCCL on GPU)."

@@ -144,7 +144,10 @@ def new_model_config(
     data.setdefault("mask_token_id", tokens.mask_id)
     data.setdefault("eos_token_id", tokens.eos_id)
     data.setdefault("pad_token_id", tokens.pad_id)
-    return family.config_class.from_hf_dict(data)
+    try:
+        return family.config_class.from_hf_dict(data)
+    except ValueError as error:
+        raise ValueError(f"--model-config {path} ({family.name}): {error}") from None
 
 
 def _read_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """LoRA fine-tuning through peft, and merging adapters back into official checkpoints.
 
-Adapters go on every linear layer of the blocks. A checkpoint holds the merged weights
+Adapters go on every linear layer of the blocks named in TARGET_MODULES. On LLaDA-MoE that is
+the attention projections, the MLPs of dense layers and the shared expert: the routed experts
+are stacked (E, F, D) parameters, not linear layers, and stay frozen with the routers (a
+fine-tune that leaves the routing as trained). A checkpoint holds the merged weights
 (W + B A * alpha / r) in the official layout, so any LLaDA loader reads it, and the adapter
 tensors in the trainer state, so that a resumed run rebuilds exactly the same model from the
 unchanged base weights.
