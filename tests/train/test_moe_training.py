@@ -211,12 +211,40 @@ def test_moe_pretraining_lowers_held_out_loss_and_saves_official_folders(moe_set
 
 
 def test_moe_save_then_load_gives_the_trained_weights(moe_setup, tmp_path):
-    trainer = Trainer(_config(moe_setup, tmp_path / "run"))
+    # A dense first layer, a shared expert and the router's expert bias (a buffer) as well.
+    variant = dict(
+        TINY_MOE,
+        moe_layer_freq=[0, 1],
+        shared_expert_intermediate_size=16,
+        moe_router_enable_expert_bias=True,
+    )
+    path = tmp_path / "variant.json"
+    path.write_text(json.dumps(variant))
+    trainer = Trainer(_config(moe_setup, tmp_path / "run", model_config=str(path)))
+    trainer.base_model.blocks[1].mlp.expert_bias.copy_(torch.tensor([0.1, 0.0, -0.1, 0.05]))
     for _ in range(2):
         trainer.train_step()
-    loaded = llada.load_model(trainer.save())
+    folder = trainer.save()
+    loaded = llada.load_model(folder)
     assert isinstance(loaded, LLaDAMoEModel) and loaded.config == trainer.base_model.config
     _assert_same_weights(loaded, trainer.base_model)
+    assert loaded.blocks[1].mlp.expert_bias[0].item() == pytest.approx(0.1)
+
+    # LoRA's coverage on MoE: every linear layer, i.e. not the stacked routed experts nor the
+    # router (whose name, gate, is not a target).
+    pytest.importorskip("peft")
+    lora = Trainer(
+        _config(moe_setup, tmp_path / "lora", model=str(folder), model_config="", lora_rank=2)
+    )
+    adapted = sorted(
+        {n.split(".lora_A")[0] for n, _ in lora.base_model.named_parameters() if ".lora_A" in n}
+    )
+    attention = [f"blocks.{i}.attn.{p}_proj" for i in (0, 1) for p in "qkvo"]
+    dense_mlp = [f"blocks.0.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    shared = [f"blocks.1.shared_expert.{p}_proj" for p in ("down", "gate", "up")]
+    assert adapted == sorted(attention + dense_mlp + shared)
+    trainable = {n for n, p in lora.base_model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n for n in trainable)
 
 
 def test_moe_resume_is_exact(moe_setup, tmp_path):
