@@ -141,6 +141,17 @@ def test_cpu_picks_grouped_mm_for_small_batches_and_slices_for_large_ones():
     assert pick_backend(x, ids, gate.double(), up.double(), down.double()) == "slices"
 
 
+def test_cpu_training_takes_grouped_mm_at_any_size():
+    d, f, k, tokens = 16, 32, 2, 1 << 16  # far beyond the forward-only threshold
+    gate, up, down = torch.empty(8, f, d), torch.empty(8, f, d), torch.empty(8, d, f)
+    x, ids = torch.empty(tokens, d), torch.zeros(tokens, k, dtype=torch.int64)
+    assert pick_backend(x, ids, gate, up, down) == "slices"
+    gate.requires_grad_()
+    assert pick_backend(x, ids, gate, up, down) == "grouped_mm"
+    with torch.no_grad():
+        assert pick_backend(x, ids, gate, up, down) == "slices"
+
+
 def test_off_the_cpu_bf16_takes_grouped_mm_and_other_dtypes_slices():
     def meta(*shape, dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")

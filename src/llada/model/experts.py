@@ -133,13 +133,16 @@ def experts_grouped(
         return out.index_add_(0, token, y * weights)
     # Host synchronisation: the slice bounds must be Python ints (free on CPU, which has no
     # queue of kernels to drain).
+    # unbind, not gate[expert]: the backward of one indexing per expert writes a zero-filled
+    # (E, F, D) gradient each time (3 x E full-size tensors a layer); unbind's stacks once.
+    gates, ups, downs = gate.unbind(0), up.unbind(0), down.unbind(0)
     start = 0
     for expert, size in enumerate(counts.tolist()):
         if size == 0:
             continue
         rows = token[start : start + size]
         h = x[rows]  # (size, D)
-        y = F.linear(F.silu(F.linear(h, gate[expert])) * F.linear(h, up[expert]), down[expert])
+        y = F.linear(F.silu(F.linear(h, gates[expert])) * F.linear(h, ups[expert]), downs[expert])
         out.index_add_(0, rows, y * weights[start : start + size])
         start += size
     return out
@@ -155,16 +158,20 @@ def pick_backend(
     """`experts_grouped`'s backend for these operands, from their shapes only (no sync).
 
     "slices" when `torch._grouped_mm` does not take the operands. Off the CPU, "grouped_mm":
-    no host synchronisation and three kernels instead of about eight per expert. On CPU the
-    choice follows the size of grouped_mm's intermediates, (T*k, D) gathered rows and two
-    (T*k, F) projections: up to `CPU_GROUPED_MM_BYTES` grouped_mm is the faster (bf16 1.15x the
-    loop at T = 64 and 256 of LLaDA-MoE-7B's layer), beyond it they fall out of cache and it is
-    the slower (0.79-0.89x at T = 1024 and 2048) while "slices" stays level with the loop
-    (BENCHMARKS.md, "LLaDA-MoE experts": every measured shape and dtype is on the faster side).
+    no host synchronisation and three kernels instead of about eight per expert. On CPU:
+    "grouped_mm" when autograd records (training: its backward is one grouped matmul per
+    projection), else by the size of its intermediates, (T*k, D) gathered rows and two (T*k, F)
+    projections: up to `CPU_GROUPED_MM_BYTES` grouped_mm is the faster (bf16 1.06-1.28x the
+    loop at T <= 256 of LLaDA-MoE-7B's layer), beyond it the intermediates fall out of cache
+    and it is slower than "slices" in every measurement, which keeps pace with the loop
+    (BENCHMARKS.md, "LLaDA-MoE experts").
     """
     if not grouped_mm_applies(x, gate, up, down):
         return "slices"
     if x.device.type != "cpu":
+        return "grouped_mm"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)):
+        # Forward and backward, grouped_mm measured 1.0-1.4x "slices" at every size.
         return "grouped_mm"
     rows = topk_ids.numel()
     intermediate_bytes = rows * (gate.shape[2] + 2 * gate.shape[1]) * x.element_size()
