@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from llada.model.experts import experts_forward, experts_grouped, pick_backend
+from llada.model.experts import experts_forward, experts_grouped, experts_loop, pick_backend
 
 OFFICIAL = {"d": 2048, "f": 1024, "experts": 64, "k": 8}
 # The whole-model rows: the official layout shrunk to fit a small CPU (a quarter of the width,
@@ -150,6 +150,50 @@ def model_rows(args, g: torch.Generator) -> None:
         llada_moe.routed_experts = original
 
 
+def train_rows(args, g: torch.Generator) -> None:
+    """Experts forward + backward (weights and inputs requiring grad), the small model's layer."""
+    d, f = SMALL_MODEL["hidden_size"], SMALL_MODEL["expert_intermediate_size"]
+    num_experts, k = SMALL_MODEL["num_experts"], SMALL_MODEL["num_experts_per_tok"]
+    print(
+        f"\ntraining step of the experts (forward + backward), D {d}, F {f}, {num_experts} experts"
+    )
+    print(f"{'dtype':<9} {'T':>5} {'impl':<11} {'ms':>8} {'tokens/s':>9} {'vs loop':>7}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        weights = [
+            (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype).requires_grad_()
+            for shape in ((num_experts, f, d), (num_experts, f, d), (num_experts, d, f))
+        ]
+        for tokens in (int(t) for t in args.train_tokens.split(",")):
+            x = torch.randn(tokens, d, generator=g).to(dtype).requires_grad_()
+            ids, w = route(x.detach(), torch.randn(num_experts, d, generator=g).to(dtype), k)
+            w.requires_grad_()
+            cotangent = torch.randn(tokens, d, generator=g).to(dtype)
+            args_ = (x, ids, w, *weights)
+            impls = {
+                "loop": functools.partial(experts_loop, *args_),
+                "grouped_mm": functools.partial(experts_grouped, *args_, backend="grouped_mm"),
+                "slices": functools.partial(experts_grouped, *args_, backend="slices"),
+            }
+            times = dict.fromkeys(impls, float("inf"))
+            for round_ in range(args.train_repeats + 1):  # the first round warms up
+                for name, fn in impls.items():
+                    for leaf in (x, w, *weights):
+                        leaf.grad = None
+                    start = time.perf_counter()
+                    fn().backward(cotangent)
+                    if round_:
+                        times[name] = min(times[name], time.perf_counter() - start)
+            auto = pick_backend(x, ids, *weights)
+            for name, seconds in times.items():
+                print(
+                    f"{dtype_name:<9} {tokens:>5} {name:<11} {seconds * 1e3:8.1f} "
+                    f"{tokens / seconds:9.0f} {times['loop'] / seconds:6.2f}x"
+                    f"{'  <- auto' if name == auto else ''}",
+                    flush=True,
+                )
+
+
 def grouped_with(backend: str, x, topk_ids, topk_weights, gate, up, down) -> torch.Tensor:
     return experts_grouped(x, topk_ids, topk_weights.to(x.dtype), gate, up, down, backend=backend)
 
@@ -183,14 +227,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (best kept)")
     parser.add_argument("--reference-code", type=Path, help="the reference modeling_lladamoe.py")
-    parser.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
+    parser.add_argument("--sections", default="experts,model,train", help="which tables to run")
+    parser.add_argument("--train-tokens", default="256,1024,4096", help="T for the train rows")
+    parser.add_argument("--train-repeats", type=int, default=2)
     args = parser.parse_args()
     d, f, num_experts, k = OFFICIAL["d"], OFFICIAL["f"], OFFICIAL["experts"], OFFICIAL["k"]
     active_flop = 2 * 3 * d * f * k  # per token: three projections of the k routed experts
     print(f"D {d}, F {f}, {num_experts} experts, top-{k}; {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}; active expert FLOP per token {active_flop / 1e6:.1f} M")
     g = torch.Generator().manual_seed(0)
-    for dtype_name in args.dtypes.split(","):
+    sections = args.sections.split(",")
+    for dtype_name in args.dtypes.split(",") if "experts" in sections else ():
         dtype = getattr(torch, dtype_name)
         weights = {  # one layer; stacked as the model stores them
             "gate": (torch.randn(num_experts, f, d, generator=g) / d**0.5).to(dtype),
@@ -235,8 +282,10 @@ def main() -> None:
                     flush=True,
                 )
 
-    if not args.no_model:
+    if "model" in sections:
         model_rows(args, g)
+    if "train" in sections:
+        train_rows(args, g)
 
 
 if __name__ == "__main__":
