@@ -9,7 +9,9 @@ parameters (2 * 3 * D * F * k per token) against a large torch.mm measured in th
 
 T = batch x seq tokens go through the layer at once (the MoE block is per token). Every row
 times the whole block (router softmax and top-k, then the experts) on the same weights and
-inputs; the reference's block reads our stacked weights in place.
+inputs; the reference's block reads our stacked weights in place. `--sections` adds (by
+default) whole-model forward rows of a small random LLaDA-MoE and training rows (the experts'
+forward + backward at that model's layer shapes).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ it (tests/model/test_experts.py).
 
 `experts_grouped` sorts the (token, slot) pairs by expert once and then either runs each
 projection as one grouped matmul over all experts (`torch._grouped_mm`: no host
-synchronisation; the GPU path, and the CPU's for small batches) or walks the experts'
-contiguous slices of the sorted pairs (the CPU's for large batches, where it keeps pace with
-the loop and grouped_mm does not). `pick_backend` holds the rule. `experts_forward` is the
-entry point the models call.
+synchronisation; the GPU path, and the CPU's for training and small batches) or walks the
+experts' contiguous slices of the sorted pairs (the CPU's for large inference batches, where
+it keeps pace with the loop and grouped_mm does not). `pick_backend` holds the rule.
+`experts_forward` is the entry point the models call. The loop is for reading, not training:
+its per-expert indexing of the stacked weights costs a full-size gradient per expert.
 """
 
 from __future__ import annotations
