@@ -42,9 +42,11 @@ from .experts import experts_forward
 from .transformer import (
     AttentionImplementation,
     KVCache,
+    LayerCache,
     LLaDAOutput,
     RMSNorm,
     RotaryEmbedding,
+    RotaryTables,
     attend,
     cached_keys_values,
     forward_setup,
@@ -456,11 +458,10 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rotary: RotaryTables,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
-        cache: tuple[KVCache, int] | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
@@ -472,13 +473,13 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rotary_dim == self.head_dim:
-            q, k = rope(q, k, positions, positions)
+            q, k = rotary.rotate(q, k)
         else:
             r = self.rotary_dim
-            q_rot, k_rot = rope(q[..., :r], k[..., :r], positions, positions)
+            q_rot, k_rot = rotary.rotate(q[..., :r], k[..., :r])
             q = torch.cat((q_rot, q[..., r:]), dim=-1)
             k = torch.cat((k_rot, k[..., r:]), dim=-1)
-        k, v = cached_keys_values(cache, k, v, positions)
+        k, v = cached_keys_values(cache, k, v)
         dropout = self.dropout if self.training else 0.0
         out = attend(q, k, v, attention_bias, implementation, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
@@ -502,13 +503,12 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rotary: RotaryTables,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
-        cache: tuple[KVCache, int] | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, positions, attention_bias, implementation, cache)
+        x = x + self.attn(self.attn_norm(x), rotary, attention_bias, implementation, cache)
         h = self.ff_norm(x)
         out = self.mlp(h)
         if self.shared_expert is not None:
@@ -577,8 +577,8 @@ class LLaDAMoEModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        positions, bias = forward_setup(
-            x, attention_mask, positions, causal, kv_cache, window_start
+        rotary, bias, start = forward_setup(
+            x, attention_mask, positions, causal, kv_cache, window_start, self.rope
         )
         hidden_states: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
@@ -586,12 +586,11 @@ class LLaDAMoEModel(nn.Module):
                 hidden_states.append(x)
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, self.rope, positions, bias, self.attn_implementation,
-                    use_reentrant=False,
+                    block, x, rotary, bias, self.attn_implementation, use_reentrant=False,
                 )  # fmt: skip
             else:
-                cache = None if kv_cache is None else (kv_cache, index)
-                x = block(x, self.rope, positions, bias, self.attn_implementation, cache)
+                cache = None if kv_cache is None else (kv_cache, index, start)
+                x = block(x, rotary, bias, self.attn_implementation, cache)
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)

@@ -12,6 +12,7 @@ checkpoints call `ff_proj`); `checkpoint.py` maps them to the official names in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +63,14 @@ class LLaDAOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on this device; the meta device has no autocast (nor anything to cast),
+    and a forward there (shape inference; the no-host-sync test) must still run."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as the reference computes it: normalise in float32, cast back, then scale."""
 
@@ -71,7 +80,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             x32 = x.float()
             normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # The cast back happens before the weight multiply (as in modeling_llada.py); the
@@ -83,7 +92,9 @@ class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE with float32 tables, rebuilt lazily per device and length.
 
     The tables are a plain cache, not buffers: the official checkpoints hold none, and a model
-    built on the meta device must not carry meta tables.
+    built on the meta device must not carry meta tables. The model looks them up once per
+    forward (`at`) with lengths known on the host, and every layer rotates by the same rows, so
+    the forward never reads a tensor back to size them.
     """
 
     def __init__(self, head_dim: int, theta: float, full_precision: bool = True) -> None:
@@ -93,43 +104,63 @@ class RotaryEmbedding(nn.Module):
         self.full_precision = full_precision
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _sin_cos(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sin, cos), each (len(positions), head_dim) float32, of float positions."""
+        device = positions.device
+        with autocast_off(device):
+            exponent = (
+                torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float) / self.head_dim
+            )
+            inv_freq = 1.0 / (self.theta**exponent)
+            freqs = torch.outer(positions, inv_freq)  # (length, head_dim/2)
+            angles = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim)
+            return angles.sin(), angles.cos()
+
     def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sin, cos), each (length, head_dim) float32, for positions 0..length-1."""
         cached = self._tables.get(device)
         if cached is None or cached[0].shape[0] < length:
-            with torch.autocast(device_type=device.type, enabled=False):
-                exponent = (
-                    torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float)
-                    / self.head_dim
-                )
-                inv_freq = 1.0 / (self.theta**exponent)
-                seq = torch.arange(length, device=device, dtype=torch.float)
-                freqs = torch.outer(seq, inv_freq)  # (length, head_dim/2)
-                angles = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim)
-                cached = (angles.sin(), angles.cos())
+            cached = self._sin_cos(torch.arange(length, device=device, dtype=torch.float))
             self._tables[device] = cached
         return cached[0][:length], cached[1][:length]
+
+    def at(
+        self, start: int, length: int, positions: torch.Tensor | None, device: torch.device
+    ) -> RotaryTables:
+        """The rows for positions `start .. start + length - 1`, or for explicit `positions`
+        (computed directly from them: their largest value is not known on the host)."""
+        if positions is None:
+            sin, cos = self.tables(start + length, device)
+            sin, cos = sin[start:], cos[start:]
+        else:
+            sin, cos = self._sin_cos(positions.to(device=device, dtype=torch.float))
+        return RotaryTables(sin, cos, self.full_precision)
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """One forward's RoPE rows (T, head_dim) float32, shared by all layers."""
+
+    sin: torch.Tensor
+    cos: torch.Tensor
+    full_precision: bool
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (B, H, Tq, D) and k (B, Hkv, Tk, D) by their positions (1-D index tensors)."""
-        needed = int(max(q_positions.max(), k_positions.max())) + 1
-        sin, cos = self.tables(needed, q.device)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (B, H, T, D) and k (B, Hkv, T, D), both at this forward's positions."""
         work_dtype = torch.float32 if self.full_precision else q.dtype
+        s, c = self.sin.to(work_dtype), self.cos.to(work_dtype)
 
-        def rotate(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            s, c = sin[positions].to(work_dtype), cos[positions].to(work_dtype)
+        def rotate(t: torch.Tensor) -> torch.Tensor:
             t_ = t.to(work_dtype)
             return (t_ * c + self._rotate_half(t_) * s).to(t.dtype)
 
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            return rotate(q, q_positions), rotate(k, k_positions)
+        with autocast_off(q.device):
+            return rotate(q), rotate(k)
 
 
 class Attention(nn.Module):
@@ -150,25 +181,28 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rotary: RotaryTables,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
-        cache: tuple[KVCache, int] | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, k, positions, positions)
-        k, v = cached_keys_values(cache, k, v, positions)
+        q, k = rotary.rotate(q, k)
+        k, v = cached_keys_values(cache, k, v)
         dropout = self.dropout if self.training else 0.0
         out = attend(q, k, v, attention_bias, implementation, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
+# One layer's view of the KV cache: (cache, layer index, window start), all known on the host.
+LayerCache = tuple[KVCache, int, int]
+
+
 def cached_keys_values(
-    cache: tuple[KVCache, int] | None, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    cache: LayerCache | None, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values a layer attends over, storing this forward's in the cache.
 
@@ -177,12 +211,12 @@ def cached_keys_values(
     """
     if cache is None:
         return k, v
-    kv_cache, layer = cache
+    kv_cache, layer, start = cache
     if len(kv_cache.keys) == layer:
         kv_cache.keys.append(k)
         kv_cache.values.append(v)
         return k, v
-    start, length = int(positions[0]), k.shape[2]
+    length = k.shape[2]
     kv_cache.keys[layer][:, :, start : start + length] = k
     kv_cache.values[layer][:, :, start : start + length] = v
     return kv_cache.keys[layer], kv_cache.values[layer]
@@ -262,13 +296,12 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rotary: RotaryTables,
         attention_bias: torch.Tensor | None,
         implementation: AttentionImplementation,
-        cache: tuple[KVCache, int] | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, positions, attention_bias, implementation, cache)
+        h = self.attn(self.attn_norm(x), rotary, attention_bias, implementation, cache)
         x = x + self.residual_dropout(h)
         return x + self.residual_dropout(self.mlp(self.ff_norm(x)))
 
@@ -278,13 +311,13 @@ def attention_bias_from_mask(
 ) -> torch.Tensor | None:
     """(B, T) keep-mask (1 = token, 0 = padding) -> additive key bias (B, 1, 1, T), or None.
 
-    As the reference (modeling_llada.py): a mask without zeros is dropped, so it is
-    bit-identical to no mask; padded keys get the dtype's most negative finite value (a fully
-    padded row gets uniform attention, not NaN); padded queries still attend to all real tokens.
+    Padded keys get the dtype's most negative finite value (a fully padded row gets uniform
+    attention, not NaN); padded queries still attend to all real tokens. A given mask always
+    becomes a bias, even without zeros: deciding otherwise would read the mask back to the host
+    in the forward. Callers pass None when nothing is padded (the reference, modeling_llada.py,
+    drops such a mask; so do our samplers, likelihood, server and eval).
     """
     if attention_mask is None:
-        return None
-    if bool((attention_mask != 0).all()):
         return None
     keep = attention_mask.to(torch.bool)[:, None, None, :]
     bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
@@ -311,11 +344,14 @@ def forward_setup(
     causal: bool,
     kv_cache: KVCache | None,
     window_start: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(RoPE positions, additive attention bias) of a forward over embeddings x (B, T, D).
+    rope: RotaryEmbedding,
+) -> tuple[RotaryTables, torch.Tensor | None, int]:
+    """(RoPE rows, additive attention bias, window start) of a forward over embeddings x (B, T, D).
 
     Shared by every family's model: checks the mask's shape and the cache window, and keeps
     the filling forward's padding bias in the cache for the window forwards that follow.
+    Everything is decided from shapes and Python ints, never from a tensor's values, so the
+    forward holds no host synchronisation.
     """
     batch, length = x.shape[:2]
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
@@ -336,9 +372,10 @@ def forward_setup(
                 f"window [{window_start}, {window_start + length}) lies outside the cached "
                 f"sequence of length {cache_length}"
             )
-        positions = torch.arange(window_start, window_start + length, device=x.device)
-    elif positions is None:
-        positions = torch.arange(length, device=x.device)
+        start = window_start
+    else:
+        start = 0
+    rotary = rope.at(start, length, positions, x.device)
     if windowed:
         bias = kv_cache.bias
     else:
@@ -347,7 +384,7 @@ def forward_setup(
             kv_cache.bias = bias
     if causal:
         bias = _add_causal_bias(bias, length, x.dtype, x.device)
-    return positions, bias
+    return rotary, bias, start
 
 
 class LLaDAModel(nn.Module):
@@ -404,6 +441,9 @@ class LLaDAModel(nn.Module):
         """input_ids (B, T) -> logits (B, T, padded_vocab).
 
         attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended use).
+            A given mask is always applied; pass None when nothing is padded (the maskless
+            attention kernels, as the reference calls them). The forward never reads a tensor's
+            values back to the host (logits_at aside: the selection sets the output's shape).
         positions: (T,) RoPE positions; by default 0..T-1 over the padded sequence, as the
         reference (padding shifts all positions equally, and RoPE sees only offsets).
         logits_at: bool (B, T); when given, the LM head runs only there and logits are (N, V)
@@ -418,27 +458,26 @@ class LLaDAModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        positions, bias = forward_setup(
-            x, attention_mask, positions, causal, kv_cache, window_start
+        rotary, bias, start = forward_setup(
+            x, attention_mask, positions, causal, kv_cache, window_start, self.rope
         )
         x = self.embed_dropout(x)
         hidden_states: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
-            cache = None if kv_cache is None else (kv_cache, index)
+            cache = None if kv_cache is None else (kv_cache, index, start)
             if output_hidden_states:
                 hidden_states.append(x)
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
                     block,
                     x,
-                    self.rope,
-                    positions,
+                    rotary,
                     bias,
                     self.attn_implementation,
                     use_reentrant=False,
                 )
             else:
-                x = block(x, self.rope, positions, bias, self.attn_implementation, cache)
+                x = block(x, rotary, bias, self.attn_implementation, cache)
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)

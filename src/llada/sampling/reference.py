@@ -31,6 +31,7 @@ from ..inputs import (
 )
 from ..tokens import special_tokens_of
 from .config import GenerateConfig, NonFiniteLogitsError, Remasking, nonfinite_logits_message
+from .sources import padding_mask_or_none
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,6 +119,7 @@ def generate(
             (batch, config.gen_length), dtype=attention_mask.dtype, device=device
         )
         attention_mask = torch.cat([attention_mask, answer_ones], dim=-1)
+        attention_mask = padding_mask_or_none(attention_mask)  # the model always applies a mask
     # Mask tokens inside the prompt are infilled like answer positions (a quirk of the
     # reference generate.py, kept).
     prompt_index = x != mask_id

@@ -29,6 +29,16 @@ from ..model.transformer import KVCache
 SOURCES = ("full", "prefix", "dual", "block")
 
 
+def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask, or None when it pads nothing. The model turns any mask it is given into an
+    attention bias (it never reads the mask's values back in the forward); None keeps such a
+    batch on the maskless attention kernels, bit-identical to an unpadded call. One read-back
+    per sampling call (and per change of the batch's rows), outside the forwards."""
+    if attention_mask is None or not bool(attention_mask.all()):
+        return attention_mask
+    return None
+
+
 @dataclass
 class Window:
     start: int
@@ -52,7 +62,7 @@ class LogitsSource:
         refresh: int = 0,
     ) -> None:
         self.model = model
-        self.attention_mask = attention_mask
+        self.attention_mask = padding_mask_or_none(attention_mask)
         self.prompt_index = prompt_index
         self.mask_id = mask_id
         self.cfg_scale = cfg_scale
@@ -81,7 +91,7 @@ class LogitsSource:
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only these rows of the batch go on (the others finished)."""
         if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask.index_select(0, rows)
+            self.attention_mask = padding_mask_or_none(self.attention_mask.index_select(0, rows))
         self.prompt_index = self.prompt_index.index_select(0, rows)
         if self.cache is not None and self.cache.filled:
             if self.cfg_scale > 0:
