@@ -138,19 +138,9 @@ def _denoise(
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_length] = prompt
     if answer is not None:
-        answer = check_token_ids("answer", answer, 2, vocab_size).to(device)
-        if answer.shape != (batch, config.gen_length):
-            raise ValueError(
-                f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
-                f"got {tuple(answer.shape)}"
-            )
-        if whole_batch and not bool((answer == mask_id).any()):
-            raise ValueError(
-                f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
-                "nothing to generate; put the mask id where the model should write"
-            )
         # An answer of mask ids only is the same as answer=None: every position is free.
-        x[:, prompt_length:] = answer
+        answer = _checked_answer(answer, batch, config, mask_id, vocab_size, whole_batch)
+        x[:, prompt_length:] = answer.to(device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
         attention_mask = torch.cat(
@@ -332,17 +322,7 @@ def _denoise_by_length(
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :width] = prompt
     if answer is not None:
-        answer = check_token_ids("answer", answer, 2, vocab_size).to(device)
-        if answer.shape != (batch, config.gen_length):
-            raise ValueError(
-                f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
-                f"got {tuple(answer.shape)}"
-            )
-        if not bool((answer == mask_id).any()):
-            raise ValueError(
-                f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
-                "nothing to generate; put the mask id where the model should write"
-            )
+        answer = _checked_answer(answer, batch, config, mask_id, vocab_size, True).to(device)
         x[:, width:] = answer
     groups: dict[int, list[int]] = {}
     for row, real in enumerate(lengths.tolist()):
@@ -401,6 +381,30 @@ def _denoise_by_length(
             confidence=shown,
             finished=finished.clone(),
         )
+
+
+def _checked_answer(
+    answer: torch.Tensor,
+    batch: int,
+    config: GenerateConfig,
+    mask_id: int,
+    vocab_size: int,
+    needs_a_free_position: bool,
+) -> torch.Tensor:
+    """`answer` (batch, gen_length) of token ids, or a ValueError saying what to change; with
+    `needs_a_free_position`, at least one position must hold the mask id."""
+    answer = check_token_ids("answer", answer, 2, vocab_size)
+    if answer.shape != (batch, config.gen_length):
+        raise ValueError(
+            f"answer must have shape (batch, gen_length) = {(batch, config.gen_length)}, "
+            f"got {tuple(answer.shape)}"
+        )
+    if needs_a_free_position and not bool((answer == mask_id).any()):
+        raise ValueError(
+            f"answer holds no mask id ({mask_id}): every position is fixed, so there is "
+            "nothing to generate; put the mask id where the model should write"
+        )
+    return answer
 
 
 def _settings(config: object, decode: object) -> tuple[GenerateConfig, DecodeConfig]:
