@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -237,43 +238,17 @@ class LLaDAConfig:
         is computed from them, so that a hand-edited or hostile config.json gets one line naming
         the key instead of a TypeError deep in the model, or minutes spent building a
         2,000,000-layer model."""
-        for key, limit in _SIZE_LIMITS.items():
-            value = getattr(self, key)
-            if value is None and key in _OPTIONAL_SIZES:
-                continue
-            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-                raise ValueError(
-                    f"config key '{key}' must be a positive integer, got {value!r}"
-                    + (" (a string)" if isinstance(value, str) else "")
-                )
-            if value > limit:
-                raise ValueError(
-                    f"config key '{key}' = {value} is beyond what llada loads (at most {limit}: "
-                    "is the file corrupt?)"
-                )
-        for key in ("eos_token_id", "pad_token_id", "mask_token_id"):
-            value = getattr(self, key)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, Integral) or value < 0
-            ):
-                raise ValueError(
-                    f"config key '{key}' must be a non-negative integer token id, got {value!r}"
-                )
-        for key in _REAL_KEYS:
-            value = getattr(self, key)
-            if value is None and key == "init_cutoff_factor":
-                continue
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+        check_config_values(
+            self,
+            sizes=_SIZE_LIMITS,
+            optional=_OPTIONAL_SIZES | {"init_cutoff_factor", "multi_query_attention"},
+            token_ids=("eos_token_id", "pad_token_id", "mask_token_id"),
+            reals=_REAL_KEYS,
+            bools=_BOOL_KEYS,
+        )
         for key in ("rope_theta", "rms_norm_eps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key '{key}' must be positive, got {getattr(self, key)!r}")
-        for key in _BOOL_KEYS:
-            value = getattr(self, key)
-            if value is None and key == "multi_query_attention":
-                continue
-            if not isinstance(value, bool):
-                raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
 
     # Derived sizes -------------------------------------------------------------------------
 
@@ -342,15 +317,7 @@ class LLaDAConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LLaDAConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        try:
-            return cls.from_hf_dict(data)
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+        return config_from_json_file(cls, path)
 
     def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
         """The official config.json, with `auto_map` so that the reference remote code loads it."""
@@ -363,3 +330,65 @@ class LLaDAConfig:
             data["torch_dtype"] = torch_dtype
         data.setdefault("torch_dtype", "float32")
         return dict(sorted(data.items()))
+
+
+def check_config_values(
+    config: object,
+    *,
+    sizes: Mapping[str, int] | None = None,
+    optional: Collection[str] = (),
+    token_ids: Collection[str] = (),
+    reals: Collection[str] = (),
+    bools: Collection[str] = (),
+) -> None:
+    """Types and bounds of a config's keys, for every family, with one line naming the key.
+
+    sizes: key -> largest accepted value (positive integers); token_ids: non-negative integers;
+    reals: finite numbers; bools: true or false. Keys in `optional` may be None."""
+    for key, limit in (sizes or {}).items():
+        value = getattr(config, key)
+        if value is None and key in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+            raise ValueError(
+                f"config key '{key}' must be a positive integer, got {value!r}"
+                + (" (a string)" if isinstance(value, str) else "")
+            )
+        if value > limit:
+            raise ValueError(
+                f"config key '{key}' = {value} is beyond what llada loads (at most {limit}: "
+                "is the file corrupt?)"
+            )
+    for key in token_ids:
+        value = getattr(config, key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, Integral) or value < 0
+        ):
+            raise ValueError(
+                f"config key '{key}' must be a non-negative integer token id, got {value!r}"
+            )
+    for key in reals:
+        value = getattr(config, key)
+        if value is None and key in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+    for key in bools:
+        value = getattr(config, key)
+        if value is None and key in optional:
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+
+
+def config_from_json_file(cls: Any, path: str | Path) -> Any:
+    """`cls.from_hf_dict` of a config.json file, with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    try:
+        return cls.from_hf_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

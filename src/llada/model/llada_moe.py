@@ -26,10 +26,8 @@ dense `LLaDAModel`'s, so the samplers, KV caches, likelihood and losses work unc
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..tokens import LLADA_MOE
+from .config import check_config_values, config_from_json_file
 from .experts import experts_forward
 from .transformer import (
     AttentionImplementation,
@@ -114,9 +114,9 @@ class LLaDAMoEConfig:
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-05
     use_cache: bool = False
-    pad_token_id: int | None = 156892
+    pad_token_id: int | None = LLADA_MOE.pad_id
     bos_token_id: int | None = None
-    eos_token_id: int | None = 156892
+    eos_token_id: int | None = LLADA_MOE.eos_id
     tie_word_embeddings: bool = False
     rope_theta: float = 50000.0
     partial_rotary_factor: float = 1.0
@@ -144,39 +144,19 @@ class LLaDAMoEConfig:
         self._check()
 
     def _check(self) -> None:
-        for key, limit in _SIZE_LIMITS.items():
-            value = getattr(self, key)
-            if value is None and key in _OPTIONAL_SIZES:
-                continue
-            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-                raise ValueError(f"config key '{key}' must be a positive integer, got {value!r}")
-            if value > limit:
-                raise ValueError(
-                    f"config key '{key}' = {value} is beyond what llada loads (at most {limit}: "
-                    "is the file corrupt?)"
-                )
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, Integral) or value < 0
-            ):
-                raise ValueError(
-                    f"config key '{key}' must be a non-negative integer token id, got {value!r}"
-                )
-        for key in ("rope_theta", "rms_norm_eps", "partial_rotary_factor", "attention_dropout"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
-        for key in (
-            "tie_word_embeddings",
-            "attention_bias",
-            "qk_layernorm",
-            "moe_router_enable_expert_bias",
-        ):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(
-                    f"config key '{key}' must be true or false, got {getattr(self, key)!r}"
-                )
+        check_config_values(
+            self,
+            sizes=_SIZE_LIMITS,
+            optional=_OPTIONAL_SIZES,
+            token_ids=("pad_token_id", "bos_token_id", "eos_token_id"),
+            reals=("rope_theta", "rms_norm_eps", "partial_rotary_factor", "attention_dropout"),
+            bools=(
+                "tie_word_embeddings",
+                "attention_bias",
+                "qk_layernorm",
+                "moe_router_enable_expert_bias",
+            ),
+        )
         refusals = {
             "hidden_act": (self.hidden_act, "silu", "only SiLU-gated experts are implemented"),
             "rope_scaling": (self.rope_scaling, None, "RoPE scaling is not implemented"),
@@ -342,15 +322,7 @@ class LLaDAMoEConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LLaDAMoEConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        try:
-            return cls.from_hf_dict(data)
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+        return config_from_json_file(cls, path)
 
     def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
         """The official config.json (`"model_type": "llada"`, as the official folders say)."""
