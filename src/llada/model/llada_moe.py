@@ -47,9 +47,11 @@ from .transformer import (
     RMSNorm,
     RotaryEmbedding,
     RotaryTables,
+    SwiGLU,
     attend,
     cached_keys_values,
     forward_setup,
+    run_blocks,
 )
 
 # What `architectures` says in the official config.json (llama.cpp registers both names).
@@ -342,32 +344,6 @@ class LLaDAMoEConfig:
 # The model -----------------------------------------------------------------------------------
 
 
-def routed_experts(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-) -> torch.Tensor:
-    """The one place that picks how the routed experts run: experts.py's "auto" (sorted
-    tokens; grouped matmuls or per-expert slices by device and size, tested equal to the loop)."""
-    return experts_forward(x, topk_ids, topk_weights, gate, up, down)
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): a dense layer's MLP and the shared expert."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MoE(nn.Module):
     """Softmax router and k of E SwiGLU experts, weights stacked (E, F, D) / (E, D, F)."""
 
@@ -400,7 +376,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, ids, weights = self.route(flat)
-        out = routed_experts(
+        # experts.py's "auto": tokens sorted by expert, grouped matmuls or per-expert slices
+        # by device and size, tested equal to the readable loop.
+        out = experts_forward(
             flat, ids, weights.to(x.dtype), self.gate_proj, self.up_proj, self.down_proj
         )
         return out.view(shape)
@@ -552,17 +530,17 @@ class LLaDAMoEModel(nn.Module):
         rotary, bias, start = forward_setup(
             x, attention_mask, positions, causal, kv_cache, window_start, self.rope
         )
-        hidden_states: list[torch.Tensor] = []
-        for index, block in enumerate(self.blocks):
-            if output_hidden_states:
-                hidden_states.append(x)
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, rotary, bias, self.attn_implementation, use_reentrant=False,
-                )  # fmt: skip
-            else:
-                cache = None if kv_cache is None else (kv_cache, index, start)
-                x = block(x, rotary, bias, self.attn_implementation, cache)
+        x, hidden_states = run_blocks(
+            self.blocks,
+            x,
+            rotary,
+            bias,
+            self.attn_implementation,
+            kv_cache,
+            start,
+            checkpointing=self.activation_checkpointing and self.training,
+            output_hidden_states=output_hidden_states,
+        )
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)

@@ -387,6 +387,35 @@ def forward_setup(
     return rotary, bias, start
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    rotary: RotaryTables,
+    bias: torch.Tensor | None,
+    implementation: AttentionImplementation,
+    kv_cache: KVCache | None,
+    start: int,
+    *,
+    checkpointing: bool,
+    output_hidden_states: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The residual stream through every block (any family's blocks take the same arguments),
+    and each block's input when `output_hidden_states`. With `checkpointing` (training) a
+    block's activations are recomputed in the backward pass; it takes no cache."""
+    hidden_states: list[torch.Tensor] = []
+    for index, block in enumerate(blocks):
+        if output_hidden_states:
+            hidden_states.append(x)
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(
+                block, x, rotary, bias, implementation, use_reentrant=False
+            )
+        else:
+            cache = None if kv_cache is None else (kv_cache, index, start)
+            x = block(x, rotary, bias, implementation, cache)
+    return x, hidden_states
+
+
 class LLaDAModel(nn.Module):
     """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
 
@@ -462,22 +491,17 @@ class LLaDAModel(nn.Module):
             x, attention_mask, positions, causal, kv_cache, window_start, self.rope
         )
         x = self.embed_dropout(x)
-        hidden_states: list[torch.Tensor] = []
-        for index, block in enumerate(self.blocks):
-            cache = None if kv_cache is None else (kv_cache, index, start)
-            if output_hidden_states:
-                hidden_states.append(x)
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block,
-                    x,
-                    rotary,
-                    bias,
-                    self.attn_implementation,
-                    use_reentrant=False,
-                )
-            else:
-                x = block(x, rotary, bias, self.attn_implementation, cache)
+        x, hidden_states = run_blocks(
+            self.blocks,
+            x,
+            rotary,
+            bias,
+            self.attn_implementation,
+            kv_cache,
+            start,
+            checkpointing=self.activation_checkpointing and self.training,
+            output_hidden_states=output_hidden_states,
+        )
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
