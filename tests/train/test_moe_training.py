@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from train_helpers import train_config
 
 import llada
 from llada.losses import load_balancing_loss
@@ -48,24 +49,9 @@ def moe_setup(training_setup, tmp_path_factory):
 
 
 def _config(setup, out_dir, **changes) -> TrainConfig:
-    settings = dict(
-        model_config=str(setup["model_config"]),
-        tokenizer=str(setup["tokenizer"]),
-        data=str(setup["tokens"]),
-        out_dir=str(out_dir),
-        seq_len=32,
-        batch_size=8,
-        max_steps=8,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_every=0,
-        eval_batches=2,
-        save_every=0,
-        log_every=1,
-        val_fraction=0.1,
-    )
-    settings.update(changes)
-    return TrainConfig(**settings)
+    """Shorter than the dense tests' runs: 8 steps, no validation by default."""
+    short = dict(max_steps=8, warmup_steps=2, eval_every=0, eval_batches=2)
+    return train_config(setup, out_dir, **{**short, **changes})
 
 
 def _records(out_dir) -> dict[int, tuple[float, float | None]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import train_config
 
 import llada
 from llada.train.checkpointing import latest_checkpoint, list_checkpoints
@@ -20,30 +21,10 @@ from llada.train.config import TrainConfig
 from llada.train.loop import TrainingDiverged, learning_rate, read_metrics, train
 
 
-def _config(setup, out_dir, **changes) -> TrainConfig:
-    settings = dict(
-        model_config=str(setup["model_config"]),
-        tokenizer=str(setup["tokenizer"]),
-        data=str(setup["tokens"]),
-        out_dir=str(out_dir),
-        seq_len=32,
-        batch_size=8,
-        max_steps=40,
-        lr=3e-3,
-        warmup_steps=5,
-        eval_every=20,
-        eval_batches=4,
-        save_every=0,
-        log_every=1,
-        val_fraction=0.1,
-    )
-    settings.update(changes)
-    return TrainConfig(**settings)
-
 
 def test_training_lowers_held_out_loss(training_setup, tmp_path):
     result = train(
-        _config(training_setup, tmp_path / "run", max_steps=60, eval_every=10), progress=False
+        train_config(training_setup, tmp_path / "run", max_steps=60, eval_every=10), progress=False
     )
     first, last = result.val_history[0]["val_loss"], result.val_history[-1]["val_loss"]
     assert last < 0.7 * first, (first, last)
@@ -55,13 +36,13 @@ def test_training_lowers_held_out_loss(training_setup, tmp_path):
 
 def test_resume_is_exact(training_setup, tmp_path):
     whole = tmp_path / "whole"
-    train(_config(training_setup, whole, max_steps=12), progress=False)
+    train(train_config(training_setup, whole, max_steps=12), progress=False)
     parts = tmp_path / "parts"
-    train(_config(training_setup, parts, max_steps=12, save_every=6), progress=False)
+    train(train_config(training_setup, parts, max_steps=12, save_every=6), progress=False)
     # Pretend the run died after step 6: drop the final checkpoint and resume.
     shutil.rmtree(parts / "checkpoints" / "step-0000012")
     (parts / "checkpoints" / "latest").write_text("step-0000006\n")
-    train(_config(training_setup, parts, max_steps=12, save_every=6, resume=True), progress=False)
+    train(train_config(training_setup, parts, max_steps=12, save_every=6, resume=True), progress=False)
     # The metrics after step 6 were rewritten by the resumed run, not appended twice.
     assert [r["step"] for r in read_metrics(parts)] == list(range(1, 13))
     assert _losses(parts) == _losses(whole)
@@ -82,7 +63,7 @@ def test_divergence_stops_cleanly_and_says_how_to_resume(training_setup, tmp_pat
 
     monkeypatch.setattr(loop, "pretraining_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="--resume --lr"):
-        train(_config(training_setup, tmp_path / "run", max_steps=10, save_every=2), progress=False)
+        train(train_config(training_setup, tmp_path / "run", max_steps=10, save_every=2), progress=False)
     assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
 
 
@@ -91,7 +72,7 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(training_setup, tmp_path)
     # Save after every step, and kill -9 the process at staggered moments.
     out = tmp_path / "run"
     command = [sys.executable, "-m", "llada.cli.main", "train", "--no-progress"]
-    settings = _config(
+    settings = train_config(
         training_setup, out, max_steps=400, save_every=1, eval_every=0, keep_checkpoints=1
     ).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(settings))
@@ -154,9 +135,9 @@ def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
                 {"role": "assistant", "content": str(a + 1)},
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
-    base = train(_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
+    base = train(train_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
     sft = train(
-        _config(
+        train_config(
             training_setup,
             tmp_path / "sft",
             objective="sft",
@@ -172,7 +153,7 @@ def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
     )
     assert sft.val_history[-1]["val_loss"] < sft.val_history[0]["val_loss"]
     ar = train(
-        _config(training_setup, tmp_path / "ar", autoregressive=True, max_steps=20, eval_every=10),
+        train_config(training_setup, tmp_path / "ar", autoregressive=True, max_steps=20, eval_every=10),
         progress=False,
     )
     assert ar.val_history[-1]["val_loss"] < ar.val_history[0]["val_loss"]
@@ -182,7 +163,7 @@ def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, parallel):
     """2 processes (gloo) at the same global batch as 1 process with 2x accumulation."""
-    single = _config(training_setup, tmp_path / "one", max_steps=8, grad_accum=2, eval_every=4)
+    single = train_config(training_setup, tmp_path / "one", max_steps=8, grad_accum=2, eval_every=4)
     train(single, progress=False)
     config_file = tmp_path / "two.json"
     config_file.write_text(
@@ -226,9 +207,9 @@ def test_lora_fine_tuning_saves_merged_official_weights_and_resumes_exactly(
     training_setup, tmp_path
 ):
     pytest.importorskip("peft")
-    base = train(_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
+    base = train(train_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
     lora = dict(model=str(base.checkpoint), model_config="", lora_rank=4, lora_alpha=8.0, lr=1e-2)
-    whole = train(_config(training_setup, tmp_path / "whole", max_steps=10, **lora), progress=False)
+    whole = train(train_config(training_setup, tmp_path / "whole", max_steps=10, **lora), progress=False)
     merged = llada.load_model(whole.checkpoint)
     original = llada.load_model(base.checkpoint)
     # Only the block linears changed; embeddings and norms are frozen.
@@ -237,11 +218,11 @@ def test_lora_fine_tuning_saves_merged_official_weights_and_resumes_exactly(
         merged.blocks[0].attn.q_proj.weight, original.blocks[0].attn.q_proj.weight
     )
     parts = tmp_path / "parts"
-    train(_config(training_setup, parts, max_steps=10, save_every=5, **lora), progress=False)
+    train(train_config(training_setup, parts, max_steps=10, save_every=5, **lora), progress=False)
     shutil.rmtree(parts / "checkpoints" / "step-0000010")
     (parts / "checkpoints" / "latest").write_text("step-0000005\n")
     resumed = train(
-        _config(training_setup, parts, max_steps=10, save_every=5, resume=True, **lora),
+        train_config(training_setup, parts, max_steps=10, save_every=5, resume=True, **lora),
         progress=False,
     )
     assert _losses(parts) == _losses(tmp_path / "whole")
@@ -273,7 +254,7 @@ def test_resume_with_dropout_is_exact_after_an_interruption(training_setup, tmp_
 
     dropout = dict(model_config=str(_dropout_config(training_setup, tmp_path)), max_steps=12)
     lines: list[str] = []
-    whole = train(_config(training_setup, tmp_path / "whole", **dropout), say=lines.append)
+    whole = train(train_config(training_setup, tmp_path / "whole", **dropout), say=lines.append)
     assert any(
         line.startswith("dropout: attention 0.1, residual 0.1, embedding 0.1") and "to 0" in line
         for line in lines
@@ -289,13 +270,13 @@ def test_resume_with_dropout_is_exact_after_an_interruption(training_setup, tmp_
 
     monkeypatch.setattr(loop, "pretraining_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(training_setup, parts, save_every=4, **dropout), progress=False)
+        train(train_config(training_setup, parts, save_every=4, **dropout), progress=False)
     monkeypatch.setattr(loop, "pretraining_loss", real)
     # Something else drawing from the global generator in between must not matter either.
     torch.rand(1000)
     lines.clear()
     resumed = train(
-        _config(training_setup, parts, save_every=4, resume=True, **dropout), say=lines.append
+        train_config(training_setup, parts, save_every=4, resume=True, **dropout), say=lines.append
     )
     assert f"resumed from step 8 (checkpoint {parts / 'checkpoints' / 'step-0000008'})" in lines
     assert _losses(parts) == _losses(tmp_path / "whole")
@@ -305,25 +286,25 @@ def test_resume_with_dropout_is_exact_after_an_interruption(training_setup, tmp_
 
 def test_a_folder_holding_a_run_is_refused_without_resume(training_setup, tmp_path):
     out = tmp_path / "run"
-    train(_config(training_setup, out, max_steps=3, eval_every=0), progress=False)
+    train(train_config(training_setup, out, max_steps=3, eval_every=0), progress=False)
     with pytest.raises(ValueError, match=r"run already holds a run \(step 3\): pass --resume"):
-        train(_config(training_setup, out, max_steps=2, eval_every=0), progress=False)
+        train(train_config(training_setup, out, max_steps=2, eval_every=0), progress=False)
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # untouched
     lines: list[str] = []
-    train(_config(training_setup, out, max_steps=2, overwrite=True, eval_every=0), say=lines.append)
+    train(train_config(training_setup, out, max_steps=2, overwrite=True, eval_every=0), say=lines.append)
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert [p.name for p in list_checkpoints(out)] == ["step-0000002"]
     assert latest_checkpoint(out).name == "step-0000002"
     assert any("--overwrite: removed the run" in line for line in lines)
     with pytest.raises(ValueError, match="pass only one"):
-        _config(training_setup, out, overwrite=True, resume=True)
+        train_config(training_setup, out, overwrite=True, resume=True)
 
 
 def test_validations_checkpoints_and_warnings_are_said(training_setup, tmp_path):
     lines: list[str] = []
     out = tmp_path / "run"
     train(
-        _config(training_setup, out, max_steps=4, warmup_steps=10, eval_every=2, save_every=2),
+        train_config(training_setup, out, max_steps=4, warmup_steps=10, eval_every=2, save_every=2),
         progress=False,
         say=lines.append,
     )

@@ -1,0 +1,27 @@
+"""The trainer settings the trainer tests start from (tests/conftest.py's `training_setup`)."""
+
+from __future__ import annotations
+
+from llada.train.config import TrainConfig
+
+
+def train_config(setup: dict, out_dir, **changes) -> TrainConfig:
+    """A short run on the tiny synthetic corpus, with `changes` on top."""
+    settings = dict(
+        model_config=str(setup["model_config"]),
+        tokenizer=str(setup["tokenizer"]),
+        data=str(setup["tokens"]),
+        out_dir=str(out_dir),
+        seq_len=32,
+        batch_size=8,
+        max_steps=40,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=20,
+        eval_batches=4,
+        save_every=0,
+        log_every=1,
+        val_fraction=0.1,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
