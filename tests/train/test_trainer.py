@@ -21,7 +21,6 @@ from llada.train.config import TrainConfig
 from llada.train.loop import TrainingDiverged, learning_rate, read_metrics, train
 
 
-
 def test_training_lowers_held_out_loss(training_setup, tmp_path):
     result = train(
         train_config(training_setup, tmp_path / "run", max_steps=60, eval_every=10), progress=False
