@@ -41,7 +41,9 @@ def test_resume_is_exact(training_setup, tmp_path):
     # Pretend the run died after step 6: drop the final checkpoint and resume.
     shutil.rmtree(parts / "checkpoints" / "step-0000012")
     (parts / "checkpoints" / "latest").write_text("step-0000006\n")
-    train(train_config(training_setup, parts, max_steps=12, save_every=6, resume=True), progress=False)
+    train(
+        train_config(training_setup, parts, max_steps=12, save_every=6, resume=True), progress=False
+    )
     # The metrics after step 6 were rewritten by the resumed run, not appended twice.
     assert [r["step"] for r in read_metrics(parts)] == list(range(1, 13))
     assert _losses(parts) == _losses(whole)
@@ -62,7 +64,10 @@ def test_divergence_stops_cleanly_and_says_how_to_resume(training_setup, tmp_pat
 
     monkeypatch.setattr(loop, "pretraining_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="--resume --lr"):
-        train(train_config(training_setup, tmp_path / "run", max_steps=10, save_every=2), progress=False)
+        train(
+            train_config(training_setup, tmp_path / "run", max_steps=10, save_every=2),
+            progress=False,
+        )
     assert latest_checkpoint(tmp_path / "run").name == "step-0000004"
 
 
@@ -152,7 +157,9 @@ def test_sft_and_autoregressive_objectives_run(training_setup, tmp_path):
     )
     assert sft.val_history[-1]["val_loss"] < sft.val_history[0]["val_loss"]
     ar = train(
-        train_config(training_setup, tmp_path / "ar", autoregressive=True, max_steps=20, eval_every=10),
+        train_config(
+            training_setup, tmp_path / "ar", autoregressive=True, max_steps=20, eval_every=10
+        ),
         progress=False,
     )
     assert ar.val_history[-1]["val_loss"] < ar.val_history[0]["val_loss"]
@@ -208,7 +215,9 @@ def test_lora_fine_tuning_saves_merged_official_weights_and_resumes_exactly(
     pytest.importorskip("peft")
     base = train(train_config(training_setup, tmp_path / "base", max_steps=4), progress=False)
     lora = dict(model=str(base.checkpoint), model_config="", lora_rank=4, lora_alpha=8.0, lr=1e-2)
-    whole = train(train_config(training_setup, tmp_path / "whole", max_steps=10, **lora), progress=False)
+    whole = train(
+        train_config(training_setup, tmp_path / "whole", max_steps=10, **lora), progress=False
+    )
     merged = llada.load_model(whole.checkpoint)
     original = llada.load_model(base.checkpoint)
     # Only the block linears changed; embeddings and norms are frozen.
@@ -290,7 +299,10 @@ def test_a_folder_holding_a_run_is_refused_without_resume(training_setup, tmp_pa
         train(train_config(training_setup, out, max_steps=2, eval_every=0), progress=False)
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # untouched
     lines: list[str] = []
-    train(train_config(training_setup, out, max_steps=2, overwrite=True, eval_every=0), say=lines.append)
+    train(
+        train_config(training_setup, out, max_steps=2, overwrite=True, eval_every=0),
+        say=lines.append,
+    )
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert [p.name for p in list_checkpoints(out)] == ["step-0000002"]
     assert latest_checkpoint(out).name == "step-0000002"
