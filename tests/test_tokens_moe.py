@@ -277,3 +277,21 @@ def test_train_tokenizer_refuses_an_unknown_family(tmp_path):
     with pytest.raises(ValueError, match="family must be one of 'llada-8b', 'llada-moe'"):
         train_tokenizer([], vocab_size=300, output_dir=tmp_path, family="llada2")
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("family,mask", [("llada-moe", "<|mask|>"), ("llada-8b", None)])
+def test_data_train_tokenizer_command_takes_the_family(tmp_path, family, mask):
+    from llada.cli.main import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["data", "train-tokenizer", str(corpus), "--vocab-size", "300",
+                 "--family", family, "--out", str(out)]) == 0  # fmt: skip
+    tokens = resolve_special_tokens({}, out, 300)
+    added = added_ids(out)
+    if mask is None:
+        assert "<|mask|>" not in added and "<|mdm_mask|>" in added
+        assert tokens.mask_id == added["<|mdm_mask|>"]
+    else:
+        assert tokens.mask_id == added[mask] and "<|role_end|>" in added

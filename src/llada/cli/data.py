@@ -18,6 +18,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("corpus", nargs="+", help="text/JSONL files or folders")
     tokenizer.add_argument("--vocab-size", type=int, default=4096)
     tokenizer.add_argument(
+        "--family",
+        choices=("llada-8b", "llada-moe"),
+        default="llada-8b",
+        help="special tokens and chat template: LLaDA-8B's (<|mdm_mask|>, headers, <|eot_id|>) or "
+        "LLaDA-MoE / LLaDA 2.x's (<|mask|>, <role>, <|role_end|>); default: llada-8b",
+    )
+    tokenizer.add_argument(
         "--out", required=True, help="folder for tokenizer.json and tokenizer_config.json"
     )
     tokenizer.set_defaults(run=run_train_tokenizer)
@@ -37,7 +44,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     from ..tokenizer import train_tokenizer
     from ..train.data import iter_corpus
 
-    out = train_tokenizer(iter_corpus(args.corpus), args.vocab_size, args.out)
+    out = train_tokenizer(iter_corpus(args.corpus), args.vocab_size, args.out, family=args.family)
     print(f"tokenizer written to {out}")
     return 0
 

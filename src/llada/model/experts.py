@@ -109,8 +109,18 @@ def experts_grouped(
     num_experts = gate.shape[0]
     if num_tokens == 0:
         return torch.zeros_like(x)
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # What F.linear does under autocast, so the loop's (and the reference's) arithmetic: the
+        # matmuls in the autocast dtype, the weighting and the sum in x's dtype. grouped_mm is not
+        # an autocast op: without this it would run in float32.
+        mm_dtype = torch.get_autocast_dtype(device_type)
+        gate, up, down = (w.to(mm_dtype) for w in (gate, up, down))
+        xm = x.to(mm_dtype)
+    else:
+        xm = x
     if backend == "auto":
-        backend = pick_backend(x, topk_ids, gate, up, down)
+        backend = pick_backend(xm, topk_ids, gate, up, down)
     if backend not in ("grouped_mm", "slices"):
         raise ValueError(f"experts backend must be auto, grouped_mm or slices, got {backend!r}")
     flat = topk_ids.reshape(-1)  # (T*k,) expert of each (token, slot) pair, token-major
@@ -125,7 +135,7 @@ def experts_grouped(
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     out = torch.zeros_like(x)  # (T, D)
     if backend == "grouped_mm":
-        h = x[token]  # (T*k, D) each token once per expert that it is routed to
+        h = xm[token]  # (T*k, D) each token once per expert that it is routed to
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
         # gate.transpose(1, 2) is (E, D, F): the weights are read in place, never copied.
         g = torch._grouped_mm(h, gate.transpose(1, 2), offs=offsets)  # (T*k, F)
@@ -142,7 +152,7 @@ def experts_grouped(
         if size == 0:
             continue
         rows = token[start : start + size]
-        h = x[rows]  # (size, D)
+        h = xm[rows]  # (size, D)
         y = F.linear(F.silu(F.linear(h, gates[expert])) * F.linear(h, ups[expert]), downs[expert])
         out.index_add_(0, rows, y * weights[start : start + size])
         start += size
