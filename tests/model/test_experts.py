@@ -238,3 +238,28 @@ def test_grouped_mm_path_never_reads_back_to_the_host():
         experts_grouped(*args, backend="slices")
     with pytest.raises((NotImplementedError, RuntimeError)):
         experts_loop(*args)
+
+
+def test_a_view_whose_rows_start_off_16_bytes_is_refused():
+    x, ids, w, gate, up, down = make_case(23, 6, 2, d=16, f=32)
+    # The same stacked weights, one float32 (4 bytes) into a larger buffer: misaligned.
+    shifted = torch.empty(gate.numel() + 1)[1:].view_as(gate).copy_(gate)
+    assert shifted.is_contiguous() and shifted.storage_offset() == 1
+    assert grouped_mm_applies(x, gate, up, down)
+    assert not grouped_mm_applies(x, shifted, up, down)
+    assert torch.equal(
+        experts_grouped(x, ids, w, shifted, up, down), experts_loop(x, ids, w, gate, up, down)
+    )
+
+
+@pytest.mark.slow
+def test_cpu_inference_compiles_into_one_graph():
+    # Large enough that eager CPU inference takes the slices (a host read of their sizes);
+    # compiled, "auto" must take grouped_mm instead (bf16), with no graph break.
+    tokens, experts, k, d, f = 8192, 8, 2, 64, 256
+    x, ids, w, gate, up, down = make_case(tokens, experts, k, d=d, f=f, dtype=torch.bfloat16)
+    assert pick_backend(x, ids, gate, up, down) == "slices"
+    compiled = torch.compile(experts_forward, fullgraph=True, backend="eager")
+    got = compiled(x, ids, w, gate, up, down)
+    expected = experts_grouped(x, ids, w.to(x.dtype), gate, up, down, backend="grouped_mm")
+    assert torch.equal(got, expected)

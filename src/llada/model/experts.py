@@ -179,7 +179,9 @@ def pick_backend(
     """
     if not grouped_mm_applies(x, gate, up, down):
         return "slices"
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        # Compiled, the slices' sizes (read back to the host) would break the graph; in
+        # bfloat16 grouped_mm keeps it whole (other dtypes take the slices, with a break).
         return "grouped_mm"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, down)):
         # Forward and backward, grouped_mm measured 1.02-1.6x "slices" at every size.
@@ -193,11 +195,20 @@ def grouped_mm_applies(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> bool:
     """Whether `torch._grouped_mm` takes these operands (device, dtype, layout, 16-byte rows)."""
-    dtypes = _GROUPED_MM_CPU_DTYPES if x.device.type == "cpu" else (torch.bfloat16,)
+    # Traced, grouped_mm's shape rules (its meta kernel) are CUDA's: bfloat16 only.
+    on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    dtypes = _GROUPED_MM_CPU_DTYPES if on_cpu else (torch.bfloat16,)
     if not hasattr(torch, "_grouped_mm") or x.dtype not in dtypes:
         return False
     if not all(w.dtype == x.dtype and w.is_contiguous() for w in (gate, up, down)):
         return False
     size = x.element_size()
     widths_aligned = (gate.shape[1] * size) % 16 == 0 and (gate.shape[2] * size) % 16 == 0
-    return widths_aligned and all(w.data_ptr() % 16 == 0 for w in (gate, up, down))
+    if not widths_aligned:
+        return False
+    if torch.compiler.is_compiling():
+        # Neither data_ptr() nor storage_offset() can be traced; the model's stacked weights
+        # are whole allocations (aligned far beyond 16 bytes), and grouped_mm checks again.
+        return True
+    # Allocations are aligned far beyond 16 bytes, so a view's offset decides.
+    return all((w.storage_offset() * size) % 16 == 0 for w in (gate, up, down))
