@@ -6,20 +6,14 @@ import argparse
 import shutil
 from pathlib import Path
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a checkpoint in the official LLaDA layout",
+        help="write a checkpoint in the official layout of its family (LLaDA, LLaDA-MoE)",
         description="Export a training run (its latest checkpoint) or a checkpoint folder as an "
-        "official LLaDA folder: config.json, safetensors, tokenizer files; no trainer state.",
+        "official folder of its family (LLaDA-8B or LLaDA-MoE tensor names and config.json): "
+        "config.json, safetensors, tokenizer files; no trainer state.",
     )
     parser.add_argument("source", help="a run folder (OUT of llada train) or a checkpoint folder")
     parser.add_argument("destination", help="folder to write")
