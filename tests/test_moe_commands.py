@@ -436,3 +436,303 @@ def test_lm_eval_model_scores_and_generates_as_the_library(loaded, moe_chat_chec
             tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
         )
         assert sample_["resps"] == [[text]]
+
+
+# `llada eval lm-eval`, `llada eval reverse` and `llada export` on the MoE ----------------------
+
+LM_EVAL_CLI_TASKS = ("moe_cli_choice", "moe_cli_generate", "moe_cli_text")
+
+
+def _write_lm_eval_tasks(folder: Path) -> Path:
+    """The dense tests' three local tasks (tests/eval/test_lm_eval.py) under MoE names."""
+    import yaml
+
+    def data(name: str) -> dict:
+        files = {"test": str(LM_EVAL_DATA / f"{name}.jsonl")}
+        return {"data_files": files, "cache_dir": str(folder / "hf-cache")}
+
+    common = {"dataset_path": "json", "test_split": "test"}
+    tasks = {
+        "moe_cli_choice": {
+            "dataset_kwargs": data("choice"),
+            "output_type": "multiple_choice",
+            "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_choice": "choices",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc"}],
+        },
+        "moe_cli_generate": {
+            "dataset_kwargs": data("generate"),
+            "output_type": "generate_until",
+            "doc_to_text": "Q: {{question}}\nA:",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {"until": ["\n", "Q:"], "max_gen_toks": 4},
+            "metric_list": [{"metric": "exact_match"}],
+        },
+        "moe_cli_text": {
+            "dataset_kwargs": data("text"),
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}],
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, config in tasks.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **common, **config}))
+    return folder
+
+
+def test_eval_lm_eval_command_reports_what_the_model_class_reports(
+    moe_chat_checkpoint, loaded, tmp_path, monkeypatch, capsys
+):
+    """`llada eval lm-eval` on the MoE: every sample and metric is the one of `LLaDAEvalLM`
+    handed to the harness directly; the rolling scores are the library's window ELBOs."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("yaml")
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from conftest import go_offline
+    from llada.eval.lm_eval import LLaDAEvalLM, request_seed, rolling_windows
+    from llada.tokenizer import render_chat
+
+    go_offline(monkeypatch)
+    folder = _write_lm_eval_tasks(tmp_path / "tasks")
+    seed = LM_EVAL_ARGS["seed"]
+    model_args = {k: v for k, v in LM_EVAL_ARGS.items() if k != "seed"}
+    model_args["rolling_stride"] = 8
+    flags = ["--tasks", ",".join(LM_EVAL_CLI_TASKS), "--include-path", str(folder)]
+    flags += ["--model", str(moe_chat_checkpoint), "--device", "cpu", "--seed", str(seed)]
+    flags += ["--model-args", ",".join(f"{k}={v}" for k, v in model_args.items())]
+    flags += ["--bootstrap-iters", "0", "--log-samples", "--output-path", str(tmp_path / "out")]
+    assert main(["eval", "lm-eval", *flags]) == 0
+    table = capsys.readouterr().out
+    assert all(task in table for task in LM_EVAL_CLI_TASKS)
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(written.read_text())
+    assert results["config"]["model_args"]["pretrained"] == str(moe_chat_checkpoint)
+    printed = {}
+    for task in LM_EVAL_CLI_TASKS:
+        (samples_file,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        printed[task] = [json.loads(line) for line in samples_file.read_text().splitlines()]
+
+    lm = LLaDAEvalLM(pretrained=str(moe_chat_checkpoint), device="cpu", seed=seed, **model_args)
+    assert isinstance(lm.model, LLaDAMoEModel)
+    direct = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(LM_EVAL_CLI_TASKS),
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    for task in LM_EVAL_CLI_TASKS:
+        ours = sorted(direct["samples"][task], key=lambda s: s["doc_id"])
+        theirs = sorted(printed[task], key=lambda s: s["doc_id"])
+        # The samples file holds each response's numbers as text (lm-eval's JSON writer).
+        assert [_as_text(s["resps"]) for s in ours] == [s["resps"] for s in theirs], task
+        numbers = {k: v for k, v in direct["results"][task].items() if isinstance(v, float)}
+        assert numbers
+        for metric, value in numbers.items():
+            assert results["results"][task][metric] == pytest.approx(value, rel=1e-9), metric
+
+    # With --apply-chat-template the prompts are the MoE's `<role>` chat turns, and the answers
+    # the model class's to them.
+    chat = tmp_path / "chat"
+    flags[flags.index("--output-path") + 1] = str(chat)
+    flags[flags.index("--tasks") + 1] = "moe_cli_generate"
+    assert main(["eval", "lm-eval", *flags, "--apply-chat-template", "--limit", "2"]) == 0
+    capsys.readouterr()
+    (samples_file,) = chat.rglob("samples_moe_cli_generate_*.jsonl")
+    chat_samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(chat_samples) == 2
+    for sample_ in chat_samples:
+        context = sample_["arguments"]["gen_args_0"]["arg_0"]
+        question = f"Q: {sample_['doc']['question']}\nA:"
+        assert context == render_chat(loaded[1], [{"role": "user", "content": question}])
+        assert context.startswith("<role>SYSTEM</role>")
+        assert context.endswith(f"<role>HUMAN</role>{question}<|role_end|><role>ASSISTANT</role>")
+        gen_kwargs = sample_["arguments"]["gen_args_0"]["arg_1"]
+        request = Instance("generate_until", sample_["doc"], (context, gen_kwargs), 0)
+        assert sample_["resps"] == [lm.generate_until([request])]
+
+    # The documents' scores are the sums of the library's ELBOs of their windows.
+    model, tokenizer = loaded
+    prefix = [model.special_tokens.bos_id]
+    assert prefix[0] is not None
+    for sample_ in printed["moe_cli_text"]:
+        ids = tokenizer(sample_["target"], add_special_tokens=False)["input_ids"]
+        expected = 0.0
+        for context, answer in rolling_windows(ids, 32, 8, prefix):
+            torch.manual_seed(request_seed(seed, context, answer))
+            expected += get_log_likelihood(
+                model, torch.tensor(context), torch.tensor(answer), mc_num=8, batch_size=4
+            )
+        ((score,),) = sample_["resps"]
+        assert float(score) == pytest.approx(expected, rel=1e-5)
+
+
+def _as_text(value):
+    """Nested lists and tuples as lists, their leaves as text."""
+    if isinstance(value, (list, tuple)):
+        return [_as_text(item) for item in value]
+    return value if isinstance(value, str) else str(value)
+
+
+def test_eval_reverse_command_answers_as_evaluate_reversal(moe_chat_checkpoint, loaded, tmp_path):
+    """`llada eval reverse` on the MoE: the replies and accuracies of `evaluate_reversal` with
+    the command's settings (eval_reverse.py's: --logits-eos-inf, one seed per direction)."""
+    from llada.eval.reverse import evaluate_reversal, load_pairs
+
+    model, tokenizer = loaded
+    data = tmp_path / "pairs.json"
+    pairs = [
+        {"first": "To be, or not to be", "second": "that is the question"},
+        {"first": "What is 2 + 3?", "second": "The answer is 5."},
+        {"first": "床前明月光", "second": "疑是地上霜"},
+    ]
+    data.write_text(json.dumps(pairs, ensure_ascii=False))
+    out = tmp_path / "result.json"
+    args = ["eval", "reverse", "--data", str(data), "--model", str(moe_chat_checkpoint)]
+    args += [*SMALL_ARGS, "--batch-size", "2", "--seed", "3", "--json", str(out)]
+    for preset in ("reference", "fast"):
+        assert main([*args, "--preset", preset]) == 0
+        result = json.loads(out.read_text())
+        assert result["model"] == str(moe_chat_checkpoint) and result["preset"] == preset
+        assert result["style"] == "reference" and result["sampler"]["logits_eos_inf"] is True
+        config = replace(SMALL, logits_eos_inf=True)
+        # The command asks in batches of 2 (2 + 1 prompts), the library in one batch of 3: the
+        # MoE's left-padded rows answer as alone.
+        for direction in ("ftb", "btf"):
+            torch.manual_seed(3)
+            expected = evaluate_reversal(
+                model, tokenizer, load_pairs(data), direction, config, decode=preset
+            )
+            written = result["results"][direction]
+            assert written["replies"] == expected.replies
+            assert (written["accuracy"], written["n"]) == (expected.accuracy, 3)
+        targets = [r["target"] for r in result["results"]["btf"]["replies"]]
+        assert targets == [p["first"] for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_chat_checkpoint, tmp_path_factory) -> Path:
+    """Two steps of pre-training from the tiny MoE (its llada-moe tokenizer), a checkpoint after
+    each: the run folder `llada export` reads."""
+    from llada.tokenizer import load_tokenizer
+    from llada.train.config import TrainConfig
+    from llada.train.data import write_token_file
+    from llada.train.loop import train
+
+    folder = tmp_path_factory.mktemp("moe-run")
+    tokenizer = load_tokenizer(moe_chat_checkpoint)
+    texts = ["To be, or not to be, that is the question.", "What is 2 + 3? The answer is 5."] * 20
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = write_token_file(texts, tokenizer, folder / "corpus", eos_id=eos)
+    config = TrainConfig(
+        model=str(moe_chat_checkpoint),
+        data=str(tokens),
+        out_dir=str(folder / "run"),
+        seq_len=16,
+        batch_size=4,
+        max_steps=2,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=0,
+        save_every=1,
+        keep_checkpoints=2,
+        log_every=1,
+    )
+    train(config, progress=False)
+    return folder / "run"
+
+
+def _official_moe_names() -> set[str]:
+    """The official LLaDA-MoE tensors of `moe_chat_checkpoint` (inclusionAI/LLaDA-MoE-7B-A1B-Base
+    model.safetensors.index.json names): a dense layer 0, a MoE layer 1 of 4 experts."""
+    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        names |= {p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
+    names |= {f"model.layers.0.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+    names |= {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.expert_bias"}
+    for e in range(4):
+        names |= {f"model.layers.1.mlp.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj")}
+        names.add(f"model.layers.1.mlp.experts.{e}.down_proj.weight")
+    names |= {f"model.layers.1.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj")}
+    names.add("model.layers.1.shared_expert.down_proj.weight")
+    return names
+
+
+def test_export_command_writes_the_official_moe_folder(moe_run, moe_chat_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    import llada
+    from llada.tokenizer import load_tokenizer
+    from llada.train.checkpointing import latest_checkpoint, list_checkpoints
+
+    first, last = list_checkpoints(moe_run)
+    assert latest_checkpoint(moe_run) == last
+    trained = llada.load_model(last)
+    assert isinstance(trained, LLaDAMoEModel) and trained.dtype == torch.float32
+    start = llada.load_model(moe_chat_checkpoint)
+    assert not torch.equal(trained.blocks[1].mlp.up_proj, start.blocks[1].mlp.up_proj)
+
+    exported = {"float32": tmp_path / "moe-fp32", "bfloat16": tmp_path / "moe-bf16"}
+    assert main(["export", str(moe_run), str(exported["float32"])]) == 0
+    assert main(["export", str(moe_run), str(exported["bfloat16"]), "--dtype", "bfloat16"]) == 0
+    # A checkpoint folder is exported as it is (not the run's latest).
+    assert main(["export", str(first), str(tmp_path / "step-1")]) == 0
+
+    original_tokenizer = load_tokenizer(moe_chat_checkpoint)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    for dtype_name, folder in exported.items():
+        dtype = getattr(torch, dtype_name)
+        assert not (folder / "trainer_state.pt").exists()
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["LLaDAMoEModelLM"] and config["model_type"] == "llada"
+        assert config["torch_dtype"] == dtype_name
+        assert (config["num_experts"], config["num_experts_per_tok"]) == (4, 2)
+        assert config["moe_layer_freq"] == [0, 1] and config["moe_router_enable_expert_bias"]
+        assert (config["expert_intermediate_size"], config["dense_intermediate_size"]) == (16, 64)
+        assert config["shared_expert_intermediate_size"] == 24
+        assert (config["qk_layernorm"], config["partial_rotary_factor"]) == (True, 0.5)
+
+        tensors = load_file(folder / "model.safetensors")
+        assert set(tensors) == _official_moe_names()
+        assert {t.dtype for t in tensors.values()} == {dtype}
+        for e in range(4):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                stacked = getattr(trained.blocks[1].mlp, projection)
+                name = f"model.layers.1.mlp.experts.{e}.{projection}.weight"
+                assert torch.equal(tensors[name], stacked[e].to(dtype)), name
+
+        model = llada.load_model(folder)
+        assert isinstance(model, LLaDAMoEModel) and model.dtype == dtype
+        assert model.config == trained.config
+        reloaded, expected = model.state_dict(), trained.state_dict()
+        assert reloaded.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(reloaded[name], tensor.to(dtype)), name
+
+        # The llada-moe tokenizer family, whose ids the exported model resolves.
+        tokenizer = load_tokenizer(folder)
+        ids = tokenizer.convert_tokens_to_ids
+        assert model.special_tokens == trained.special_tokens
+        for field, token in (("mask_id", "<|mask|>"), ("eot_id", "<|role_end|>")):
+            own = getattr(model.special_tokens, field)
+            assert own == ids(token) == original_tokenizer.convert_tokens_to_ids(token)
+        assert model.special_tokens.eos_id == ids("<|endoftext|>")
+        assert encode_chat(tokenizer, messages) == encode_chat(original_tokenizer, messages)
+        assert encode_chat(tokenizer, messages)[0] == ids("<role>")
+
+    step_1 = llada.load_model(tmp_path / "step-1")
+    assert torch.equal(step_1.blocks[1].mlp.up_proj, llada.load_model(first).blocks[1].mlp.up_proj)
+    assert not torch.equal(step_1.blocks[1].mlp.up_proj, trained.blocks[1].mlp.up_proj)
