@@ -11,7 +11,6 @@ import torch
 import llada
 from conftest import REFERENCE
 from llada.model.llada_moe import LLaDAMoEModel
-from llada.model.transformer import KVCache
 from llada.sampling.config import GenerateConfig
 from llada.sampling.fast import sample
 
@@ -117,8 +116,8 @@ def test_kv_cache_window_equals_the_full_forward(moe_models, name):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        cache = KVCache()
-        filled = model(ids, attention_mask=mask, kv_cache=cache).logits
+        cache = model.new_kv_cache(*ids.shape, attention_mask=mask)
+        filled = model(ids, kv_cache=cache).logits
         window = model(ids[:, 7:11], kv_cache=cache, window_start=7).logits
     torch.testing.assert_close(filled, full, atol=0, rtol=0)
     torch.testing.assert_close(window, full[:, 7:11], atol=1e-5, rtol=0)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "sample": "llada.sampling.fast",
     "denoise": "llada.sampling.fast",
     "KVCache": "llada.model.transformer",
+    "causal_attention_mask": "llada.model.transformer",
     "get_log_likelihood": "llada.likelihood",
     "LikelihoodConfig": "llada.likelihood",
     "load_tokenizer": "llada.tokenizer",

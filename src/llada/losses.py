@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import PRETRAIN_EPS, random_masking
+from .model.transformer import causal_attention_mask, flat_positions
 
 # GUIDELINES.md: 1% of pre-training batches are cropped to a random length, so that the model
 # also sees sequences shorter than the training length.
@@ -60,7 +61,7 @@ def pretraining_loss(
     GUIDELINES.md), so the value is an unbiased estimate of the negative ELBO per token, in nats.
     """
     noisy, is_masked, p_mask = random_masking(x0, mask_id, eps=eps, generator=generator)
-    logits = model(noisy, logits_at=is_masked).logits  # (N, V)
+    logits = model(noisy, logits_at=flat_positions(is_masked)).logits  # (N, V)
     token_loss = F.cross_entropy(logits.float(), x0[is_masked], reduction="none")
     loss = (token_loss / p_mask[is_masked]).sum() / x0.numel()
     return LossOutput(loss=loss, num_targets=int(is_masked.sum()))
@@ -87,7 +88,7 @@ def sft_loss(
     noisy = torch.where(is_prompt, x0, noisy)
     is_masked = is_masked & ~is_prompt
     answer_lengths = (length - prompt_lengths)[:, None].expand(batch, length)
-    logits = model(noisy, logits_at=is_masked).logits
+    logits = model(noisy, logits_at=flat_positions(is_masked)).logits
     token_loss = F.cross_entropy(logits.float(), x0[is_masked], reduction="none")
     loss = (token_loss / p_mask[is_masked] / answer_lengths[is_masked]).sum() / batch
     return LossOutput(loss=loss, num_targets=int(is_masked.sum()))
@@ -104,7 +105,8 @@ def autoregressive_loss(
     if prompt_lengths is not None:
         # Position i predicts token i + 1; train only where that token is in the answer.
         predicts &= torch.arange(length, device=x0.device)[None, :] + 1 >= prompt_lengths[:, None]
-    logits = model(x0, logits_at=predicts, causal=True).logits
+    causal = causal_attention_mask(None, length, x0.device)
+    logits = model(x0, attention_mask=causal, logits_at=flat_positions(predicts)).logits
     targets = torch.roll(x0, shifts=-1, dims=1)[predicts]
     if targets.numel() == 0:
         # A one-token batch (the random-length crop can make one) predicts nothing: a zero

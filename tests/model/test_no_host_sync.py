@@ -1,8 +1,8 @@
 """The model forwards hold no host synchronisation: run on the meta device, where tensors have
 shapes but no values, any read-back (`int(t)`, `bool(t)`, `.item()`, `.tolist()`, a boolean
-mask index) raises. Each family runs a plain forward, a left-padded one, and a KV-cache fill
-followed by a window forward. Since the model applies any mask it is given, the samplers must
-drop a mask of ones themselves: tested last."""
+mask index) raises. Each family runs a plain forward, a left-padded one, one with `logits_at`,
+and a whole-canvas forward over a KV cache followed by a window forward. Since the model
+applies any mask it is given, the samplers must drop a mask of ones themselves: tested last."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from conftest import make_random_model
 from llada.model.config import LLaDAConfig
 from llada.model.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
-from llada.model.transformer import KVCache, LLaDAModel
+from llada.model.transformer import LLaDAModel
 from llada.sampling.config import DecodeConfig, GenerateConfig
 from llada.sampling.fast import sample
 from llada.sampling.reference import generate
@@ -91,14 +91,25 @@ def test_padded_forward_has_no_host_sync(meta_model):
 
 
 @torch.no_grad()
-def test_kv_cache_window_forward_has_no_host_sync(meta_model):
+def test_logits_at_forward_has_no_host_sync(meta_model):
+    ids = torch.zeros(2, 12, dtype=torch.long, device=META)
+    logits_at = torch.zeros(5, dtype=torch.long, device=META)  # flat positions into 2 * 12
+    logits = meta_model(ids, logits_at=logits_at).logits
+    assert logits.shape == (5, 64) and logits.device == META
+
+
+@torch.no_grad()
+def test_kv_cache_forwards_have_no_host_sync(meta_model):
     ids = torch.zeros(2, 12, dtype=torch.long, device=META)
     mask = torch.ones(2, 12, dtype=torch.long, device=META)
-    cache = KVCache()
-    meta_model(ids, attention_mask=mask, kv_cache=cache)
+    cache = meta_model.new_kv_cache(2, 12, attention_mask=mask)
     assert len(cache.keys) == 2 and cache.bias is not None
-    logits = meta_model(ids[:, 4:8], kv_cache=cache, window_start=4).logits
-    assert logits.shape == (2, 4, 64)
+    assert cache.keys[0].device == META and cache.keys[0].shape == (2, 2, 12, 8)
+    logits = meta_model(ids, kv_cache=cache).logits
+    assert logits.shape == (2, 12, 64)
+    at = torch.zeros(3, dtype=torch.long, device=META)
+    logits = meta_model(ids[:, 4:8], kv_cache=cache, window_start=4, logits_at=at).logits
+    assert logits.shape == (3, 64)
     assert cache.keys[0].shape[2] == 12
 
 
@@ -110,6 +121,10 @@ class MaskSpy(torch.nn.Module):
         self.model = model
         self.config, self.special_tokens = model.config, model.special_tokens
         self.masks: list[torch.Tensor | None] = []
+
+    def new_kv_cache(self, batch, length, attention_mask=None):
+        self.masks.append(attention_mask)
+        return self.model.new_kv_cache(batch, length, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, **options):
         self.masks.append(attention_mask)

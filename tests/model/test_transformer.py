@@ -7,6 +7,11 @@ import torch
 
 from conftest import make_random_model
 from llada.model.config import REFERENCE_DEFAULTS, LLaDAConfig
+from llada.model.transformer import (
+    attention_bias_from_mask,
+    causal_attention_mask,
+    flat_positions,
+)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
@@ -115,3 +120,102 @@ def test_missing_keys_take_the_reference_defaults():
 def test_model_type_is_checked():
     with pytest.raises(ValueError, match="model_type"):
         LLaDAConfig.from_hf_dict({"model_type": "lladamoe"})
+
+
+def _old_causal_bias(attention_mask, length, dtype):
+    """The additive bias `causal=True` used to build inside the model (the padding bias plus a
+    lower-triangular one, clamped): the arithmetic the causal mask from outside must keep."""
+    bias = None
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool)[:, None, None, :]
+        bias = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    future = torch.ones(length, length, dtype=torch.bool).triu(1)
+    causal = torch.zeros(length, length, dtype=dtype).masked_fill(future, torch.finfo(dtype).min)
+    causal = causal[None, None]
+    return causal if bias is None else (bias + causal).clamp(min=torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_attention_mask_gives_the_old_causal_bias(padded):
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]) if padded else None
+    allowed = causal_attention_mask(attention_mask, 5)
+    assert allowed.dtype == torch.bool and allowed.shape == ((2 if padded else 1), 1, 5, 5)
+    for dtype in (torch.float32, torch.bfloat16):
+        bias = attention_bias_from_mask(allowed, dtype)
+        assert torch.equal(bias, _old_causal_bias(attention_mask, 5, dtype))
+    # And the model applies it: logits at a token ignore every later token (a padded query may
+    # attend to nothing, so it attends uniformly to everything, as before).
+    model = make_random_model(seed=5)
+    ids = torch.tensor([[5, 9, 11, 4, 7], [0, 0, 11, 4, 7]])
+    changed = ids.clone()
+    changed[:, 3:] = 8
+    mask = causal_attention_mask(attention_mask, 5)
+    before = model(ids, attention_mask=mask).logits
+    after = model(changed, attention_mask=mask).logits
+    first = 2 if padded else 0
+    torch.testing.assert_close(before[:, first:3], after[:, first:3], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 3:], after[:, 3:])
+
+
+def test_attention_masks_of_a_wrong_shape_or_type_are_refused():
+    model = make_random_model(seed=5)
+    ids = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="expected \\(2, 6\\)"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
+        model(ids, attention_mask=torch.ones(1, 1, 6, 6))
+    with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
+        model(ids, attention_mask=torch.ones(3, 1, 6, 6, dtype=torch.bool))
+
+
+def test_logits_at_takes_flat_positions_and_refuses_a_boolean_selection():
+    model = make_random_model(seed=6)
+    ids = torch.randint(0, 60, (3, 7), generator=torch.Generator().manual_seed(1))
+    selected = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.5
+    full = model(ids).logits
+    at = flat_positions(selected)
+    torch.testing.assert_close(model(ids, logits_at=at).logits, full[selected], atol=0, rtol=0)
+    # Any order and repeats: the rows come back as asked.
+    at = torch.tensor([20, 0, 8, 8])
+    expected = full.flatten(0, 1)[at]
+    torch.testing.assert_close(model(ids, logits_at=at).logits, expected, atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"mask\.flatten\(\)\.nonzero\(\)\.squeeze\(1\)"):
+        model(ids, logits_at=selected)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        model(ids, logits_at=at[None])
+
+
+def test_kv_cache_is_allocated_once_and_its_mode_comes_from_the_call():
+    model = make_random_model(seed=7, n_kv_heads=2)
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    cache = model.new_kv_cache(2, 9, attention_mask=attention_mask)
+    n_layers, head_dim = model.config.n_layers, model.config.head_dim
+    assert len(cache.keys) == len(cache.values) == n_layers
+    assert all(k.shape == (2, 2, 9, head_dim) and k.dtype == model.dtype for k in cache.keys)
+    # A window before the whole canvas was written would read unwritten slots.
+    with pytest.raises(ValueError, match="run the whole canvas"):
+        model(ids[:, 3:6], kv_cache=cache, window_start=3)
+    # The padding is the cache's, given once: a mask with a cache is refused.
+    with pytest.raises(ValueError, match="new_kv_cache"):
+        model(ids, attention_mask=attention_mask, kv_cache=cache)
+    whole = model(ids, kv_cache=cache).logits
+    reference = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(whole, reference, atol=0, rtol=0)
+    keys = [k.clone() for k in cache.keys]
+    # A window writes only its slots and attends over all of them.
+    window = model(ids[:, 3:6], kv_cache=cache, window_start=3).logits
+    torch.testing.assert_close(window, reference[:, 3:6], atol=1e-5, rtol=1e-5)
+    for before, after in zip(keys, cache.keys, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    # Rows leave the batch together with their padding.
+    cache.select_rows(torch.tensor([1]))
+    alone = model(ids[1:, 3:6], kv_cache=cache, window_start=3).logits
+    torch.testing.assert_close(alone, reference[1:, 3:6], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="outside the cached sequence"):
+        model(ids[1:, 3:6], kv_cache=cache, window_start=7)
+    with pytest.raises(ValueError, match="holds 1"):
+        model(ids[:, 3:6], kv_cache=cache, window_start=3)
+    with pytest.raises(ValueError, match="expected \\(2, 9\\)"):
+        model.new_kv_cache(2, 9, attention_mask=torch.ones(2, 8))

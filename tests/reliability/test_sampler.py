@@ -95,6 +95,9 @@ class InfAtStepModel(torch.nn.Module):
     def device(self):
         return self.inner.device
 
+    def new_kv_cache(self, *args, **kwargs):
+        return self.inner.new_kv_cache(*args, **kwargs)
+
     def forward(self, *args, **kwargs):
         self.calls += 1
         out = self.inner(*args, **kwargs)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_random_model
+from llada.model.transformer import causal_attention_mask
 from llada.sampling.autoregressive import generate_autoregressive
 
 
@@ -15,7 +16,7 @@ def test_greedy_decoding_follows_the_causal_argmax_and_ignores_later_tokens():
     out = generate_autoregressive(model, prompt, max_new_tokens=5)
     x = prompt
     for _ in range(5):
-        logits = model(x, causal=True).logits
+        logits = model(x, attention_mask=causal_attention_mask(None, x.shape[1])).logits
         x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     eos = model.special_tokens.eos_id
     stop = set(model.special_tokens.stop_ids)

@@ -11,7 +11,6 @@ import torch
 
 import llada
 from conftest import REFERENCE, make_random_model, reference_cases
-from llada.model.transformer import KVCache
 from llada.sampling.config import PRESETS, DecodeConfig, GenerateConfig
 from llada.sampling.decoding import commit_entropy, commit_factor, commit_threshold
 from llada.sampling.fast import denoise, sample
@@ -92,14 +91,14 @@ def test_window_forward_over_a_cache_equals_a_full_forward():
     # One layer: the keys outside the window depend only on their own tokens, so after the
     # window's slots are rewritten every key is current and the logits are a full forward's.
     model = make_random_model(seed=2, n_layers=1)
-    cache = KVCache()
+    cache = model.new_kv_cache(1, 10)
     model(ids, kv_cache=cache)
     windowed = model(changed[:, 4:7], kv_cache=cache, window_start=4).logits
     torch.testing.assert_close(windowed, model(changed).logits[:, 4:7], atol=1e-5, rtol=1e-5)
     # Deeper: an unchanged window over the cache reproduces the full forward; a changed one
     # reads stale keys elsewhere (the approximation the caches make), so it differs.
     model = make_random_model(seed=2)
-    cache = KVCache()
+    cache = model.new_kv_cache(1, 10)
     full = model(ids, kv_cache=cache).logits
     again = model(ids[:, 4:7], kv_cache=cache, window_start=4).logits
     torch.testing.assert_close(again, full[:, 4:7], atol=1e-5, rtol=1e-5)
@@ -155,7 +154,7 @@ class EndsAtModel(torch.nn.Module):
                 full[row, column, 7] = -10.0
                 full[row, column, self.special_tokens.eos_id] = 20.0
         self.rows_seen.append(x.shape[0])
-        logits = full if logits_at is None else full[logits_at]
+        logits = full if logits_at is None else full.flatten(0, 1)[logits_at]
         return type("Out", (), {"logits": logits})()
 
 
@@ -189,7 +188,7 @@ class ConfidentEndModel(EndsAtModel):
         full[:, self.prompt_length : self.prompt_length + 2, self.special_tokens.eos_id] = 0.0
         full[:, self.prompt_length : self.prompt_length + 2, 7] = 3.0
         self.rows_seen.append(x.shape[0])
-        logits = full if logits_at is None else full[logits_at]
+        logits = full if logits_at is None else full.flatten(0, 1)[logits_at]
         return type("Out", (), {"logits": logits})()
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import make_random_model
 from llada.diffusion import random_masking
 from llada.losses import autoregressive_loss, maybe_crop, pretraining_loss, sft_loss
+from llada.model.transformer import causal_attention_mask
+from llada.train.activation_checkpointing import apply_activation_checkpointing
 
 
 def test_pretraining_loss_is_the_weighted_masked_cross_entropy():
@@ -41,7 +43,11 @@ def test_sft_loss_never_masks_the_prompt_and_normalises_by_answer_length():
             return model(x, logits_at=logits_at)
 
     out = sft_loss(Spy(), x0, prompt_lengths, mask_id, generator=torch.Generator().manual_seed(3))
-    x, at = seen["x"], seen["at"]
+    x = seen["x"]
+    # The model is given flat row-major positions into B*T: back to the (B, T) selection.
+    at = torch.zeros(x.numel(), dtype=torch.bool)
+    at[seen["at"]] = True
+    at = at.view(x.shape)
     assert torch.equal(x[0, :4], x0[0, :4]) and torch.equal(x[1, :9], x0[1, :9])
     assert not at[0, :4].any() and not at[1, :9].any()
     # Recompute: p_mask per row from the same draws.
@@ -58,10 +64,11 @@ def test_sft_loss_never_masks_the_prompt_and_normalises_by_answer_length():
 def test_autoregressive_loss_is_causal():
     model = make_random_model(seed=2)
     x0 = torch.randint(0, 60, (1, 8), generator=torch.Generator().manual_seed(2))
-    logits = model(x0, causal=True).logits
+    causal = causal_attention_mask(None, 8)
+    logits = model(x0, attention_mask=causal).logits
     changed = x0.clone()
     changed[0, 6:] = (changed[0, 6:] + 1) % 60
-    logits_changed = model(changed, causal=True).logits
+    logits_changed = model(changed, attention_mask=causal).logits
     torch.testing.assert_close(logits[:, :6], logits_changed[:, :6])  # the future is not seen
     assert not torch.allclose(logits[:, 6:], logits_changed[:, 6:])
     out = autoregressive_loss(model, x0)
@@ -105,16 +112,33 @@ def test_loss_is_a_bound_in_sensible_units():
     assert 0.7 * math.log(64) < value < 1.3 * math.log(64)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
     model = make_random_model(seed=4).train()
+    keys = list(model.state_dict())
     x0 = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(4))
-    grads = []
+    # The attention: the recomputation stops once the block's last saved tensor is made again,
+    # inside the MLP, before an MLP hook would fire.
+    attention_calls = []
+    model.blocks[0].attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    grads, calls = [], []
     for checkpointing in (False, True):
+        if checkpointing:
+            apply_activation_checkpointing(model)
         model.zero_grad()
-        model.activation_checkpointing = checkpointing
+        attention_calls.clear()
         out = pretraining_loss(
             model, x0, model.special_tokens.mask_id, generator=torch.Generator().manual_seed(1)
         )
         out.loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        calls.append(len(attention_calls))
     torch.testing.assert_close(grads[0], grads[1])
+    # The backward pass ran the block again (its activations were not kept), and the model's
+    # names are untouched: checkpoints load as before.
+    assert calls == [1, 2]
+    assert list(model.state_dict()) == keys
+    # Out of training (or without grad) nothing is recomputed.
+    model.eval()
+    attention_calls.clear()
+    model(x0).logits.sum().backward()
+    assert len(attention_calls) == 1

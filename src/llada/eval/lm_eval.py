@@ -531,10 +531,11 @@ class LLaDAEvalLM(LM):
         as `llada.guidance.predict_logits` (the unconditional copy masks the prompt)."""
         cfg = self.settings.cfg
         if cfg <= 0:
-            return self.model(x, logits_at=is_masked).logits
+            return self.model(x, logits_at=is_masked.flatten().nonzero().squeeze(1)).logits
         unconditional = x.masked_fill(prompt_index, self.tokens.mask_id)
         both = torch.cat([x, unconditional], dim=0)
-        logits = self.model(both, logits_at=torch.cat([is_masked, is_masked], dim=0)).logits
+        both_masked = torch.cat([is_masked, is_masked], dim=0)
+        logits = self.model(both, logits_at=both_masked.flatten().nonzero().squeeze(1)).logits
         conditional, unconditional_logits = torch.chunk(logits, 2, dim=0)
         return unconditional_logits + (cfg + 1) * (conditional - unconditional_logits)
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from ..tokens import LLADA_MOE
@@ -51,7 +50,9 @@ from .transformer import (
     attend,
     cached_keys_values,
     forward_setup,
+    new_kv_cache,
     run_blocks,
+    select_positions,
 )
 
 # What `architectures` says in the official config.json (llama.cpp registers both names).
@@ -488,7 +489,6 @@ class LLaDAMoEModel(nn.Module):
         )
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
-        self.activation_checkpointing = False
 
     def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
         """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
@@ -510,25 +510,30 @@ class LLaDAMoEModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def new_kv_cache(
+        self, batch: int, length: int, attention_mask: torch.Tensor | None = None
+    ) -> KVCache:
+        """A preallocated KV cache; see `LLaDAModel.new_kv_cache`."""
+        return new_kv_cache(self, batch, length, attention_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
+        kv_cache: KVCache | None = None,
+        window_start: int = 0,
+        logits_at: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-        logits_at: torch.Tensor | None = None,
-        causal: bool = False,
-        kv_cache: KVCache | None = None,
-        window_start: int = 0,
     ) -> LLaDAOutput:
         """input_ids (B, T) -> logits (B, T, vocab); the arguments are `LLaDAModel.forward`'s."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         rotary, bias, start = forward_setup(
-            x, attention_mask, positions, causal, kv_cache, window_start, self.rope
+            x, attention_mask, positions, kv_cache, window_start, self.rope
         )
         x, hidden_states = run_blocks(
             self.blocks,
@@ -538,14 +543,12 @@ class LLaDAMoEModel(nn.Module):
             self.attn_implementation,
             kv_cache,
             start,
-            checkpointing=self.activation_checkpointing and self.training,
             output_hidden_states=output_hidden_states,
         )
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
-        if logits_at is not None:
-            x = x[logits_at]
+        x = select_positions(x, logits_at)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         return LLaDAOutput(
             logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None

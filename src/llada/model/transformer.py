@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from .config import LLaDAConfig
@@ -29,23 +28,70 @@ AttentionImplementation = Literal["sdpa", "eager"]
 
 @dataclass
 class KVCache:
-    """Every layer's keys (after RoPE) and values over the whole canvas, for cached sampling.
+    """Every layer's keys (after RoPE) and values over a whole canvas of L positions, allocated up
+    front (as gpt-fast's KVCache), for cached sampling. Make one with `model.new_kv_cache`.
 
-    A forward with an empty cache runs over the whole sequence and fills it. A forward with a
-    filled cache runs only over a window of positions `[start, start + T)`: each layer writes
-    the window's keys and values into their slots and the window's queries attend over all
-    slots, the others as they were last computed. Fast-dLLM's prefix cache (window = current
-    block to the end) and dual cache (window = current block) are both this operation.
+    keys, values: one (B, Hkv, L, head_dim) buffer per layer, in the model's dtype and device.
+    bias: the additive key-padding bias (B, 1, 1, L) of the sequence's attention_mask, given once
+        when the cache is made; None when nothing is padded.
+    A forward with the cache writes its keys and values to slots `[window_start, window_start
+    + T)` and its queries attend over all L slots, the others as they were last written. A
+    forward over the whole canvas is window_start=0, T=L; Fast-dLLM's prefix cache (window =
+    current block to the end) and dual cache (window = current block) are the same operation
+    over smaller windows. `canvas_written` only guards against a window forward reading slots
+    that no forward has written yet.
     """
 
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    # Additive key-padding bias (B, 1, 1, L) of the filling forward, or None.
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
     bias: torch.Tensor | None = None
+    canvas_written: bool = False
+
+    @classmethod
+    def allocate(
+        cls,
+        n_layers: int,
+        batch: int,
+        length: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        attention_mask: torch.Tensor | None = None,
+    ) -> KVCache:
+        """Zeroed buffers for `n_layers` layers of (batch, n_kv_heads, length, head_dim), and the
+        padding bias of `attention_mask` (batch, length), 1 = token, 0 = padding, or None."""
+        for name, value in (("batch", batch), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"a KV cache needs a positive integer {name}, got {value!r}")
+        bias = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                    f"{(batch, length)} (one 1/0 entry per position of the cached canvas)"
+                )
+            bias = attention_bias_from_mask(attention_mask.to(device), dtype)
+        # Stored position-major (B, L, Hkv, D) and viewed (B, Hkv, L, D): the memory layout of
+        # the keys and values the projections make, so attention reads the cache exactly as it
+        # reads a forward's own keys (the same kernel path, the same bits).
+        shape = (batch, length, n_kv_heads, head_dim)
+
+        def buffer() -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
+
+        keys = [buffer() for _ in range(n_layers)]
+        values = [buffer() for _ in range(n_layers)]
+        return cls(keys, values, bias)
 
     @property
-    def filled(self) -> bool:
-        return bool(self.keys)
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (a row that finished early leaves the batch)."""
@@ -53,6 +99,24 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
         if self.bias is not None:
             self.bias = self.bias.index_select(0, rows)
+
+
+def new_kv_cache(
+    model: nn.Module, batch: int, length: int, attention_mask: torch.Tensor | None = None
+) -> KVCache:
+    """A cache for any family's `model` (its blocks' attention name their K/V heads and head
+    size), in the model's dtype and on its device; see `KVCache`."""
+    attention = model.blocks[0].attn
+    return KVCache.allocate(
+        len(model.blocks),
+        batch,
+        length,
+        attention.n_kv_heads,
+        attention.head_dim,
+        dtype=model.dtype,
+        device=model.device,
+        attention_mask=attention_mask,
+    )
 
 
 @dataclass
@@ -204,21 +268,14 @@ LayerCache = tuple[KVCache, int, int]
 def cached_keys_values(
     cache: LayerCache | None, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values a layer attends over, storing this forward's in the cache.
-
-    A filling forward stores the whole sequence; a window forward overwrites the window's
-    slots and attends over all of them (the others as they were last computed).
-    """
+    """The keys and values a layer attends over: this forward's own, or, with a cache, all of
+    the cache's slots after this forward's are written to `[start, start + T)`."""
     if cache is None:
         return k, v
     kv_cache, layer, start = cache
-    if len(kv_cache.keys) == layer:
-        kv_cache.keys.append(k)
-        kv_cache.values.append(v)
-        return k, v
-    length = k.shape[2]
-    kv_cache.keys[layer][:, :, start : start + length] = k
-    kv_cache.values[layer][:, :, start : start + length] = v
+    end = start + k.shape[2]
+    kv_cache.keys[layer][:, :, start:end] = k
+    kv_cache.values[layer][:, :, start:end] = v
     return kv_cache.keys[layer], kv_cache.values[layer]
 
 
@@ -309,82 +366,110 @@ class Block(nn.Module):
 def attention_bias_from_mask(
     attention_mask: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    """(B, T) keep-mask (1 = token, 0 = padding) -> additive key bias (B, 1, 1, T), or None.
+    """An attention mask -> the additive bias SDPA takes, or None.
 
-    Padded keys get the dtype's most negative finite value (a fully padded row gets uniform
-    attention, not NaN); padded queries still attend to all real tokens. A given mask always
-    becomes a bias, even without zeros: deciding otherwise would read the mask back to the host
-    in the forward. Callers pass None when nothing is padded (the reference, modeling_llada.py,
-    drops such a mask; so do our samplers, likelihood, server and eval).
+    A (B, T) keep-mask (1 = token, 0 = padding) becomes a key bias (B, 1, 1, T); a 4-D boolean
+    mask (B or 1, 1, Tq, Tk), True = may attend, becomes a bias of its shape. Refused positions
+    get the dtype's most negative finite value (a query that may attend to nothing gets uniform
+    attention, not NaN). A given mask always becomes a bias, even without zeros: deciding
+    otherwise would read the mask back to the host in the forward. Callers pass None when
+    nothing is padded (the reference, modeling_llada.py, drops such a mask; so do our samplers,
+    likelihood, server and eval).
     """
     if attention_mask is None:
         return None
-    keep = attention_mask.to(torch.bool)[:, None, None, :]
-    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
-    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+    if attention_mask.dim() == 4:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask.to(torch.bool)[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _add_causal_bias(
-    bias: torch.Tensor | None, length: int, dtype: torch.dtype, device: torch.device
+def causal_attention_mask(
+    attention_mask: torch.Tensor | None, length: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """Add a (1, 1, T, T) lower-triangular keep-bias to a key-padding bias (or to none)."""
-    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    causal = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(
-        future, torch.finfo(dtype).min
-    )[None, None]
-    if bias is None:
-        return causal
-    return (bias + causal).clamp(min=torch.finfo(dtype).min)
+    """The 4-D boolean mask of a causal forward over `length` positions, True = may attend:
+    (1, 1, T, T) lower-triangular, and with a (B, T) padding `attention_mask` (1 = token,
+    0 = padding) also refusing padded keys: (B, 1, T, T).
+
+    Pass it as the model's attention_mask to run the same network as an autoregressive model
+    (masked-diffusion vs autoregressive comparisons; not part of LLaDA)."""
+    if device is None and attention_mask is not None:
+        device = attention_mask.device
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is None:
+        return allowed
+    return attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :] & allowed
+
+
+def check_attention_mask_shape(attention_mask: torch.Tensor, batch: int, length: int) -> None:
+    """A (B, T) padding mask, or a 4-D boolean (B or 1, 1, T, T) one; anything else is refused."""
+    shape = tuple(attention_mask.shape)
+    if len(shape) == 4:
+        if (
+            attention_mask.dtype != torch.bool
+            or shape[0] not in (1, batch)
+            or (shape[1:] != (1, length, length))
+        ):
+            raise ValueError(
+                f"a 4-D attention_mask must be boolean (True = may attend) of shape "
+                f"({batch} or 1, 1, {length}, {length}), got {attention_mask.dtype} {shape} "
+                "(see causal_attention_mask)"
+            )
+    elif shape != (batch, length):
+        raise ValueError(
+            f"attention_mask has shape {shape}, expected {(batch, length)} (one 1/0 entry per "
+            f"input token) or a 4-D boolean ({batch} or 1, 1, {length}, {length})"
+        )
 
 
 def forward_setup(
     x: torch.Tensor,
     attention_mask: torch.Tensor | None,
     positions: torch.Tensor | None,
-    causal: bool,
     kv_cache: KVCache | None,
     window_start: int,
     rope: RotaryEmbedding,
 ) -> tuple[RotaryTables, torch.Tensor | None, int]:
     """(RoPE rows, additive attention bias, window start) of a forward over embeddings x (B, T, D).
 
-    Shared by every family's model: checks the mask's shape and the cache window, and keeps
-    the filling forward's padding bias in the cache for the window forwards that follow.
-    Everything is decided from shapes and Python ints, never from a tensor's values, so the
-    forward holds no host synchronisation.
+    Shared by every family's model: checks the mask's shape and the cache window; a forward
+    with a cache takes its padding bias from the cache. Everything is decided from shapes and
+    Python ints, never from a tensor's values, so the forward holds no host synchronisation.
     """
     batch, length = x.shape[:2]
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+    if isinstance(window_start, bool) or not isinstance(window_start, int):
+        raise TypeError(f"window_start must be a Python int, got {type(window_start).__name__}")
+    if kv_cache is None:
+        if window_start != 0:
+            raise ValueError(
+                "window_start is a position in a KV cache: pass kv_cache=model.new_kv_cache(...)"
+            )
+        if attention_mask is not None:
+            check_attention_mask_shape(attention_mask, batch, length)
+        rotary = rope.at(0, length, positions, x.device)
+        return rotary, attention_bias_from_mask(attention_mask, x.dtype), 0
+    if attention_mask is not None or positions is not None:
         raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, length)} "
-            "(one 1/0 entry per input token)"
+            "a forward with a KV cache takes no attention_mask or positions: give the padding "
+            "once, as model.new_kv_cache(batch, length, attention_mask)"
         )
-    windowed = kv_cache is not None and kv_cache.filled
-    if windowed:
-        if attention_mask is not None or positions is not None or causal:
-            raise ValueError(
-                "a forward over a filled KV cache takes no attention_mask, positions or "
-                "causal flag: the cache holds the filling forward's padding"
-            )
-        cache_length = kv_cache.keys[0].shape[2]
-        if not 0 <= window_start <= cache_length - length:
-            raise ValueError(
-                f"window [{window_start}, {window_start + length}) lies outside the cached "
-                f"sequence of length {cache_length}"
-            )
-        start = window_start
-    else:
-        start = 0
-    rotary = rope.at(start, length, positions, x.device)
-    if windowed:
-        bias = kv_cache.bias
-    else:
-        bias = attention_bias_from_mask(attention_mask, x.dtype)
-        if kv_cache is not None:
-            kv_cache.bias = bias
-    if causal:
-        bias = _add_causal_bias(bias, length, x.dtype, x.device)
-    return rotary, bias, start
+    if batch != kv_cache.batch_size:
+        raise ValueError(f"the input has {batch} rows but the KV cache holds {kv_cache.batch_size}")
+    if not 0 <= window_start <= kv_cache.length - length:
+        raise ValueError(
+            f"window [{window_start}, {window_start + length}) lies outside the cached "
+            f"sequence of length {kv_cache.length}"
+        )
+    if window_start == 0 and length == kv_cache.length:
+        kv_cache.canvas_written = True
+    elif not kv_cache.canvas_written:
+        raise ValueError(
+            f"a window forward over a KV cache reads every slot, but none has been written: run "
+            f"the whole canvas (window_start=0, all {kv_cache.length} positions) first"
+        )
+    return rope.at(window_start, length, None, x.device), kv_cache.bias, window_start
 
 
 def run_blocks(
@@ -396,24 +481,43 @@ def run_blocks(
     kv_cache: KVCache | None,
     start: int,
     *,
-    checkpointing: bool,
     output_hidden_states: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The residual stream through every block (any family's blocks take the same arguments),
-    and each block's input when `output_hidden_states`. With `checkpointing` (training) a
-    block's activations are recomputed in the backward pass; it takes no cache."""
+    and each block's input when `output_hidden_states`."""
     hidden_states: list[torch.Tensor] = []
     for index, block in enumerate(blocks):
         if output_hidden_states:
             hidden_states.append(x)
-        if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(
-                block, x, rotary, bias, implementation, use_reentrant=False
-            )
-        else:
-            cache = None if kv_cache is None else (kv_cache, index, start)
-            x = block(x, rotary, bias, implementation, cache)
+        cache = None if kv_cache is None else (kv_cache, index, start)
+        x = block(x, rotary, bias, implementation, cache)
     return x, hidden_states
+
+
+def flat_positions(selected: torch.Tensor) -> torch.Tensor:
+    """`logits_at` for a boolean (B, T) selection: its flat row-major positions into B*T (N,),
+    in the order boolean indexing gives. Called by the model's callers: the read-back that
+    sizes the selection happens there, not in the forward."""
+    return selected.flatten().nonzero().squeeze(1)
+
+
+def select_positions(x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, D), or its rows (N, D) at the flat row-major positions `logits_at` (N,)."""
+    if logits_at is None:
+        return x
+    if logits_at.dtype == torch.bool or logits_at.is_floating_point() or logits_at.is_complex():
+        raise TypeError(
+            f"logits_at must be an integer tensor (N,) of flat row-major positions into B*T, "
+            f"got {logits_at.dtype}; for a boolean (B, T) selection `mask` pass "
+            "mask.flatten().nonzero().squeeze(1)"
+        )
+    if logits_at.dim() != 1:
+        raise ValueError(
+            f"logits_at must be one-dimensional (N,) flat positions into B*T, got shape "
+            f"{tuple(logits_at.shape)}; for a boolean (B, T) selection `mask` pass "
+            "mask.flatten().nonzero().squeeze(1)"
+        )
+    return x.flatten(0, 1).index_select(0, logits_at)
 
 
 class LLaDAModel(nn.Module):
@@ -437,8 +541,6 @@ class LLaDAModel(nn.Module):
         )
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
-        # Recompute each block's activations in the backward pass (training memory saver).
-        self.activation_checkpointing = False
 
     def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
         """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
@@ -454,41 +556,51 @@ class LLaDAModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def new_kv_cache(
+        self, batch: int, length: int, attention_mask: torch.Tensor | None = None
+    ) -> KVCache:
+        """A preallocated KV cache for `batch` rows of `length` positions, holding the padding
+        of `attention_mask` (batch, length) if given; see `KVCache`."""
+        return new_kv_cache(self, batch, length, attention_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
+        kv_cache: KVCache | None = None,
+        window_start: int = 0,
+        logits_at: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-        logits_at: torch.Tensor | None = None,
-        causal: bool = False,
-        kv_cache: KVCache | None = None,
-        window_start: int = 0,
     ) -> LLaDAOutput:
         """input_ids (B, T) -> logits (B, T, padded_vocab).
 
-        attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended use).
-            A given mask is always applied; pass None when nothing is padded (the maskless
-            attention kernels, as the reference calls them). The forward never reads a tensor's
-            values back to the host (logits_at aside: the selection sets the output's shape).
+        attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended
+            use), or a 4-D boolean (B or 1, 1, T, T), True = may attend (`causal_attention_mask`
+            builds the causal one of the autoregressive baseline). A given mask is always
+            applied; pass None when nothing is padded (the maskless attention kernels, as the
+            reference calls them).
+        kv_cache: a `KVCache` from `new_kv_cache`; input_ids are then the positions
+            `[window_start, window_start + T)` of the cached canvas, whose keys and values this
+            forward writes before attending over all of the cache's slots (window_start=0 and
+            all L positions: the whole canvas, which must come before any smaller window). The
+            cache holds the padding: attention_mask and positions must be None.
+        logits_at: integer (N,) flat row-major positions into B*T (for a boolean (B, T)
+            selection: `mask.flatten().nonzero().squeeze(1)`); the LM head runs only there and
+            logits are (N, V) (the losses need no others, and the head is a large share of a
+            small model's compute).
         positions: (T,) RoPE positions; by default 0..T-1 over the padded sequence, as the
-        reference (padding shifts all positions equally, and RoPE sees only offsets).
-        logits_at: bool (B, T); when given, the LM head runs only there and logits are (N, V)
-            for the N selected positions, in row-major order (the losses need no others, and the
-            head is a large share of a small model's compute).
-        causal: attend only to earlier positions; the same network as an autoregressive model,
-            for masked-diffusion vs autoregressive comparisons (not part of LLaDA).
-        kv_cache: an empty `KVCache` is filled by this forward over the whole sequence; with a
-            filled one, input_ids are the window `[window_start, window_start + T)` of the
-            canvas, and attention_mask must be None (the cache keeps the filling forward's).
+            reference (padding shifts all positions equally, and RoPE sees only offsets).
+        The forward never reads a tensor's values back to the host: every shape comes from the
+        inputs' shapes and Python ints.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         rotary, bias, start = forward_setup(
-            x, attention_mask, positions, causal, kv_cache, window_start, self.rope
+            x, attention_mask, positions, kv_cache, window_start, self.rope
         )
         x = self.embed_dropout(x)
         x, hidden_states = run_blocks(
@@ -499,14 +611,12 @@ class LLaDAModel(nn.Module):
             self.attn_implementation,
             kv_cache,
             start,
-            checkpointing=self.activation_checkpointing and self.training,
             output_hidden_states=output_hidden_states,
         )
         x = self.final_norm(x)
         if output_hidden_states:
             hidden_states.append(x)
-        if logits_at is not None:
-            x = x[logits_at]
+        x = select_positions(x, logits_at)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if self.config.scale_logits:
             logits = logits * (1.0 / math.sqrt(self.config.d_model))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import check_attention_mask, check_context, check_prompt, device_of, vocab_size_of
+from ..model.transformer import causal_attention_mask
 from ..tokens import special_tokens_of
 
 
@@ -35,16 +36,17 @@ def generate_autoregressive(
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
     stop = torch.tensor(tokens.stop_ids, device=device)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)
-    last = torch.zeros((batch, x.shape[1]), dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
     for _ in range(max_new_tokens):
-        last.zero_()
-        last[:, -1] = True
-        logits = model(x, attention_mask=attention_mask, causal=True, logits_at=last).logits
+        length = x.shape[1]
+        causal = causal_attention_mask(attention_mask, length, device)
+        # The head runs only at each row's last position (flat positions into B*T).
+        last = rows * length + (length - 1)
+        logits = model(x, attention_mask=causal, logits_at=last).logits
         following = logits.reshape(batch, -1).argmax(-1)
         following = torch.where(ended, torch.full_like(following, tokens.eos_id), following)
         ended |= torch.isin(following, stop)
         x = torch.cat([x, following[:, None]], dim=1)
-        last = torch.cat([last, last[:, :1]], dim=1)
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask[:, :1] * 0 + 1], dim=1)
     return x

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.transformer import KVCache
+from ..model.transformer import KVCache, flat_positions
 
 SOURCES = ("full", "prefix", "dual", "block")
 
@@ -93,13 +93,14 @@ class LogitsSource:
         if self.attention_mask is not None:
             self.attention_mask = padding_mask_or_none(self.attention_mask.index_select(0, rows))
         self.prompt_index = self.prompt_index.index_select(0, rows)
-        if self.cache is not None and self.cache.filled:
+        if self.cache is not None:
             if self.cfg_scale > 0:
-                rows = torch.cat([rows, rows + self.cache.keys[0].shape[0] // 2])
+                rows = torch.cat([rows, rows + self.cache.batch_size // 2])
             self.cache.select_rows(rows)
 
     def logits(self, x: torch.Tensor, window: Window, logits_at: torch.Tensor) -> torch.Tensor:
-        """Logits (N, V) at the positions `logits_at` (B, window width) of the window of x."""
+        """Logits (N, V) at the positions `logits_at` (bool, B x window width) of the window of
+        x, in row-major order."""
         tokens = x[:, window.start : window.end]
         mask = self.attention_mask
         guided = self.cfg_scale > 0
@@ -108,22 +109,24 @@ class LogitsSource:
             tokens = torch.cat([tokens, tokens.masked_fill(prompt, self.mask_id)])
             logits_at = torch.cat([logits_at, logits_at])
             mask = None if mask is None else torch.cat([mask, mask])
+        # The model takes flat positions (its output shape must not depend on tensor values):
+        # the one read-back of the selection happens here, outside the forward.
+        flat_at = flat_positions(logits_at)
         self.forward_passes += 1
         self.query_positions += tokens.numel()
         keys = x.shape[1] if (self.uses_cache and not window.fills_cache) else tokens.shape[1]
         self.attended_pairs += tokens.numel() * keys
-        self.head_positions += int(logits_at.sum())
+        self.head_positions += flat_at.numel()
         if not self.uses_cache:
-            out = self.model(tokens, attention_mask=mask, logits_at=logits_at).logits
-        elif window.fills_cache:
-            self.cache = KVCache()
-            self.committed_since_fill = 0
-            out = self.model(
-                tokens, attention_mask=mask, logits_at=logits_at, kv_cache=self.cache
-            ).logits
+            out = self.model(tokens, attention_mask=mask, logits_at=flat_at).logits
         else:
+            if window.fills_cache:
+                # A fresh cache holding the current rows' padding; the whole-canvas forward
+                # below writes every slot.
+                self.cache = self.model.new_kv_cache(*tokens.shape, attention_mask=mask)
+                self.committed_since_fill = 0
             out = self.model(
-                tokens, logits_at=logits_at, kv_cache=self.cache, window_start=window.start
+                tokens, kv_cache=self.cache, window_start=window.start, logits_at=flat_at
             ).logits
         if not guided:
             return out

@@ -41,6 +41,7 @@ from ..model.families import DENSE, detect_family, family_of
 from ..model.llada_moe import LLaDAMoEConfig
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpointing import (
     BrokenCheckpoint,
     CheckpointWriteError,
@@ -403,7 +404,8 @@ class Trainer:
                     raise ValueError(
                         f"{self.resume_from}: its adapters do not fit this LoRA setting (rank?)"
                     )
-        model.activation_checkpointing = config.activation_checkpointing
+        if config.activation_checkpointing:
+            apply_activation_checkpointing(model)
         note = dropout_note(model.config, given)
         if note:
             self.say(note)
