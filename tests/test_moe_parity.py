@@ -104,7 +104,9 @@ def test_left_padded_batch_equals_each_row_alone(moe_models, name):
         batch = model(ids, attention_mask=mask).logits
         for i, row in enumerate(rows):
             alone = model(torch.tensor([row])).logits[0]
-            torch.testing.assert_close(batch[i, width - len(row) :], alone, atol=1e-5, rtol=0)
+            # Masked keys change the attention's float32 reductions (1.7e-5 seen on an AMD EPYC,
+            # under 1e-5 on a Xeon); a padding bug moves logits by orders of magnitude more.
+            torch.testing.assert_close(batch[i, width - len(row) :], alone, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", MOE_MODELS)
