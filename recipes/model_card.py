@@ -3,6 +3,10 @@ the run's train_config.json and metrics.jsonl, and, when given, the task accurac
 
     python recipes/model_card.py models/llada-tiny-base --run runs/tiny-base/run \
         --recipe recipes/llada-tiny-base.sh --title "llada-tiny-base" --summary "..."
+
+For a LLaDA-MoE model, `--baseline RUN` adds a table of validation losses against a dense run
+at the same steps (equal compute when the active parameters match), and `--router-data
+TOKENS.bin` the routers' expert loads on the held-out part of that token file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llada.model.config import LLaDAConfig
+from llada.model.families import DENSE, detect_family
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -23,6 +27,78 @@ def _metrics(run: Path) -> list[dict]:
     # A resumed run appends; the last record of each step wins.
     by_step = {r["step"]: r for r in records}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _baseline_table(baseline: Path, name: str, evaluations: list[dict], title: str) -> list[str]:
+    """Validation losses of this run and a baseline run at the steps both evaluated."""
+    theirs = {r["step"]: r for r in _metrics(baseline) if "val_loss" in r}
+    with open(baseline / "train_config.json", encoding="utf-8") as f:
+        their_config = json.load(f)
+    rows = [r for r in evaluations if r["step"] in theirs]
+    lines = [
+        "",
+        f"## Against {name} at equal compute",
+        "",
+        f"The same token stream, batch, schedule, seed and number of steps; {name} is trained by "
+        f"the same recipe with `--model-config {their_config.get('model_config', '?')}`. With "
+        "the same active parameters per token, a step costs the same matmul FLOPs in both "
+        "(give or take the router's small gate matmul); CPU wall time differs, see below.",
+        "",
+        f"| step | {name} validation loss | {title} validation loss | difference |",
+        "|---|---|---|---|",
+    ]
+    for record in rows:
+        theirs_loss = theirs[record["step"]]["val_loss"]
+        lines.append(
+            f"| {record['step']} | {theirs_loss:.3f} | {record['val_loss']:.3f} | "
+            f"{record['val_loss'] - theirs_loss:+.3f} |"
+        )
+    if rows:
+        last = rows[-1]
+        lines += [
+            "",
+            f"Wall time for {last['step']} steps: {name} {theirs[last['step']]['elapsed'] / 60:.0f} "
+            f"min, {title} {last['elapsed'] / 60:.0f} min (2 threads).",
+        ]
+    return lines
+
+
+@torch.no_grad()
+def _router_table(model_folder: Path, data: Path, train_config: dict) -> list[str]:
+    """Each layer's share of routed (token, slot) pairs per expert, on masked held-out text."""
+    import llada
+    from llada.diffusion import random_masking
+    from llada.losses import recording_router_logits
+    from llada.train.data import TokenFile, split_token_file
+
+    model = llada.load_model(model_folder, dtype=torch.float32).eval()
+    seq_len = train_config["seq_len"]
+    _, held_out = split_token_file(TokenFile(data), train_config["val_fraction"], seq_len)
+    rows = len(held_out) // seq_len
+    x0 = torch.as_tensor(held_out[: rows * seq_len].astype("int64")).view(rows, seq_len)
+    generator = torch.Generator().manual_seed(0)
+    noisy, _, _ = random_masking(x0, model.special_tokens.mask_id, generator=generator)
+    with recording_router_logits(model) as router_logits:
+        model(noisy)
+    k, experts = model.config.num_experts_per_tok, model.config.num_experts
+    lines = [
+        "",
+        "## Router load",
+        "",
+        f"Share of the routed (token, slot) pairs each expert takes, per layer, on the {rows} "
+        f"held-out sequences ({rows * seq_len:,} tokens, masked at random ratios as in training); "
+        f"a perfectly balanced router gives every expert {1 / experts:.1%}. The load-balancing "
+        "loss (Switch Transformer) was on during training with the config's coefficient.",
+        "",
+        "| layer | least loaded | most loaded | shares (expert 0..E-1) |",
+        "|---|---|---|---|",
+    ]
+    for layer, logits in enumerate(router_logits):
+        chosen = logits.float().softmax(-1).topk(k, dim=-1).indices.reshape(-1)
+        share = torch.bincount(chosen, minlength=experts).double() / chosen.numel()
+        cells = " ".join(f"{v:.1%}" for v in share.tolist())
+        lines.append(f"| {layer} | {share.min():.1%} | {share.max():.1%} | {cells} |")
+    return lines
 
 
 def main() -> None:
@@ -37,9 +113,19 @@ def main() -> None:
         "--tasks", type=Path, default=None, help="JSON written by `llada eval tasks --json`"
     )
     parser.add_argument("--notes", default="", help="extra markdown appended at the end")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="a dense run to compare validation losses with"
+    )
+    parser.add_argument("--baseline-name", default="dense", help="the baseline's name in the table")
+    parser.add_argument(
+        "--router-data", type=Path, default=None, help="token file for the routers' expert loads"
+    )
     args = parser.parse_args()
 
-    config = LLaDAConfig.from_json_file(args.model / "config.json")
+    with open(args.model / "config.json", encoding="utf-8") as f:
+        raw_config = json.load(f)
+    family = detect_family(raw_config)
+    config = family.config_class.from_hf_dict(raw_config)
     with open(args.run / "train_config.json", encoding="utf-8") as f:
         train_config = json.load(f)
     records = _metrics(args.run)
@@ -48,20 +134,25 @@ def main() -> None:
     global_batch = train_config["batch_size"] * train_config["grad_accum"]
     hours = last["elapsed"] / 3600
 
-    lines = [
-        f"# {args.title}",
-        "",
-        args.summary,
-        "",
-        "## Model",
-        "",
-        "| | |",
-        "|---|---|",
-        "| architecture | dense LLaDA (bidirectional LLaMA-style mask predictor), official checkpoint layout |",
-        f"| parameters | {config.num_parameters() / 1e6:.2f} M ({config.num_parameters(include_embeddings=False) / 1e6:.2f} M without embedding and LM head) |",
-        f"| layers x width | {config.n_layers} x {config.d_model}, {config.n_heads} heads, SwiGLU {config.hidden_size} |",
-        f"| vocabulary | {config.vocab_size} (byte-level BPE with LLaDA's special tokens and chat template) |",
-        "| dtype | bfloat16 weights (trained in float32 with bfloat16 autocast) |",
+    lines = [f"# {args.title}", "", args.summary, "", "## Model", "", "| | |", "|---|---|"]
+    if family is DENSE:
+        lines += [
+            "| architecture | dense LLaDA (bidirectional LLaMA-style mask predictor), official checkpoint layout |",
+            f"| parameters | {config.num_parameters() / 1e6:.2f} M ({config.num_parameters(include_embeddings=False) / 1e6:.2f} M without embedding and LM head) |",
+            f"| layers x width | {config.n_layers} x {config.d_model}, {config.n_heads} heads, SwiGLU {config.hidden_size} |",
+            f"| vocabulary | {config.vocab_size} (byte-level BPE with LLaDA's special tokens and chat template) |",
+        ]
+    else:
+        active = config.num_parameters(include_embeddings=False, active=True)
+        lines += [
+            "| architecture | LLaDA-MoE (bidirectional mask predictor with QK-norm and softmax-routed SwiGLU experts), official LLaDA-MoE-7B-A1B checkpoint layout |",
+            f"| parameters | {config.num_parameters() / 1e6:.2f} M in total, {config.num_parameters(active=True) / 1e6:.2f} M active per token ({config.num_parameters(include_embeddings=False) / 1e6:.2f} M and {active / 1e6:.2f} M without embedding and LM head) |",
+            f"| layers x width | {config.num_hidden_layers} x {config.hidden_size}, {config.num_attention_heads} heads, QK-norm, RoPE base {config.rope_theta:g} |",
+            f"| experts | {config.num_experts} SwiGLU experts of width {config.expert_intermediate_size} per layer, top-{config.num_experts_per_tok} softmax routing without renormalisation, no shared expert |",
+            f"| vocabulary | {config.vocab_size} (byte-level BPE with LLaDA-MoE's special tokens `<|mask|>`, `<|role_end|>` and its `<role>` chat template) |",
+        ]
+    lines.append("| dtype | bfloat16 weights (trained in float32 with bfloat16 autocast) |")
+    lines += [
         "",
         "## Training",
         "",
@@ -83,6 +174,10 @@ def main() -> None:
         lines.append(
             f"| {record['step']} | {record['loss']:.3f} | {record['val_loss']:.3f} | {record['val_bits_per_token']:.3f} |"
         )
+    if args.baseline is not None:
+        lines += _baseline_table(args.baseline, args.baseline_name, evaluations, args.title)
+    if args.router_data is not None:
+        lines += _router_table(args.model, args.router_data, train_config)
     if args.tasks is not None:
         with open(args.tasks, encoding="utf-8") as f:
             tasks = json.load(f)
