@@ -7,7 +7,9 @@ family and nothing else.
 
 The family is told from config.json's `architectures`, or from keys only one family has; never
 from `model_type`: LLaDA-MoE's official config.json says `"model_type": "llada"`, as LLaDA-8B's
-does (inclusionAI/LLaDA-MoE-7B-A1B-Base configuration_lladamoe.py).
+does (inclusionAI/LLaDA-MoE-7B-A1B-Base configuration_lladamoe.py). LLaDA 2.x configs carry
+LLaDA-MoE's `num_experts` too; their own keys (`first_k_dense_replace`, `n_group`, ...) say which
+family it is (`Family.shared_keys`).
 
 A name map turns one official tensor into (our parameter name, index): index is None when the
 tensor is the whole parameter, or the position along dim 0 of a stacked parameter (the routed
@@ -25,6 +27,10 @@ from typing import Any
 import torch
 
 from .config import LLaDAConfig
+from .llada2 import ARCHITECTURES as LLADA2_ARCHITECTURES
+from .llada2 import MARKER_KEYS as LLADA2_KEYS
+from .llada2 import SHARED_KEYS as LLADA2_SHARED_KEYS
+from .llada2 import LLaDA2Config, LLaDA2Model
 from .llada_moe import ARCHITECTURES as MOE_ARCHITECTURES
 from .llada_moe import MARKER_KEYS as MOE_KEYS
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModel
@@ -55,6 +61,9 @@ class Family:
     to_official_names: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
     expected_tensors: Callable[[Any], Shapes]
     describe: Callable[[str, Any], str]
+    # Keys this family's configs share with other families' markers (LLaDA 2.x has LLaDA-MoE's
+    # `num_experts`): with this family's own markers present, they mark nothing else.
+    shared_keys: tuple[str, ...] = ()
 
     def from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Official state dict -> ours (stacking what the family stacks)."""
@@ -306,14 +315,149 @@ LLADA_MOE = Family(
     describe=_moe_describe,
 )
 
+
+# LLaDA 2.0 / 2.1 (modeling_llada2_moe.py; ZHZisZZ/dllm dllm/pipelines/llada2/models/) -----------
+
+_LLADA2_TOP = {
+    "model.word_embeddings.weight": "embed.weight",
+    "model.norm.weight": "final_norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_LLADA2_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "attention.query_key_value.weight": "attn.qkv_proj.weight",
+    "attention.query_layernorm.weight": "attn.q_norm.weight",
+    "attention.key_layernorm.weight": "attn.k_norm.weight",
+    "attention.dense.weight": "attn.o_proj.weight",
+    "post_attention_layernorm.weight": "ff_norm.weight",
+    # The dense layers' MLP (index < first_k_dense_replace).
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    # A MoE layer's router, its expert bias (a float32 buffer) and the shared experts.
+    "mlp.gate.weight": "mlp.gate.weight",
+    "mlp.gate.expert_bias": "mlp.gate.expert_bias",
+    "mlp.shared_experts.gate_proj.weight": "mlp.shared_experts.gate_proj.weight",
+    "mlp.shared_experts.up_proj.weight": "mlp.shared_experts.up_proj.weight",
+    "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.down_proj.weight",
+}
+_LLADA2_LAYER_BACK = {ours: theirs for theirs, ours in _LLADA2_LAYER.items()}
+_LLADA2_TOP_BACK = {ours: theirs for theirs, ours in _LLADA2_TOP.items()}
+
+
+def llada2_from_official_name(name: str) -> tuple[str, int | None]:
+    """Official LLaDA 2.x tensor name -> (our name, expert index or None)."""
+    if name in _LLADA2_TOP:
+        return _LLADA2_TOP[name], None
+    match = _MOE_LAYER_PATTERN.match(name)
+    if match:
+        layer, rest = match.groups()
+        if rest in _LLADA2_LAYER:
+            return f"blocks.{layer}.{_LLADA2_LAYER[rest]}", None
+        expert = _MOE_EXPERT_PATTERN.match(rest)
+        if expert:
+            return f"blocks.{layer}.mlp.{expert.group(2)}", int(expert.group(1))
+    raise ValueError(f"unexpected tensor '{name}' in a LLaDA 2.x checkpoint")
+
+
+def llada2_to_official_names(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Our LLaDA 2.x parameter -> its official tensors (one per expert when stacked)."""
+    if name in _LLADA2_TOP_BACK:
+        return [(_LLADA2_TOP_BACK[name], tensor)]
+    stacked = _OUR_STACKED_PATTERN.match(name)
+    if stacked:
+        layer, projection = stacked.groups()
+        return [
+            (f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight", tensor[e])
+            for e in range(tensor.shape[0])
+        ]
+    match = _OUR_BLOCK_PATTERN.match(name)
+    if match and match.group(2) in _LLADA2_LAYER_BACK:
+        return [(f"model.layers.{match.group(1)}.{_LLADA2_LAYER_BACK[match.group(2)]}", tensor)]
+    raise ValueError(f"parameter '{name}' has no official checkpoint name")
+
+
+def llada2_expected_tensors(config: LLaDA2Config) -> Shapes:
+    """Official tensor name -> shape for a LLaDA 2.x config."""
+    d, hd = config.hidden_size, config.dim_per_head
+    q = config.num_attention_heads * hd
+    qkv = (config.num_attention_heads + 2 * config.n_kv_heads) * hd
+    shapes: Shapes = {"model.word_embeddings.weight": (config.vocab_size, d)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "attention.query_key_value.weight"] = (qkv, d)
+        shapes[p + "attention.query_layernorm.weight"] = (hd,)
+        shapes[p + "attention.key_layernorm.weight"] = (hd,)
+        shapes[p + "attention.dense.weight"] = (d, q)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        if config.is_moe_layer(i):
+            f, e = config.moe_intermediate_size, config.num_experts
+            shapes[p + "mlp.gate.weight"] = (e, d)
+            shapes[p + "mlp.gate.expert_bias"] = (e,)
+            for j in range(e):
+                shapes[p + f"mlp.experts.{j}.gate_proj.weight"] = (f, d)
+                shapes[p + f"mlp.experts.{j}.up_proj.weight"] = (f, d)
+                shapes[p + f"mlp.experts.{j}.down_proj.weight"] = (d, f)
+            s = config.shared_intermediate_size
+            if s is not None:
+                shapes[p + "mlp.shared_experts.gate_proj.weight"] = (s, d)
+                shapes[p + "mlp.shared_experts.up_proj.weight"] = (s, d)
+                shapes[p + "mlp.shared_experts.down_proj.weight"] = (d, s)
+        else:
+            f = config.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (f, d)
+            shapes[p + "mlp.up_proj.weight"] = (f, d)
+            shapes[p + "mlp.down_proj.weight"] = (d, f)
+    shapes["model.norm.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    return shapes
+
+
+def _llada2_describe(name: str, config: LLaDA2Config) -> str:
+    dense = f"first_k_dense_replace = {config.first_k_dense_replace}"
+    if "shared_experts" in name:
+        return f"num_shared_experts = {config.num_shared_experts}, {dense}"
+    if ".mlp.experts." in name or ".mlp.gate." in name:
+        return f"num_experts = {config.num_experts}, {dense}"
+    if ".mlp." in name:
+        return dense
+    if "query_key_value" in name:
+        return (
+            f"num_attention_heads = {config.num_attention_heads}, num_key_value_heads = "
+            f"{config.num_key_value_heads}, head_dim = {config.head_dim}"
+        )
+    if name == "lm_head.weight":
+        return f"tie_word_embeddings = {str(config.tie_word_embeddings).lower()}"
+    return f"num_hidden_layers = {config.num_hidden_layers}"
+
+
+LLADA2 = Family(
+    name="LLaDA 2.x",
+    architectures=LLADA2_ARCHITECTURES,
+    marker_keys=LLADA2_KEYS,
+    config_class=LLaDA2Config,
+    model_class=LLaDA2Model,
+    from_official_name=llada2_from_official_name,
+    to_official_names=llada2_to_official_names,
+    expected_tensors=llada2_expected_tensors,
+    describe=_llada2_describe,
+    shared_keys=LLADA2_SHARED_KEYS,
+)
+
 # The dense family comes first: a config.json that names no architecture and has no other
 # family's keys is a dense LLaDA one (older exports carry no `architectures`).
-FAMILIES: tuple[Family, ...] = (DENSE, LLADA_MOE)
+FAMILIES: tuple[Family, ...] = (DENSE, LLADA_MOE, LLADA2)
 
 
 def detect_family(config: dict[str, Any]) -> Family:
     """The family a config.json dict describes; ValueError naming the keys when they disagree."""
-    by_keys = [f for f in FAMILIES if any(k in config for k in f.marker_keys)]
+    present = {f.name: [k for k in f.marker_keys if k in config] for f in FAMILIES}
+    # Keys another family present by its own markers accounts for (LLaDA 2.x's num_experts).
+    explained = {k for f in FAMILIES if present[f.name] for k in f.shared_keys}
+    counted = {name: [k for k in keys if k not in explained] for name, keys in present.items()}
+    by_keys = [f for f in FAMILIES if counted[f.name]]
     architectures = config.get("architectures")
     if isinstance(architectures, str):
         architectures = [architectures]
@@ -325,7 +469,7 @@ def detect_family(config: dict[str, Any]) -> Family:
         if any(a in f.architectures for a in architectures if isinstance(a, str))
     ]
     if len(by_keys) > 1:
-        keys = [k for f in by_keys for k in f.marker_keys if k in config]
+        keys = [k for f in by_keys for k in counted[f.name]]
         raise ValueError(
             f"config.json mixes the keys of several model families ({', '.join(keys)}: "
             f"{' and '.join(f.name for f in by_keys)}); keep only one family's keys"
@@ -335,7 +479,7 @@ def detect_family(config: dict[str, Any]) -> Family:
             f"config.json names architectures of several families ({architectures}); keep one"
         )
     if by_architecture and by_keys and by_architecture[0] is not by_keys[0]:
-        keys = [k for k in by_keys[0].marker_keys if k in config]
+        keys = counted[by_keys[0].name]
         raise ValueError(
             f"config.json says architectures {architectures} ({by_architecture[0].name}) but has "
             f"the {by_keys[0].name} keys {', '.join(keys)}; fix 'architectures' or the keys"
