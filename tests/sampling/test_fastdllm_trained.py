@@ -1,11 +1,13 @@
 """The fastdllm-* settings give Fast-dLLM's tokens and forward-pass counts beyond the tiny-gqa
-vectors: on the shipped instruct model (bfloat16, chat prompts of its task formats) and on a
-random multi-query-attention checkpoint (one KV head) with confident predictions.
+vectors: on the shipped instruct model (loaded in float32, chat prompts of its task formats) and
+on a random multi-query-attention checkpoint (one KV head) with confident predictions.
 
 The expected outputs in tests/data/fastdllm/ were recorded by running NVlabs/Fast-dLLM's
 `generate`, `generate_with_prefix_cache` and `generate_with_dual_cache` (llada/generate.py @
 24cc59e, its own modeling file loaded with these weights) on CPU at temperature 0; `nfe` is the
-number of forward passes they returned.
+number of forward passes they returned. The instruct model runs in float32, not its shipped
+bfloat16: CPUs' bfloat16 matmul kernels round differently (AMX on Intel Xeon, avx512_bf16 on AMD
+EPYC), enough to flip near-tied confidences, so a bfloat16 recording holds on one kind of CPU only.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def write_mqa_checkpoint(seed: int, folder: Path) -> float:
 
 @pytest.fixture(scope="module")
 def instruct_model():
-    return load_model(INSTRUCT)
+    # float32: the recorded outputs must not depend on the CPU's bfloat16 kernels.
+    return load_model(INSTRUCT, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
