@@ -308,6 +308,19 @@ def test_bfloat16_runs_and_still_gives_float32_logits():
     assert out.shape[0] == 1 and 1 <= out.shape[1] <= 8 and not (out == MASK).any()
 
 
+def test_a_random_model_initialises_as_the_reference():
+    config = LLaDA2Config.from_hf_dict(_raw_config())
+    random = LLaDA2Model(config)
+    random.init_weights(torch.Generator().manual_seed(0))
+    assert torch.equal(random.embed.weight[config.pad_token_id], torch.zeros(64))
+    assert all(torch.equal(r.expert_bias, torch.zeros(4)) for r in random.routers())
+    # The routers keep kaiming-uniform (a = sqrt(5)): |w| <= 1 / sqrt(hidden_size).
+    assert all(r.weight.abs().max() <= 64**-0.5 for r in random.routers())
+    assert float(random.blocks[0].attn.qkv_proj.weight.std()) == pytest.approx(0.02, rel=0.1)
+    with torch.no_grad():
+        assert torch.isfinite(random(torch.tensor([[1, 2, 3]])).logits).all()
+
+
 # The block sampler's quirks and checks ------------------------------------------------------
 
 
