@@ -533,11 +533,11 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     attn_implementation: AttentionImplementation = "sdpa",
-) -> LLaDAModel | LLaDAMoEModel:
+) -> torch.nn.Module:
     """Load an official checkpoint folder (or hub id) into its family's model, in eval mode.
 
-    The family (dense LLaDA -> `LLaDAModel`, LLaDA-MoE -> `LLaDAMoEModel`) is told from
-    config.json (`families.detect_family`).
+    The family (dense LLaDA -> `LLaDAModel`, LLaDA-MoE -> `LLaDAMoEModel`, LLaDA 2.x ->
+    `LLaDA2Model`) is told from config.json (`families.detect_family`).
 
     dtype: None keeps the checkpoint's dtype. device: where the parameters end up; tensors are
     streamed there one at a time. The model's `special_tokens` are resolved from the folder.
