@@ -24,6 +24,8 @@ _EXPORTS = {
     "SpecialTokens": "llada.tokens",
     "generate": "llada.sampling.reference",
     "block_generate": "llada.sampling.block",
+    "block_sample": "llada.sampling.block_cached",
+    "block_generate_cached": "llada.sampling.block_cached",
     "GenerateConfig": "llada.sampling.config",
     "DecodeConfig": "llada.sampling.config",
     "NonFiniteLogitsError": "llada.sampling.config",

@@ -39,7 +39,9 @@ class KVCache:
     forward over the whole canvas is window_start=0, T=L; Fast-dLLM's prefix cache (window =
     current block to the end) and dual cache (window = current block) are the same operation
     over smaller windows. `canvas_written` only guards against a window forward reading slots
-    that no forward has written yet.
+    that no forward has written yet. A cached forward may also take a 4-D boolean
+    attention_mask (B or 1, 1, T, L) saying which slots each query reads (block diffusion:
+    earlier blocks and its own); it then chooses its slots itself and the guard is off.
     """
 
     keys: list[torch.Tensor]
@@ -92,6 +94,20 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.keys[0].shape[2]
+
+    def prefix(self, length: int) -> KVCache:
+        """A cache over the first `length` slots that shares this one's buffers (views): a
+        forward through it writes here and attends over those slots only, so a left-to-right
+        decoder pays attention for the canvas decoded so far, not the whole one."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= self.length:
+            raise ValueError(f"a cache prefix needs 0 < length <= {self.length}, got {length!r}")
+        bias = None if self.bias is None else self.bias[..., :length]
+        return KVCache(
+            [k[:, :, :length] for k in self.keys],
+            [v[:, :, :length] for v in self.values],
+            bias,
+            self.canvas_written,
+        )
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (a row that finished early leaves the batch)."""
@@ -403,18 +419,22 @@ def causal_attention_mask(
     return attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :] & allowed
 
 
-def check_attention_mask_shape(attention_mask: torch.Tensor, batch: int, length: int) -> None:
-    """A (B, T) padding mask, or a 4-D boolean (B or 1, 1, T, T) one; anything else is refused."""
+def check_attention_mask_shape(
+    attention_mask: torch.Tensor, batch: int, length: int, keys: int | None = None
+) -> None:
+    """A (B, T) padding mask, or a 4-D boolean (B or 1, 1, T, keys) one (keys = T without a
+    cache, the cache's L with one); anything else is refused."""
     shape = tuple(attention_mask.shape)
+    keys = length if keys is None else keys
     if len(shape) == 4:
         if (
             attention_mask.dtype != torch.bool
             or shape[0] not in (1, batch)
-            or (shape[1:] != (1, length, length))
+            or (shape[1:] != (1, length, keys))
         ):
             raise ValueError(
                 f"a 4-D attention_mask must be boolean (True = may attend) of shape "
-                f"({batch} or 1, 1, {length}, {length}), got {attention_mask.dtype} {shape} "
+                f"({batch} or 1, 1, {length}, {keys}), got {attention_mask.dtype} {shape} "
                 "(see causal_attention_mask)"
             )
     elif shape != (batch, length):
@@ -450,10 +470,10 @@ def forward_setup(
             check_attention_mask_shape(attention_mask, batch, length)
         rotary = rope.at(0, length, positions, x.device)
         return rotary, attention_bias_from_mask(attention_mask, x.dtype), 0
-    if attention_mask is not None or positions is not None:
+    if positions is not None or (attention_mask is not None and attention_mask.dim() != 4):
         raise ValueError(
-            "a forward with a KV cache takes no attention_mask or positions: give the padding "
-            "once, as model.new_kv_cache(batch, length, attention_mask)"
+            "a forward with a KV cache takes no positions and no (B, T) attention_mask: give the "
+            "padding once, as model.new_kv_cache(batch, length, attention_mask)"
         )
     if batch != kv_cache.batch_size:
         raise ValueError(f"the input has {batch} rows but the KV cache holds {kv_cache.batch_size}")
@@ -462,14 +482,21 @@ def forward_setup(
             f"window [{window_start}, {window_start + length}) lies outside the cached "
             f"sequence of length {kv_cache.length}"
         )
-    if window_start == 0 and length == kv_cache.length:
+    bias = kv_cache.bias
+    if attention_mask is not None:
+        # The queries' slots, chosen by the caller: no guard on unwritten slots.
+        check_attention_mask_shape(attention_mask, batch, length, kv_cache.length)
+        allowed = attention_bias_from_mask(attention_mask, x.dtype)
+        # Refused by the padding or by the mask (a sum of two refusals would overflow to -inf).
+        bias = allowed if bias is None else torch.minimum(bias, allowed)
+    elif window_start == 0 and length == kv_cache.length:
         kv_cache.canvas_written = True
     elif not kv_cache.canvas_written:
         raise ValueError(
             f"a window forward over a KV cache reads every slot, but none has been written: run "
             f"the whole canvas (window_start=0, all {kv_cache.length} positions) first"
         )
-    return rope.at(window_start, length, None, x.device), kv_cache.bias, window_start
+    return rope.at(window_start, length, None, x.device), bias, window_start
 
 
 def run_blocks(
@@ -586,7 +613,9 @@ class LLaDAModel(nn.Module):
             `[window_start, window_start + T)` of the cached canvas, whose keys and values this
             forward writes before attending over all of the cache's slots (window_start=0 and
             all L positions: the whole canvas, which must come before any smaller window). The
-            cache holds the padding: attention_mask and positions must be None.
+            cache holds the padding: positions must be None, and attention_mask None or a 4-D
+            boolean (B or 1, 1, T, L) choosing each query's slots (then any window may come
+            first: the caller answers for the slots it reads).
         logits_at: integer (N,) flat row-major positions into B*T (for a boolean (B, T)
             selection: `mask.flatten().nonzero().squeeze(1)`); the LM head runs only there and
             logits are (N, V) (the losses need no others, and the head is a large share of a

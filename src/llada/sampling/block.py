@@ -86,12 +86,14 @@ def propose(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A token and its probability for every row of logits (N, V): (x0 (N,), p (N,)).
 
     Temperature 0: the most probable token (2.0 takes the argmax of the softmax, 2.1 of the
     logits) and its softmax probability. Otherwise logits / temperature, top-k, top-p, softmax
-    and one `torch.multinomial` draw per row in a single call; p is the filtered probability.
+    and one `torch.multinomial` draw per row in a single call, from `generator` (None: the
+    global one, as the reference); p is the filtered probability.
     """
     if temperature == 0.0:
         probs = F.softmax(logits, dim=-1)
@@ -101,7 +103,7 @@ def propose(
         logits = logits / temperature
     logits = top_p_logits(top_k_logits(logits, top_k), top_p)
     probs = F.softmax(logits, dim=-1)
-    token = torch.multinomial(probs, num_samples=1)  # (N, 1), from the global generator
+    token = torch.multinomial(probs, num_samples=1, generator=generator)  # (N, 1)
     return token.squeeze(-1), torch.gather(probs, -1, token).squeeze(-1)
 
 
