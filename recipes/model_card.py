@@ -29,7 +29,9 @@ def _metrics(run: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _baseline_table(baseline: Path, name: str, evaluations: list[dict], title: str) -> list[str]:
+def _baseline_table(
+    baseline: Path, name: str, evaluations: list[dict], title: str, threads: int
+) -> list[str]:
     """Validation losses of this run and a baseline run at the steps both evaluated."""
     theirs = {r["step"]: r for r in _metrics(baseline) if "val_loss" in r}
     with open(baseline / "train_config.json", encoding="utf-8") as f:
@@ -58,7 +60,8 @@ def _baseline_table(baseline: Path, name: str, evaluations: list[dict], title: s
         lines += [
             "",
             f"Wall time for {last['step']} steps: {name} {theirs[last['step']]['elapsed'] / 60:.0f} "
-            f"min, {title} {last['elapsed'] / 60:.0f} min (2 threads).",
+            f"min, {title} {last['elapsed'] / 60:.0f} min ({threads} thread each, run side by side "
+            "with other work on a 2-core machine: CPU wall time, not a measure of FLOPs).",
         ]
     return lines
 
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument(
         "--router-data", type=Path, default=None, help="token file for the routers' expert loads"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads the run used")
     args = parser.parse_args()
 
     with open(args.model / "config.json", encoding="utf-8") as f:
@@ -162,7 +166,7 @@ def main() -> None:
         f"warm-up {train_config['warmup_steps']}, weight decay {train_config['weight_decay']}, "
         f"precision {train_config['precision']}, seed {train_config['seed']}.",
         f"- Wall time: {hours:.2f} h of training on a 2-core CPU machine ({platform.machine()}, "
-        f"torch {torch.__version__}, 2 threads), with other work sharing the machine at times.",
+        f"torch {torch.__version__}, {args.threads} thread{'s' if args.threads > 1 else ''}), with other work sharing the machine at times.",
         f"- Reproduce: `bash {args.recipe}` (settings in the script).",
         "",
         "Validation (held-out data, fixed masks; the diffusion loss is the negative ELBO):",
@@ -175,7 +179,9 @@ def main() -> None:
             f"| {record['step']} | {record['loss']:.3f} | {record['val_loss']:.3f} | {record['val_bits_per_token']:.3f} |"
         )
     if args.baseline is not None:
-        lines += _baseline_table(args.baseline, args.baseline_name, evaluations, args.title)
+        lines += _baseline_table(
+            args.baseline, args.baseline_name, evaluations, args.title, args.threads
+        )
     if args.router_data is not None:
         lines += _router_table(args.model, args.router_data, train_config)
     if args.tasks is not None:
