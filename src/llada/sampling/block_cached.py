@@ -177,7 +177,7 @@ def block_sample(
                 if version == "2.0":
                     _commit_20(row, runner.x[i], start, end, x0, p, quotas, threshold, mask_id)
                     if eos_early_stop and row.answer is None:
-                        row.answer = _early_answer_20(row, runner.x[i], end, x0, eos_id, mask_id)
+                        row.answer = _early_answer_20(row, runner.x[i], end, eos_id, mask_id)
                 else:
                     _commit_21(
                         row, runner.x[i], start, end, x0, p,
@@ -296,7 +296,17 @@ def _wants_forward(
     return not row.block_done
 
 
-def _commit_20(row, x, start, end, x0, p, quotas, threshold, mask_id) -> None:
+def _commit_20(
+    row: _Row,
+    x: torch.Tensor,
+    start: int,
+    end: int,
+    x0: torch.Tensor,
+    p: torch.Tensor,
+    quotas: list[int],
+    threshold: float,
+    mask_id: int,
+) -> None:
     """2.0: commit the [MASK] positions above `threshold`, or the quota's most probable."""
     block = x[start:end]  # a view: commits land in the canvas
     is_masked = block == mask_id
@@ -313,7 +323,9 @@ def _commit_20(row, x, start, end, x0, p, quotas, threshold, mask_id) -> None:
     row.committed = x0[commit]
 
 
-def _early_answer_20(row, x, end, x0, eos_id, mask_id) -> torch.Tensor | None:
+def _early_answer_20(
+    row: _Row, x: torch.Tensor, end: int, eos_id: int, mask_id: int
+) -> torch.Tensor | None:
     """2.0's eos_early_stop after a step that committed an EOS: the answer up to the first EOS
     of the whole window (prompt included, as the reference), if nothing before it is [MASK]."""
     if not bool((row.committed == eos_id).any()):
@@ -328,7 +340,16 @@ def _early_answer_20(row, x, end, x0, eos_id, mask_id) -> torch.Tensor | None:
 
 
 def _commit_21(
-    row, x, start, end, x0, p, threshold, num_to_transfer, editing_threshold, mask_id
+    row: _Row,
+    x: torch.Tensor,
+    start: int,
+    end: int,
+    x0: torch.Tensor,
+    p: torch.Tensor,
+    threshold: float,
+    num_to_transfer: int,
+    editing_threshold: float,
+    mask_id: int,
 ) -> None:
     """2.1: commit the confident [MASK] positions (at least num_to_transfer) and edit decoded,
     non-prompt positions whose new proposal differs and exceeds editing_threshold."""
@@ -383,7 +404,9 @@ def _leave(rows: list[_Row], runner: _BlockRunner, answers: dict[int, torch.Tens
     return [rows[i] for i in kept]
 
 
-def _prompt_rows(prompts: object, vocab_size: int | None, device: torch.device) -> list:
+def _prompt_rows(
+    prompts: object, vocab_size: int | None, device: torch.device
+) -> list[torch.Tensor]:
     """The prompts as a list of 1-D LongTensors on `device`."""
     if isinstance(prompts, torch.Tensor):
         return list(check_prompt(prompts, vocab_size).to(device))
@@ -392,11 +415,11 @@ def _prompt_rows(prompts: object, vocab_size: int | None, device: torch.device) 
             "prompts must be a (B, Lp) tensor or a non-empty list of prompts (1-D tensors or "
             f"lists of token ids), got {type(prompts).__name__}"
         )
-    return [
-        check_prompt(torch.as_tensor(p)[None] if not isinstance(p, torch.Tensor) else p[None],
-                     vocab_size)[0].to(device)
-        for p in prompts
-    ]  # fmt: skip
+    rows = []
+    for prompt in prompts:
+        ids = prompt if isinstance(prompt, torch.Tensor) else torch.as_tensor(prompt)
+        rows.append(check_prompt(ids[None], vocab_size)[0].to(device))
+    return rows
 
 
 def _generators(generator: object, batch: int) -> list[torch.Generator | None]:
