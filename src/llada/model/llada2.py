@@ -53,19 +53,14 @@ from .config import check_config_values, config_from_json_file
 from .experts import ExpertsImpl, experts_forward
 from .transformer import (
     AttentionImplementation,
-    KVCache,
     LayerCache,
-    LLaDAOutput,
+    MaskPredictor,
     RMSNorm,
     RotaryEmbedding,
     RotaryTables,
     SwiGLU,
     attend,
     cached_keys_values,
-    forward_setup,
-    new_kv_cache,
-    run_blocks,
-    select_positions,
 )
 
 # What `architectures` says in the official config.json (and the base model's class name).
@@ -580,9 +575,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ff_norm(x))
 
 
-class LLaDA2Model(nn.Module):
+class LLaDA2Model(MaskPredictor):
     """The LLaDA 2.x mask predictor; `model(input_ids, attention_mask)` returns `LLaDAOutput`
-    with float32 logits."""
+    with float32 logits (as the reference, whatever the model dtype).
+
+    attention_mask: (B, T) key padding, 1 = token, 0 = padding (bidirectional attention; the
+    reference makes such a mask causal, see the module docstring), or a 4-D boolean (B or 1, 1,
+    T, T), True = may attend: the block-diffusion mask of the LLaDA 2.x samplers
+    (`block_attention_mask`).
+    """
 
     def __init__(
         self, config: LLaDA2Config, attn_implementation: AttentionImplementation = "sdpa"
@@ -607,11 +608,8 @@ class LLaDA2Model(nn.Module):
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
 
-    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
-        """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype, **options)
+    def logits_out(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float()
 
     def routers(self) -> list[Router]:
         """The router (`mlp.gate`) of each MoE layer, in layer order; its output is that layer's
@@ -619,66 +617,6 @@ class LLaDA2Model(nn.Module):
         (llada.losses.recording_router_logits). The experts are chosen from their sigmoid plus
         the expert bias, not from a softmax."""
         return [block.mlp.gate for block in self.blocks if block.is_moe]
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    def new_kv_cache(
-        self, batch: int, length: int, attention_mask: torch.Tensor | None = None
-    ) -> KVCache:
-        """A preallocated KV cache; see `LLaDAModel.new_kv_cache`."""
-        return new_kv_cache(self, batch, length, attention_mask)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        kv_cache: KVCache | None = None,
-        window_start: int = 0,
-        logits_at: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> LLaDAOutput:
-        """input_ids (B, T) -> float32 logits (B, T, vocab); the arguments are
-        `LLaDAModel.forward`'s.
-
-        attention_mask: (B, T) key padding, 1 = token, 0 = padding (bidirectional attention;
-            the reference makes such a mask causal, see the module docstring), or a 4-D boolean
-            (B or 1, 1, T, T), True = may attend: the block-diffusion mask of the LLaDA 2.x
-            samplers (`block_attention_mask`).
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary, bias, start = forward_setup(
-            x, attention_mask, positions, kv_cache, window_start, self.rope
-        )
-        x, hidden_states = run_blocks(
-            self.blocks,
-            x,
-            rotary,
-            bias,
-            self.attn_implementation,
-            kv_cache,
-            start,
-            output_hidden_states=output_hidden_states,
-        )
-        x = self.final_norm(x)
-        if output_hidden_states:
-            hidden_states.append(x)
-        x = select_positions(x, logits_at)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        return LLaDAOutput(
-            logits=logits.float(),
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
 
     def set_experts_impl(self, impl: ExpertsImpl) -> None:
         """Run every MoE layer's routed experts by `impl` ("loop" is the readable reference)."""

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..tokens import LLADA_MOE
@@ -40,19 +39,14 @@ from .config import check_config_values, config_from_json_file
 from .experts import experts_forward
 from .transformer import (
     AttentionImplementation,
-    KVCache,
     LayerCache,
-    LLaDAOutput,
+    MaskPredictor,
     RMSNorm,
     RotaryEmbedding,
     RotaryTables,
     SwiGLU,
     attend,
     cached_keys_values,
-    forward_setup,
-    new_kv_cache,
-    run_blocks,
-    select_positions,
 )
 
 # What `architectures` says in the official config.json (llama.cpp registers both names).
@@ -467,7 +461,7 @@ class Block(nn.Module):
         return x + out
 
 
-class LLaDAMoEModel(nn.Module):
+class LLaDAMoEModel(MaskPredictor):
     """The LLaDA-MoE mask predictor; `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
 
     def __init__(
@@ -490,69 +484,11 @@ class LLaDAMoEModel(nn.Module):
         # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
         self.special_tokens = None
 
-    def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
-        """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, folder, max_shard_size=max_shard_size, dtype=dtype, **options)
-
     def routers(self) -> list[nn.Linear]:
         """The router (`mlp.gate`) of each MoE layer, in layer order. Its output is that layer's
         router logits (tokens, experts): a forward hook reads them from outside, so the forward
         keeps its signature and has no extra outputs (llada.losses.recording_router_logits)."""
         return [block.mlp.gate for block in self.blocks if block.is_moe]
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    def new_kv_cache(
-        self, batch: int, length: int, attention_mask: torch.Tensor | None = None
-    ) -> KVCache:
-        """A preallocated KV cache; see `LLaDAModel.new_kv_cache`."""
-        return new_kv_cache(self, batch, length, attention_mask)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        kv_cache: KVCache | None = None,
-        window_start: int = 0,
-        logits_at: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> LLaDAOutput:
-        """input_ids (B, T) -> logits (B, T, vocab); the arguments are `LLaDAModel.forward`'s."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        rotary, bias, start = forward_setup(
-            x, attention_mask, positions, kv_cache, window_start, self.rope
-        )
-        x, hidden_states = run_blocks(
-            self.blocks,
-            x,
-            rotary,
-            bias,
-            self.attn_implementation,
-            kv_cache,
-            start,
-            output_hidden_states=output_hidden_states,
-        )
-        x = self.final_norm(x)
-        if output_hidden_states:
-            hidden_states.append(x)
-        x = select_positions(x, logits_at)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        return LLaDAOutput(
-            logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
-        )
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

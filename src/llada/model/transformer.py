@@ -547,27 +547,22 @@ def select_positions(x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.T
     return x.flatten(0, 1).index_select(0, logits_at)
 
 
-class LLaDAModel(nn.Module):
-    """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
+class MaskPredictor(nn.Module):
+    """What every family's model shares: the call interface, the cache, saving, and one forward.
 
-    def __init__(
-        self, config: LLaDAConfig, attn_implementation: AttentionImplementation = "sdpa"
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.attn_implementation: AttentionImplementation = attn_implementation
-        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.embed_dropout = nn.Dropout(config.embedding_dropout)
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_full_precision)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.lm_head = (
-            None
-            if config.weight_tying
-            else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        )
-        # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
-        self.special_tokens = None
+    A family's model builds `config`, `attn_implementation`, `embed` (nn.Embedding), `rope`
+    (RotaryEmbedding), `blocks` (its blocks take `run_blocks`' arguments), `final_norm`,
+    `lm_head` (None when tied to the embedding) and `special_tokens` (resolved by `load_model`;
+    see llada.tokens), and may override `embedding_out` and `logits_out` for what differs.
+    """
+
+    def embedding_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings as the first block reads them (a family with embedding dropout)."""
+        return x
+
+    def logits_out(self, logits: torch.Tensor) -> torch.Tensor:
+        """The LM head's output as the forward returns it (scaling, dtype)."""
+        return logits
 
     def save_pretrained(self, folder, max_shard_size: int | str = "5GB", dtype=None, **options):
         """Write the official checkpoint layout (see `llada.model.checkpoint.save_pretrained`)."""
@@ -602,7 +597,8 @@ class LLaDAModel(nn.Module):
         positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> LLaDAOutput:
-        """input_ids (B, T) -> logits (B, T, padded_vocab).
+        """input_ids (B, T) -> logits (B, T, vocab) (the vocabulary as the family's config
+        pads it; in the model dtype unless the family says otherwise, `logits_out`).
 
         attention_mask: (B, T), 1 for tokens and 0 for padding (left padding is the intended
             use), or a 4-D boolean (B or 1, 1, T, T), True = may attend (`causal_attention_mask`
@@ -631,7 +627,7 @@ class LLaDAModel(nn.Module):
         rotary, bias, start = forward_setup(
             x, attention_mask, positions, kv_cache, window_start, self.rope
         )
-        x = self.embed_dropout(x)
+        x = self.embedding_out(x)
         x, hidden_states = run_blocks(
             self.blocks,
             x,
@@ -647,11 +643,41 @@ class LLaDAModel(nn.Module):
             hidden_states.append(x)
         x = select_positions(x, logits_at)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        if self.config.scale_logits:
-            logits = logits * (1.0 / math.sqrt(self.config.d_model))
         return LLaDAOutput(
-            logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
+            logits=self.logits_out(logits),
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
+
+
+class LLaDAModel(MaskPredictor):
+    """The LLaDA mask predictor. `model(input_ids, attention_mask)` returns `LLaDAOutput`."""
+
+    def __init__(
+        self, config: LLaDAConfig, attn_implementation: AttentionImplementation = "sdpa"
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attn_implementation: AttentionImplementation = attn_implementation
+        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.embed_dropout = nn.Dropout(config.embedding_dropout)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_full_precision)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.weight_tying
+            else nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        )
+        # Resolved from the checkpoint folder by `load_model`; see llada.tokens.
+        self.special_tokens = None
+
+    def embedding_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_dropout(x)
+
+    def logits_out(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.scale_logits:
+            return logits * (1.0 / math.sqrt(self.config.d_model))
+        return logits
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
