@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llada.model.experts import (
     CPU_GROUPED_MM_BYTES,
@@ -263,3 +264,25 @@ def test_cpu_inference_compiles_into_one_graph():
     got = compiled(x, ids, w, gate, up, down)
     expected = experts_grouped(x, ids, w.to(x.dtype), gate, up, down, backend="grouped_mm")
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_float32_accumulation_weighs_and_sums_bf16_expert_outputs_in_float32(impl):
+    # LLaDA 2.x's reference: the k expert outputs (bf16) are weighted by float32 weights and
+    # summed in float32, and only the sum is cast back.
+    x, ids, w, gate, up, down = make_case(64, 8, 3, d=32, f=48, dtype=torch.bfloat16)
+    got = experts_forward(x, ids, w, gate, up, down, impl, accumulate_dtype=torch.float32)
+    expected = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for j in ids[t].argsort().tolist():  # added in expert order, as index_add_ does
+            e = ids[t, j]
+            h = x[t : t + 1]
+            y = F.linear(F.silu(F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
+            expected[t] += w[t, j] * y[0].float()
+    assert got.dtype == torch.bfloat16
+    expected = expected.to(torch.bfloat16)
+    default = experts_forward(x, ids, w, gate, up, down, impl)  # LLaDA-MoE's: sums in bf16
+    # The same bits but where one row's matmul rounds otherwise than a batch's (1 bf16 step).
+    assert (got != expected).sum() <= 2
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
+    assert (default != expected).sum() > 50

@@ -49,10 +49,11 @@ def experts_loop(
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * SwiGLU_{topk_ids[t, j]}(x[t]) for every token t.
 
-    x (T, D); topk_ids (T, k) int64 expert ids; topk_weights (T, k) in x's dtype;
-    gate, up (E, F, D); down (E, D, F). Returns (T, D) in x's dtype.
+    x (T, D); topk_ids (T, k) int64 expert ids; topk_weights (T, k); gate, up (E, F, D);
+    down (E, D, F). The expert outputs (x's dtype) are weighted and summed in topk_weights'
+    dtype: returns (T, D) in that dtype.
     """
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=topk_weights.dtype, device=x.device)
     for expert in range(gate.shape[0]):
         token, slot = torch.where(topk_ids == expert)
         if token.numel() == 0:
@@ -71,19 +72,26 @@ def experts_forward(
     up: torch.Tensor,
     down: torch.Tensor,
     impl: ExpertsImpl = "auto",
+    *,
+    accumulate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The routed experts' weighted sum, (T, D) in x's dtype, by the chosen implementation.
 
-    topk_weights may come in the router's dtype (float32): they are cast to x's dtype first, as
-    the reference does before its expert loop. impl "loop" is the reference path; "grouped" and
-    "auto" sort the tokens by expert (`experts_grouped`, whose backend is picked per device).
+    topk_weights may come in the router's dtype (float32). accumulate_dtype None: they are cast
+    to x's dtype first and the outputs are weighted and summed in it, as LLaDA-MoE's reference
+    does before its expert loop; torch.float32: weighted and summed in float32 and the sum cast
+    to x's dtype, as LLaDA 2.x's reference does (the same in float32). impl "loop" is the
+    reference path; "grouped" and "auto" sort the tokens by expert (`experts_grouped`, whose
+    backend is picked per device).
     """
     if impl not in EXPERTS_IMPLS:
         raise ValueError(f"experts impl must be one of {', '.join(EXPERTS_IMPLS)}, got {impl!r}")
-    topk_weights = topk_weights.to(x.dtype)
+    topk_weights = topk_weights.to(accumulate_dtype or x.dtype)
     if impl == "loop":
-        return experts_loop(x, topk_ids, topk_weights, gate, up, down)
-    return experts_grouped(x, topk_ids, topk_weights, gate, up, down)
+        out = experts_loop(x, topk_ids, topk_weights, gate, up, down)
+    else:
+        out = experts_grouped(x, topk_ids, topk_weights, gate, up, down)
+    return out.to(x.dtype)
 
 
 def experts_grouped(
@@ -108,7 +116,7 @@ def experts_grouped(
     num_tokens, k = topk_ids.shape
     num_experts = gate.shape[0]
     if num_tokens == 0:
-        return torch.zeros_like(x)
+        return torch.zeros(x.shape, dtype=topk_weights.dtype, device=x.device)
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # What F.linear does under autocast, so the loop's (and the reference's) arithmetic: the
@@ -133,7 +141,7 @@ def experts_grouped(
     # largest id back to the host on CUDA.
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    out = torch.zeros_like(x)  # (T, D)
+    out = torch.zeros(x.shape, dtype=topk_weights.dtype, device=x.device)  # (T, D)
     if backend == "grouped_mm":
         h = xm[token]  # (T*k, D) each token once per expert that it is routed to
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group

@@ -498,10 +498,16 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, ids, weights = self.route(flat)
-        # The reference weights and sums the k expert outputs in float32 and casts back; here
-        # the weights are cast to x's dtype first (the same in float32; experts.py).
+        # The reference weights and sums the k expert outputs in float32 and casts back.
         out = experts_forward(
-            flat, ids, weights, self.gate_proj, self.up_proj, self.down_proj, self.experts_impl
+            flat,
+            ids,
+            weights,
+            self.gate_proj,
+            self.up_proj,
+            self.down_proj,
+            self.experts_impl,
+            accumulate_dtype=torch.float32,
         ).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
