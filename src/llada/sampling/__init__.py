@@ -1,4 +1,5 @@
-"""Samplers: the reference sampler (the oracle) and, built on the same pieces, fast paths.
+"""Samplers: the reference sampler (the oracle) and, built on the same pieces, fast paths; LLaDA
+2.x's block samplers (`block_generate`, the oracle; `block_sample`, with the block KV cache).
 
 Names are resolved on first use so that importing the settings (e.g. for `llada --help`)
 does not import torch.
@@ -23,6 +24,10 @@ _EXPORTS = {
     "generate": ".reference",
     "add_gumbel_noise": ".reference",
     "get_num_transfer_tokens": ".reference",
+    "block_generate": ".block",
+    "block_sample": ".block_cached",
+    "block_generate_cached": ".block_cached",
+    "BlockSampleResult": ".block_cached",
 }
 __all__ = sorted(_EXPORTS)
 
