@@ -29,9 +29,7 @@ def _metrics(run: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _baseline_table(
-    baseline: Path, name: str, evaluations: list[dict], title: str, threads: int
-) -> list[str]:
+def _baseline_table(baseline: Path, name: str, evaluations: list[dict], title: str) -> list[str]:
     """Validation losses of this run and a baseline run at the steps both evaluated."""
     theirs = {r["step"]: r for r in _metrics(baseline) if "val_loss" in r}
     with open(baseline / "train_config.json", encoding="utf-8") as f:
@@ -39,12 +37,13 @@ def _baseline_table(
     rows = [r for r in evaluations if r["step"] in theirs]
     lines = [
         "",
-        f"## Against {name} at equal compute",
+        f"## Against the {name} at equal compute",
         "",
-        f"The same token stream, batch, schedule, seed and number of steps; {name} is trained by "
-        f"the same recipe with `--model-config {their_config.get('model_config', '?')}`. With "
+        "Both runs use the same token stream, batch, schedule, seed and number of steps; the "
+        f"{name} is trained by the same recipe with "
+        f"`--model-config {their_config.get('model_config', '?')}`. With "
         "the same active parameters per token, a step costs the same matmul FLOPs in both "
-        "(give or take the router's small gate matmul); CPU wall time differs, see below.",
+        "(give or take the router's small gate matmul); CPU wall time differs.",
         "",
         f"| step | {name} validation loss | {title} validation loss | difference |",
         "|---|---|---|---|",
@@ -55,14 +54,6 @@ def _baseline_table(
             f"| {record['step']} | {theirs_loss:.3f} | {record['val_loss']:.3f} | "
             f"{record['val_loss'] - theirs_loss:+.3f} |"
         )
-    if rows:
-        last = rows[-1]
-        lines += [
-            "",
-            f"Wall time for {last['step']} steps: {name} {theirs[last['step']]['elapsed'] / 60:.0f} "
-            f"min, {title} {last['elapsed'] / 60:.0f} min ({threads} thread each, run side by side "
-            "with other work on a 2-core machine: CPU wall time, not a measure of FLOPs).",
-        ]
     return lines
 
 
@@ -179,9 +170,7 @@ def main() -> None:
             f"| {record['step']} | {record['loss']:.3f} | {record['val_loss']:.3f} | {record['val_bits_per_token']:.3f} |"
         )
     if args.baseline is not None:
-        lines += _baseline_table(
-            args.baseline, args.baseline_name, evaluations, args.title, args.threads
-        )
+        lines += _baseline_table(args.baseline, args.baseline_name, evaluations, args.title)
     if args.router_data is not None:
         lines += _router_table(args.model, args.router_data, train_config)
     if args.tasks is not None:
