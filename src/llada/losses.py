@@ -121,6 +121,8 @@ def load_balancing_loss(
     num_experts: int,
     top_k: int,
     token_mask: torch.Tensor | None = None,
+    *,
+    per_layer: bool = False,
 ) -> torch.Tensor:
     """The auxiliary load-balancing loss of top-k routers: num_experts * sum_e f_e * P_e.
 
@@ -136,9 +138,18 @@ def load_balancing_loss(
     piecewise constant: the gradient reaches the routers through P_e.
 
     router_logits: one (B*T, E) or (B, T, E) tensor per MoE layer, over the same tokens.
+    per_layer: the mean over layers of each layer's own loss instead. Pooled, one layer's
+    overloaded expert e and another layer's underloaded expert e cancel out (expert indices of
+    different layers are unrelated), so the pooled loss can sit at top_k while every layer is
+    uneven; per layer, it cannot.
     """
     if not router_logits:
         raise ValueError("load_balancing_loss needs the router logits of at least one layer")
+    if per_layer and len(router_logits) > 1:
+        losses = [
+            load_balancing_loss([layer], num_experts, top_k, token_mask) for layer in router_logits
+        ]
+        return torch.stack(losses).mean()
     logits = torch.cat([layer.reshape(-1, num_experts) for layer in router_logits]).float()
     probabilities = torch.softmax(logits, dim=-1)  # (layers * tokens, E)
     chosen = torch.topk(probabilities, top_k, dim=-1).indices

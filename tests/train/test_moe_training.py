@@ -17,7 +17,7 @@ from safetensors import safe_open
 from train_helpers import train_config
 
 import llada
-from llada.losses import load_balancing_loss
+from llada.losses import load_balancing_loss, recording_router_logits
 from llada.model.llada_moe import LLaDAMoEModel, MoE
 from llada.train.checkpointing import latest_checkpoint
 from llada.train.config import TrainConfig
@@ -91,6 +91,34 @@ def test_load_balancing_loss_matches_a_hand_computation():
     assert loss.item() == pytest.approx(2.0)
     loss.backward()
     assert even.grad is not None and even.grad.abs().sum() > 0
+
+
+def test_per_layer_balancing_sees_what_pooling_the_layers_hides():
+    # Two layers, 2 experts, top-1: layer 0 sends every token to expert 0, layer 1 to expert 1.
+    # Pooled (the reference's formula) that is perfectly even; each layer alone is not.
+    confident = torch.tensor([[4.0, 0.0]]).repeat(8, 1)
+    layers = [confident, confident.flip(1)]
+    assert load_balancing_loss(layers, 2, 1).item() == pytest.approx(1.0)  # top_k: "even"
+    p = torch.softmax(torch.tensor([4.0, 0.0]), -1)[0].item()
+    # Per layer: f = (1, 0), P = (p, 1 - p) -> 2 * p for each layer.
+    per_layer = load_balancing_loss(layers, 2, 1, per_layer=True)
+    assert per_layer.item() == pytest.approx(2 * p, rel=1e-6) and per_layer.item() > 1.9
+    # One layer: the same either way.
+    assert load_balancing_loss(layers[:1], 2, 1, per_layer=True).item() == pytest.approx(
+        load_balancing_loss(layers[:1], 2, 1).item()
+    )
+
+
+def test_the_trainer_uses_the_per_layer_loss_when_told(moe_setup, tmp_path):
+    trainer = Trainer(_config(moe_setup, tmp_path / "p", router_aux_loss="per-layer"))
+    assert trainer.aux_loss_coef == 0.01 and trainer.aux_per_layer
+    batch = trainer.train_data.batch(list(range(8)))
+    with recording_router_logits(trainer.base_model) as recorded:
+        out = trainer._loss(batch, torch.Generator().manual_seed(3), None, with_aux=True)
+    assert len(recorded) == 2
+    expected = load_balancing_loss(recorded, 4, 2, per_layer=True)
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.aux_loss.item() != pytest.approx(load_balancing_loss(recorded, 4, 2).item())
 
 
 def test_the_trainer_adds_the_formula_of_its_routers_to_the_objective(

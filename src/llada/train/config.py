@@ -11,7 +11,7 @@ Objective = Literal["pretrain", "sft"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
-RouterAuxLoss = Literal["config", "on", "off"]
+RouterAuxLoss = Literal["config", "on", "per-layer", "off"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,10 @@ class TrainConfig:
     lora_alpha: LoRA scaling numerator.
     router_aux_loss: mixture-of-experts models: add the routers' load-balancing loss times
         the config's router_aux_loss_coef to the LLaDA loss. 'config': when config.json says
-        output_router_logits (as the reference does), 'on': always, 'off': never.
+        output_router_logits (as the reference does), 'on': always, 'off': never. These take
+        the reference's formula, which pools all MoE layers' routers (it evens out each expert
+        index's load summed over the layers, not each layer's); 'per-layer': always, as the mean
+        of every MoE layer's own loss, which evens out each layer.
     """
 
     objective: Objective = "pretrain"
@@ -142,9 +145,10 @@ class TrainConfig:
             )
         if self.objective not in ("pretrain", "sft"):
             raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
-        if self.router_aux_loss not in ("config", "on", "off"):
+        if self.router_aux_loss not in ("config", "on", "per-layer", "off"):
             raise ValueError(
-                f"router_aux_loss must be 'config', 'on' or 'off', got {self.router_aux_loss!r}"
+                "router_aux_loss must be 'config', 'on', 'per-layer' or 'off', got "
+                f"{self.router_aux_loss!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -428,15 +428,19 @@ class Trainer:
         aux-loss code expects: llada computes the intended loss from the routers' outputs.
         """
         choice = self.config.router_aux_loss
+        self.aux_per_layer = choice == "per-layer"
         has_routers = bool(model.routers()) if hasattr(model, "routers") else False
         if not has_routers:
-            if choice == "on":
+            if choice in ("on", "per-layer"):
                 raise ValueError(
-                    "--router-aux-loss on: this model has no router (a dense LLaDA); drop the flag"
+                    f"--router-aux-loss {choice}: this model has no router (a dense LLaDA); "
+                    "drop the flag"
                 )
             return None
         model_config = model.config
-        wanted = choice == "on" or (choice == "config" and model_config.output_router_logits)
+        wanted = choice in ("on", "per-layer") or (
+            choice == "config" and model_config.output_router_logits
+        )
         if not wanted:
             self.say(
                 "router load-balancing loss: off (config.json: output_router_logits false; "
@@ -446,7 +450,10 @@ class Trainer:
             )
             return None
         coef = float(model_config.router_aux_loss_coef)
-        self.say(f"router load-balancing loss: on, coefficient {coef:g} (router_aux_loss_coef)")
+        scope = "per layer" if self.aux_per_layer else "layers pooled, as the reference"
+        self.say(
+            f"router load-balancing loss: on ({scope}), coefficient {coef:g} (router_aux_loss_coef)"
+        )
         return coef
 
     def _build_data(self) -> None:
@@ -519,7 +526,10 @@ class Trainer:
         # Every token of a training batch is real (packed text, or EOS-padded answers that the
         # SFT loss trains on), so no token mask.
         out.aux_loss = load_balancing_loss(
-            router_logits, model_config.num_experts, model_config.num_experts_per_tok
+            router_logits,
+            model_config.num_experts,
+            model_config.num_experts_per_tok,
+            per_layer=self.aux_per_layer,
         )
         return out
 
