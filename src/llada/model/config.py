@@ -392,3 +392,40 @@ def config_from_json_file(cls: Any, path: str | Path) -> Any:
         return cls.from_hf_dict(data)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+class HFConfigNames:
+    """The family-independent names the samplers, likelihood and trainer read (the dense
+    config's own field names), for a config named as HF-LLaMA's (`hidden_size`,
+    `num_hidden_layers`, ...): LLaDA-MoE's and LLaDA 2.x's."""
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def weight_tying(self) -> bool:
+        return self.tie_word_embeddings
+
+    @property
+    def residual_dropout(self) -> float:
+        return 0.0  # these references have attention (and embedding) dropout only
+
+    @property
+    def mask_token_id(self) -> int | None:
+        # Not an official key: the mask id comes from the tokenizer files (`<|mask|>`) and is
+        # kept among the extra keys when a config is made for a new model.
+        value = self.extra.get("mask_token_id")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_config_values, config_from_json_file
+from .config import HFConfigNames, check_config_values, config_from_json_file
 from .experts import ExpertsImpl, experts_forward
 from .transformer import (
     AttentionImplementation,
@@ -149,7 +149,7 @@ _COUNTS = {
 
 
 @dataclass(frozen=True)
-class LLaDA2Config:
+class LLaDA2Config(HFConfigNames):
     """Hyper-parameters of a LLaDA 2.x model, named as in the official config.json.
 
     The defaults are LLaDA2.1-mini's config.json (LLaDA2.0-mini has the same values): 20 layers,
@@ -327,37 +327,6 @@ class LLaDA2Config:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
-
-    # The family-independent names the samplers, likelihood and trainer read.
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return self.vocab_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def weight_tying(self) -> bool:
-        return self.tie_word_embeddings
-
-    @property
-    def residual_dropout(self) -> float:
-        return 0.0  # the reference applies attention dropout only
-
-    @property
-    def mask_token_id(self) -> int | None:
-        # Not an official key: the mask id comes from the tokenizer files (`<|mask|>`).
-        value = self.extra.get("mask_token_id")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def eos_token_id(self) -> int | None:

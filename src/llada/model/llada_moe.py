@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..tokens import LLADA_MOE
-from .config import check_config_values, config_from_json_file
+from .config import HFConfigNames, check_config_values, config_from_json_file
 from .experts import experts_forward
 from .transformer import (
     AttentionImplementation,
@@ -90,7 +90,7 @@ _OPTIONAL_SIZES = {
 
 
 @dataclass(frozen=True)
-class LLaDAMoEConfig:
+class LLaDAMoEConfig(HFConfigNames):
     """Hyper-parameters of a LLaDA-MoE model, named as in the official config.json.
 
     The defaults are LLaDA-MoE-7B-A1B's: 16 layers, hidden 2048, 16 heads (no GQA), 64 experts
@@ -239,40 +239,9 @@ class LLaDAMoEConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layer_freq is None or self.moe_layer_freq[layer] == 1
 
-    # The family-independent names the samplers, likelihood and trainer read.
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return self.vocab_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def weight_tying(self) -> bool:
-        return self.tie_word_embeddings
-
-    @property
-    def residual_dropout(self) -> float:
-        return 0.0  # the reference has attention dropout only
-
     @property
     def embedding_dropout(self) -> float:
         return 0.0
-
-    @property
-    def mask_token_id(self) -> int | None:
-        # Not an official key: the mask id comes from the tokenizer files (`<|mask|>`).
-        value = self.extra.get("mask_token_id")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def num_parameters(self, include_embeddings: bool = True, active: bool = False) -> int:
         """Parameters in total, or those one token uses (`active`: top-k experts only)."""
