@@ -138,7 +138,10 @@ def block_generate(
     Randomness (temperature > 0) comes from the global torch generator, as in the reference:
     `torch.manual_seed(s)` before the call reproduces the reference's answer for seed s.
     """
-    _check_options(
+    vocab_size, mask_id, eos_id, device = checked_setup(
+        model,
+        mask_id,
+        eos_id,
         version=version,
         gen_length=gen_length,
         block_length=block_length,
@@ -152,18 +155,12 @@ def block_generate(
         max_post_steps=max_post_steps,
         num_to_transfer=num_to_transfer,
     )
-    vocab_size = vocab_size_of(model)
-    mask_id, eos_id = _token_ids(model, mask_id, eos_id)
-    check_mask_id(mask_id, vocab_size)
-    device = device_of(model)
     prompt = check_prompt(prompt, vocab_size).to(device)
     if prompt.shape[0] != 1:
         raise ValueError(
             f"block_generate takes one prompt (1, Lp), as the LLaDA 2.x reference does; got "
             f"{prompt.shape[0]} rows: call it once per row"
         )
-    if top_k is not None and top_k > vocab_size:
-        raise ValueError(f"top_k ({top_k}) exceeds the model's vocabulary ({vocab_size})")
     prompt_length = prompt.shape[1]
     steps = min(steps, gen_length // minimal_topk)
     num_blocks = -(-(prompt_length + gen_length) // block_length)
@@ -279,6 +276,21 @@ def _token_ids(model: torch.nn.Module, mask_id: int | None, eos_id: int | None) 
                 "this model carries no EOS id (no tokenizer files in its folder); pass eos_id=..."
             )
     return int(mask_id), int(eos_id)
+
+
+def checked_setup(
+    model: torch.nn.Module, mask_id: int | None, eos_id: int | None, **options: object
+) -> tuple[int, int, int, torch.device]:
+    """(vocabulary size, mask id, EOS id, device) for a block sampler's call, after checking its
+    options (one ValueError naming the option) and ids against the model."""
+    _check_options(**options)
+    vocab_size = vocab_size_of(model)
+    mask_id, eos_id = _token_ids(model, mask_id, eos_id)
+    check_mask_id(mask_id, vocab_size)
+    top_k = options["top_k"]
+    if top_k is not None and top_k > vocab_size:
+        raise ValueError(f"top_k ({top_k}) exceeds the model's vocabulary ({vocab_size})")
+    return vocab_size, mask_id, eos_id, device_of(model)
 
 
 def _check_options(**options: object) -> None:

@@ -38,14 +38,11 @@ import torch
 
 from ..inputs import (
     check_context,
-    check_mask_id,
     check_prompt,
     context_of,
-    device_of,
-    vocab_size_of,
 )
 from ..model.llada2 import block_attention_mask
-from .block import Version, _check_options, _token_ids, propose, transfer_schedule
+from .block import Version, checked_setup, propose, transfer_schedule
 from .config import NonFiniteLogitsError
 
 
@@ -109,7 +106,10 @@ def block_sample(
     prompts of any lengths (1-D tensors or lists of ids). The options are `block_generate`'s;
     generator: None (the global generator), one generator shared by all rows, or one per
     prompt."""
-    _check_options(
+    vocab_size, mask_id, eos_id, device = checked_setup(
+        model,
+        mask_id,
+        eos_id,
         version=version,
         gen_length=gen_length,
         block_length=block_length,
@@ -123,12 +123,6 @@ def block_sample(
         max_post_steps=max_post_steps,
         num_to_transfer=num_to_transfer,
     )
-    vocab_size = vocab_size_of(model)
-    mask_id, eos_id = _token_ids(model, mask_id, eos_id)
-    check_mask_id(mask_id, vocab_size)
-    if top_k is not None and top_k > vocab_size:
-        raise ValueError(f"top_k ({top_k}) exceeds the model's vocabulary ({vocab_size})")
-    device = device_of(model)
     prompt_rows = _prompt_rows(prompts, vocab_size, device)
     generators = _generators(generator, len(prompt_rows))
     for ids in prompt_rows:
