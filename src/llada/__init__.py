@@ -25,6 +25,7 @@ _EXPORTS = {
     "generate": "llada.sampling.reference",
     "block_generate": "llada.sampling.block",
     "block_sample": "llada.sampling.block_cached",
+    "block_preset": "llada.sampling.config",
     "block_generate_cached": "llada.sampling.block_cached",
     "GenerateConfig": "llada.sampling.config",
     "DecodeConfig": "llada.sampling.config",

@@ -249,3 +249,58 @@ def test_bad_batches_are_refused_by_name(tiny):
         block_sample(tiny, "hello", **options)
     with pytest.raises(ValueError, match="version"):
         block_sample(tiny, [[1, 2]], version="3.0", **options)
+
+
+# Step events and the published presets -----------------------------------------------------
+
+
+def test_step_events_show_every_commit_and_change_nothing(tiny):
+    prompt = torch.tensor([[406, 189, 464, 191, 18]])
+    options = dict(version="2.0", gen_length=24, block_length=8, steps=4, threshold=0.9, **IDS)
+    events = []
+    watched = block_sample(tiny, prompt, on_step=events.append, **options)
+    plain = block_sample(tiny, prompt, **options)
+    assert torch.equal(watched.answers[0], plain.answers[0])
+    assert len(events) == watched.forward_passes
+    by_block: dict[tuple[int, int], list] = {}
+    for event in events:
+        by_block.setdefault(event.block, []).append(event)
+        assert not event.edited.any()  # 2.0 never edits
+    for (start, end), block_events in by_block.items():
+        committed = torch.stack([e.committed for e in block_events]).sum(0)
+        assert committed.max() <= 1  # a position is committed once
+        last = block_events[-1].tokens
+        assert not (last == MASK).any()  # 2.0 ends every block full
+        # Every position that was not prompt was committed during the block.
+        is_prompt = torch.arange(start, end) < prompt.shape[1]
+        assert torch.equal(committed.bool(), ~is_prompt)
+    # The answer is the blocks' final tokens after the prompt (cut at EOS, within gen_length).
+    canvas = torch.cat([by_block[b][-1].tokens for b in sorted(by_block)])
+    first = min(by_block)[0]
+    answer = canvas[prompt.shape[1] - first :]
+    n = len(watched.answers[0])
+    assert torch.equal(answer[:n], watched.answers[0])
+
+
+def test_step_events_show_editing_and_the_speed_preset_never_edits(tiny):
+    from llada.sampling.config import block_preset
+
+    prompt = torch.tensor([[406, 189, 464, 191, 18]])
+    edits = []
+    greedy_editing = dict(version="2.1", gen_length=16, block_length=8, threshold=0.5, **IDS)
+    block_sample(tiny, prompt, editing_threshold=0.0, on_step=edits.append, **greedy_editing)
+    edited = [e for e in edits if e.edited.any()]
+    assert edited  # with editing_threshold 0 any changed prediction is written
+    for event in edited:
+        assert not (event.edited & event.committed).any()
+    for name in ("llada2.0", "llada2.1-quality", "llada2.1-speed"):
+        settings = block_preset(name) | dict(block_length=8)
+        events = []
+        out = block_sample(tiny, prompt, gen_length=16, on_step=events.append, **settings, **IDS)
+        assert torch.equal(
+            out.answers[0], block_generate(tiny, prompt, gen_length=16, **settings, **IDS)[0]
+        )
+        if name == "llada2.1-speed":
+            assert not any(e.edited.any() for e in events)
+    with pytest.raises(ValueError, match="unknown LLaDA 2.x preset"):
+        block_preset("llada2.1-fast")

@@ -17,6 +17,8 @@ _EXPORTS = {
     "max_steps": ".config",
     "PRESETS": ".config",
     "decode_preset": ".config",
+    "BLOCK_PRESETS": ".config",
+    "block_preset": ".config",
     "sample": ".fast",
     "denoise": ".fast",
     "SampleResult": ".fast",
@@ -28,6 +30,7 @@ _EXPORTS = {
     "block_sample": ".block_cached",
     "block_generate_cached": ".block_cached",
     "BlockSampleResult": ".block_cached",
+    "BlockStepEvent": ".block_cached",
 }
 __all__ = sorted(_EXPORTS)
 

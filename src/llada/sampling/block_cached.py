@@ -31,7 +31,7 @@ generators, one per prompt, makes every row's answer independent of the batch it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +57,22 @@ class BlockSampleResult:
     answers: list[torch.Tensor]
     forward_passes: int = 0
     work: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockStepEvent:
+    """One row's denoising step, for `block_sample(on_step=...)` (built only when watched).
+
+    prompt: the prompt's index in the call; block: (start, end) of the block on that row's
+    canvas, counted from its first token (as `block_generate` counts); tokens: the block's
+    tokens after the step (B,); committed: bool (B,), positions that went from [MASK] to a
+    token; edited: bool (B,), decoded positions that 2.1's editing rewrote."""
+
+    prompt: int
+    block: tuple[int, int]
+    tokens: torch.Tensor
+    committed: torch.Tensor
+    edited: torch.Tensor
 
 
 @dataclass
@@ -100,12 +116,14 @@ def block_sample(
     eos_id: int | None = None,
     mask_id: int | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    on_step: Callable[[BlockStepEvent], None] | None = None,
 ) -> BlockSampleResult:
     """`block_generate` for each prompt, with the block KV cache, in one batch (module
     docstring). prompts: a (B, Lp) tensor of unpadded prompts of one length, or a list of
     prompts of any lengths (1-D tensors or lists of ids). The options are `block_generate`'s;
     generator: None (the global generator), one generator shared by all rows, or one per
-    prompt."""
+    prompt. on_step: called after every row's every step with a `BlockStepEvent` (what was
+    committed and what was edited: a live view of 2.1's token editing)."""
     vocab_size, mask_id, eos_id, device = checked_setup(
         model,
         mask_id,
@@ -167,6 +185,7 @@ def block_sample(
             logits = runner.block_logits(start, end, working)  # (len(working), B, V)
             for logits_row, i in zip(logits, working, strict=True):
                 row = rows[i]
+                before = runner.x[i, start:end].clone() if on_step is not None else None
                 x0, p = propose(logits_row, *sampling, generator=row.generator)
                 if version == "2.0":
                     _commit_20(row, runner.x[i], start, end, x0, p, quotas, threshold, mask_id)
@@ -177,6 +196,8 @@ def block_sample(
                         row, runner.x[i], start, end, x0, p,
                         threshold, num_to_transfer, editing_threshold, mask_id,
                     )  # fmt: skip
+                if on_step is not None:
+                    on_step(_step_event(row, before, runner.x[i, start:end], start, mask_id))
             rows = _leave(rows, runner, answers)
         for i, row in enumerate(rows):
             answer = runner.x[i, row.answer_start : end]
@@ -191,6 +212,20 @@ def block_sample(
         answers=[answers[i] for i in range(len(prompt_rows))],
         forward_passes=runner.forward_passes,
         work=dict(runner.work),
+    )
+
+
+def _step_event(
+    row: _Row, before: torch.Tensor, after: torch.Tensor, start: int, mask_id: int
+) -> BlockStepEvent:
+    was_masked = before == mask_id
+    offset = start - row.pad  # the block's place on the row's own canvas
+    return BlockStepEvent(
+        prompt=row.index,
+        block=(offset, offset + len(after)),
+        tokens=after.clone(),
+        committed=was_masked & (after != mask_id),
+        edited=~was_masked & (after != before),
     )
 
 

@@ -258,6 +258,28 @@ def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:
     return config.num_blocks * max(config.block_length, 2 if decode.fastdllm_numerics else 1)
 
 
+# LLaDA 2.x's block samplers (`block_generate`, `block_sample`): the settings their authors
+# publish, as keyword arguments. 2.0: SGLang's LowConfidence (threshold 0.95, block 32) and the
+# model card's 32 steps per block. 2.1: diffusers' LLaDA2 pipeline docs, "quality" (threshold
+# 0.7, editing 0.5, 16 post steps) and "speed" (threshold 0.5, editing off: a probability is
+# never above 1, so nothing is edited).
+BLOCK_PRESETS: dict[str, dict[str, object]] = {
+    "llada2.0": dict(version="2.0", block_length=32, steps=32, threshold=0.95),
+    "llada2.1-quality": dict(
+        version="2.1", block_length=32, threshold=0.7, editing_threshold=0.5, max_post_steps=16
+    ),
+    "llada2.1-speed": dict(version="2.1", block_length=32, threshold=0.5, editing_threshold=1.0),
+}
+
+
+def block_preset(name: str) -> dict[str, object]:
+    """The keyword arguments of a LLaDA 2.x block-sampler preset (a copy), e.g.
+    `llada.block_sample(model, prompts, gen_length=256, **block_preset("llada2.1-quality"))`."""
+    if name not in BLOCK_PRESETS:
+        raise ValueError(f"unknown LLaDA 2.x preset {name!r}; choose from {sorted(BLOCK_PRESETS)}")
+    return dict(BLOCK_PRESETS[name])
+
+
 def decode_preset(name: str) -> DecodeConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
