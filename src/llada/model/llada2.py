@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tokens import LLADA_8B, LLADA_MOE
 from .config import HFConfigNames, check_config_values, config_from_json_file
 from .experts import ExpertsImpl, experts_forward
 from .transformer import (
@@ -104,7 +105,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "sliding_window": 4096,
     "max_window_layers": 28,
     "rope_scaling": None,
-    "pad_token_id": 126081,
+    "pad_token_id": LLADA_8B.pad_id,  # sic: the official class defaults to LLaDA-8B's pad id
     "num_shared_experts": 0,
     "n_group": 8,
     "topk_group": 4,
@@ -186,7 +187,7 @@ class LLaDA2Config(HFConfigNames):
     use_sliding_window: bool = False
     sliding_window: int | None = 4096
     max_window_layers: int | None = 28
-    pad_token_id: int | None = 156892
+    pad_token_id: int | None = LLADA_MOE.pad_id
     num_experts: int = 256
     num_shared_experts: int | None = 1
     num_experts_per_tok: int = 8
@@ -513,13 +514,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary_dim == self.head_dim:
-            q, k = rotary.rotate(q, k)
-        else:
-            r = self.rotary_dim
-            q_rot, k_rot = rotary.rotate(q[..., :r], k[..., :r])
-            q = torch.cat((q_rot, q[..., r:]), dim=-1)
-            k = torch.cat((k_rot, k[..., r:]), dim=-1)
+        q, k = rotary.rotate_leading(q, k, self.rotary_dim)
         k, v = cached_keys_values(cache, k, v)
         dropout = self.dropout if self.training else 0.0
         out = attend(q, k, v, attention_bias, implementation, dropout)

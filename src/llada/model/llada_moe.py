@@ -386,13 +386,7 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.rotary_dim == self.head_dim:
-            q, k = rotary.rotate(q, k)
-        else:
-            r = self.rotary_dim
-            q_rot, k_rot = rotary.rotate(q[..., :r], k[..., :r])
-            q = torch.cat((q_rot, q[..., r:]), dim=-1)
-            k = torch.cat((k_rot, k[..., r:]), dim=-1)
+        q, k = rotary.rotate_leading(q, k, self.rotary_dim)
         k, v = cached_keys_values(cache, k, v)
         dropout = self.dropout if self.training else 0.0
         out = attend(q, k, v, attention_bias, implementation, dropout)

@@ -242,6 +242,16 @@ class RotaryTables:
         with autocast_off(q.device):
             return rotate(q), rotate(k)
 
+    def rotate_leading(
+        self, q: torch.Tensor, k: torch.Tensor, dims: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial RoPE (HF's partial_rotary_factor): rotate the first `dims` of each head (the
+        tables' width), pass the rest through; all of them when `dims` is the head size."""
+        if dims == q.shape[-1]:
+            return self.rotate(q, k)
+        q_rot, k_rot = self.rotate(q[..., :dims], k[..., :dims])
+        return torch.cat((q_rot, q[..., dims:]), dim=-1), torch.cat((k_rot, k[..., dims:]), dim=-1)
+
 
 class Attention(nn.Module):
     """Bidirectional multi-head attention with grouped K/V heads (GQA/MQA)."""
