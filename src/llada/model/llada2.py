@@ -622,3 +622,23 @@ def block_attention_mask(
     boolean it works in every model dtype."""
     blocks = torch.arange(length, device=device) // block_length  # (T,)
     return (blocks[None, :] <= blocks[:, None])[None, None]
+
+
+def block_diffusion_training_mask(
+    length: int, block_length: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The block-diffusion training mask of LLaDA 2.x (inclusionAI/dFactory,
+    tasks/train_llada2_bd.py, block_diffusion_mode), (1, 1, 2n, 2n) bool, True = may attend,
+    for the input [x_t ; x_0]: a noised copy and the clean sequence, n = `length` tokens each,
+    both with positions 0..n-1. With b(i) the block of position i inside its half:
+    - a noisy query sees the noisy keys of its own block and the clean keys of earlier blocks;
+    - a clean query sees the clean keys of its own and earlier blocks (block-causal, as at
+      inference), never a noisy key.
+    So the noisy half of block b is denoised from the clean blocks before it, exactly the
+    context the samplers give block b, and one forward trains every block at once."""
+    blocks = torch.arange(length, device=device) // block_length  # (n,)
+    same = blocks[:, None] == blocks[None, :]
+    earlier = blocks[None, :] < blocks[:, None]
+    noisy_rows = torch.cat([same, earlier], dim=1)  # (n, 2n): [noisy keys | clean keys]
+    clean_rows = torch.cat([torch.zeros_like(same), same | earlier], dim=1)
+    return torch.cat([noisy_rows, clean_rows], dim=0)[None, None]
