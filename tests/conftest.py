@@ -146,6 +146,34 @@ def moe_chat_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llada2_chat_checkpoint(tmp_path_factory) -> Path:
+    """A small random LLaDA 2.x folder (the reference tiny checkpoint's shape: fused QKV,
+    QK-norm, half RoPE, a dense first layer then 4 experts top-2 in 2 groups with the expert
+    bias and a shared expert) with a trained llada-moe tokenizer, so the ids and the `<role>`
+    chat template come from the files."""
+    from llada.model.llada2 import LLaDA2Config, LLaDA2Model
+    from llada.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("llada2-chat-model")
+    text = [
+        "To be, or not to be, that is the question. " * 20,
+        "What is 2 + 3? The answer is 5. " * 20,
+    ]
+    train_tokenizer(text, vocab_size=320, output_dir=folder, family="llada-moe")
+    tokens = resolve_special_tokens({}, folder, vocab_size=320)
+    raw = json.loads((REFERENCE / "llada2-tiny" / "config.json").read_text(encoding="utf-8"))
+    config = LLaDA2Config.from_hf_dict(
+        raw | {"vocab_size": 320, "pad_token_id": tokens.pad_id, "num_hidden_layers": 2}
+    )
+    model = LLaDA2Model(config)
+    model.init_weights(torch.Generator().manual_seed(2))
+    with torch.no_grad():  # a non-zero expert bias, so the biased top-k is exercised
+        model.blocks[1].mlp.gate.expert_bias.copy_(torch.tensor([0.05, -0.02, 0.0, 0.03]))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def training_setup(tmp_path_factory, chat_checkpoint):
     """A tokenised synthetic corpus (learnable patterns), a tiny model config, the tokenizer."""
     import random
