@@ -1,6 +1,7 @@
 """Training objectives: LLaDA pre-training and SFT losses (paper Eq. 3 and 5; ML-GSAI/LLaDA
-GUIDELINES.md), an autoregressive loss on the same network for equal-compute comparisons, and
-the routers' load-balancing loss of mixture-of-experts models (`load_balancing_loss`).
+GUIDELINES.md), LLaDA 2.x's block-diffusion loss on the same masking (`block_diffusion_loss`),
+an autoregressive loss on the same network for equal-compute comparisons, and the routers'
+load-balancing loss of mixture-of-experts models (`load_balancing_loss`).
 
 The masking comes from `llada.diffusion`, the module the likelihood estimator uses too. The LM
 head runs only on the positions a loss reads (`logits_at`), and cross-entropy is taken in
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import PRETRAIN_EPS, random_masking
+from .model.llada2 import block_diffusion_training_mask
 from .model.transformer import causal_attention_mask, flat_positions
 
 # GUIDELINES.md: 1% of pre-training batches are cropped to a random length, so that the model
@@ -60,11 +62,9 @@ def pretraining_loss(
     The normalisation is by all tokens of the batch, not by the masked ones (ML-GSAI/LLaDA
     GUIDELINES.md), so the value is an unbiased estimate of the negative ELBO per token, in nats.
     """
-    noisy, is_masked, p_mask = random_masking(x0, mask_id, eps=eps, generator=generator)
+    noisy, is_masked, p_mask = _corrupt(x0, mask_id, None, eps, generator)
     logits = model(noisy, logits_at=flat_positions(is_masked)).logits  # (N, V)
-    token_loss = F.cross_entropy(logits.float(), x0[is_masked], reduction="none")
-    loss = (token_loss / p_mask[is_masked]).sum() / x0.numel()
-    return LossOutput(loss=loss, num_targets=int(is_masked.sum()))
+    return _weighted_loss(logits, x0, is_masked, p_mask, None)
 
 
 def sft_loss(
@@ -82,15 +82,90 @@ def sft_loss(
     The prompt is never masked; the EOS padding belongs to the answer and is trained on; each
     row is normalised by its answer length (L - prompt length), then averaged over rows.
     """
-    batch, length = x0.shape
-    noisy, is_masked, p_mask = random_masking(x0, mask_id, eps=eps, generator=generator)
-    is_prompt = torch.arange(length, device=x0.device)[None, :] < prompt_lengths[:, None]
-    noisy = torch.where(is_prompt, x0, noisy)
-    is_masked = is_masked & ~is_prompt
-    answer_lengths = (length - prompt_lengths)[:, None].expand(batch, length)
+    noisy, is_masked, p_mask = _corrupt(x0, mask_id, prompt_lengths, eps, generator)
     logits = model(noisy, logits_at=flat_positions(is_masked)).logits
+    return _weighted_loss(logits, x0, is_masked, p_mask, prompt_lengths)
+
+
+def block_diffusion_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    mask_id: int,
+    *,
+    block_length: int,
+    prompt_lengths: torch.Tensor | None = None,
+    eps: float = PRETRAIN_EPS,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """The block-diffusion loss of LLaDA 2.x (inclusionAI/dFactory, tasks/train_llada2_bd.py,
+    block_diffusion_mode; the objective of Arriola et al. 2025, "Block Diffusion", arXiv
+    2503.09573): every block of x0 (B, L) is denoised from the clean blocks before it.
+
+    x0 is corrupted as by `pretraining_loss` (with `prompt_lengths` (B,): as by `sft_loss`, the
+    prompt never masked), and the model reads [x_t ; x_0] (B, 2L) in one forward, under
+    `block_diffusion_training_mask` with RoPE positions 0..L-1 for each half: a noisy query sees
+    its own noisy block and the clean blocks before it, which is the context the LLaDA 2.x
+    samplers give that block. The LM head runs only on the masked noisy positions; logits at
+    position i predict token i. The loss is the one of `pretraining_loss` (no prompt:
+    Σ_masked CE / p_mask / (B · L)) or of `sft_loss` (each row by its answer length, then the
+    mean over rows), the same formula.
+
+    Masking ratio. t ~ U(0, 1) per sequence with p_mask = (1 - eps) t + eps, LLaDA's convention
+    (`llada.diffusion.random_masking`), not dFactory's trainer setting t ~ U(0.3, 0.8). With
+    the 1/p_mask weight over the whole of (0, 1] the value is an unbiased estimate of the
+    negative ELBO per token of the block-diffusion model (the sum over blocks of each block's
+    masked-diffusion bound given the clean blocks before it; one t per sequence shared by its
+    blocks leaves every block's expectation, so the sum, unchanged). A ratio restricted to
+    [0.3, 0.8] weighted by 1/t bounds nothing (it drops the integral outside that range), and its
+    values would not compare with the validation -ELBO of the other families.
+    """
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+        raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+    length = x0.shape[1]
+    noisy, is_masked, p_mask = _corrupt(x0, mask_id, prompt_lengths, eps, generator)
+    doubled = torch.cat([noisy, x0], dim=1)  # (B, 2L): [x_t ; x_0]
+    targets = torch.cat([is_masked, torch.zeros_like(is_masked)], dim=1)  # the noisy half only
+    logits = model(
+        doubled,
+        attention_mask=block_diffusion_training_mask(length, block_length, x0.device),
+        positions=torch.arange(length, device=x0.device).repeat(2),  # (2L,)
+        logits_at=flat_positions(targets),
+    ).logits  # (N, V), rows in the order of x0[is_masked]
+    return _weighted_loss(logits, x0, is_masked, p_mask, prompt_lengths)
+
+
+def _corrupt(
+    x0: torch.Tensor,
+    mask_id: int,
+    prompt_lengths: torch.Tensor | None,
+    eps: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`random_masking` of x0 (B, L); with prompt_lengths (B,), the prompt is left clean."""
+    noisy, is_masked, p_mask = random_masking(x0, mask_id, eps=eps, generator=generator)
+    if prompt_lengths is None:
+        return noisy, is_masked, p_mask
+    is_prompt = torch.arange(x0.shape[1], device=x0.device)[None, :] < prompt_lengths[:, None]
+    return torch.where(is_prompt, x0, noisy), is_masked & ~is_prompt, p_mask
+
+
+def _weighted_loss(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    is_masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor | None,
+) -> LossOutput:
+    """Σ CE / p_mask over the masked positions (logits (N, V) in the order of x0[is_masked]),
+    normalised by all tokens (B · L) or, with prompt_lengths, by each row's answer length and
+    then the batch size (GUIDELINES.md)."""
+    batch, length = x0.shape
     token_loss = F.cross_entropy(logits.float(), x0[is_masked], reduction="none")
-    loss = (token_loss / p_mask[is_masked] / answer_lengths[is_masked]).sum() / batch
+    if prompt_lengths is None:
+        loss = (token_loss / p_mask[is_masked]).sum() / x0.numel()
+    else:
+        answer_lengths = (length - prompt_lengths)[:, None].expand(batch, length)
+        loss = (token_loss / p_mask[is_masked] / answer_lengths[is_masked]).sum() / batch
     return LossOutput(loss=loss, num_targets=int(is_masked.sum()))
 
 

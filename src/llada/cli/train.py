@@ -13,9 +13,10 @@ from .options import add_dataclass_arguments
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="pre-train or fine-tune a LLaDA or LLaDA-MoE model",
+        help="pre-train or fine-tune a LLaDA, LLaDA-MoE or LLaDA 2.x model",
         description=(
-            "Train with the LLaDA losses. Runs as one process, or on N processes with "
+            "Train with the LLaDA losses (LLaDA 2.x: block diffusion, see --block-length). "
+            "Runs as one process, or on N processes with "
             "`torchrun --nproc_per_node N -m llada.cli.main train ...` (gloo on CPU, NCCL on GPU)."
         ),
     )

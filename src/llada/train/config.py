@@ -23,8 +23,8 @@ class TrainConfig:
     autoregressive: train the same network as a causal next-token model instead, for
         masked-diffusion vs autoregressive comparisons at equal compute.
     model: a checkpoint folder to start from; empty for a new model from --model-config.
-    model_config: JSON file with the config.json keys of a new model, of either family: dense
-        LLaDA or LLaDA-MoE (told apart by `architectures` or the MoE keys).
+    model_config: JSON file with the config.json keys of a new model, of any family: dense
+        LLaDA, LLaDA-MoE or LLaDA 2.x (told apart by `architectures` or the families' own keys).
     tokenizer: folder with the tokenizer files of a new model.
     data: training data: a token file made by `llada data` (pretrain), or a JSONL file of chat
         records with a 'messages' list (sft).
@@ -74,6 +74,10 @@ class TrainConfig:
         the reference's formula, which pools all MoE layers' routers (it evens out each expert
         index's load summed over the layers, not each layer's); 'per-layer': always, as the mean
         of every MoE layer's own loss, which evens out each layer.
+    block_length: LLaDA 2.x, whose objectives ('pretrain' and 'sft') are block diffusion: the
+        block length of its training mask (each block is denoised from the clean blocks before
+        it). Empty: the family's default, 32 as in inclusionAI/dFactory. Other families train
+        on the whole sequence and refuse it.
     """
 
     objective: Objective = "pretrain"
@@ -115,6 +119,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     router_aux_loss: RouterAuxLoss = "config"
+    block_length: int | None = None
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -145,6 +150,13 @@ class TrainConfig:
             )
         if self.objective not in ("pretrain", "sft"):
             raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
+        if self.block_length is not None:
+            require_positive_ints(self, "block_length")
+            if self.autoregressive:
+                raise ValueError(
+                    "block_length sets the block-diffusion objective, and autoregressive training "
+                    "has none: drop one of --block-length and --autoregressive"
+                )
         if self.router_aux_loss not in ("config", "on", "per-layer", "off"):
             raise ValueError(
                 "router_aux_loss must be 'config', 'on', 'per-layer' or 'off', got "

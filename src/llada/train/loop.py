@@ -29,6 +29,7 @@ import torch
 from ..losses import (
     LossOutput,
     autoregressive_loss,
+    block_diffusion_loss,
     load_balancing_loss,
     maybe_crop,
     pretraining_loss,
@@ -37,7 +38,8 @@ from ..losses import (
 )
 from ..model.checkpoint import load_model
 from ..model.config import LLaDAConfig
-from ..model.families import DENSE, detect_family, family_of
+from ..model.families import DENSE, LLADA2, Family, detect_family, family_of
+from ..model.llada2 import LLaDA2Config
 from ..model.llada_moe import LLaDAMoEConfig
 from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
@@ -87,6 +89,9 @@ Say = Callable[[str], None]
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "train_config.json")
 _DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
 BOARD_KEYS = ("loss", "aux_loss", "lr", "grad_norm", "val_loss", "val_bits_per_token")
+# The families trained by block diffusion (both objectives), with their default block length:
+# LLaDA 2.x as inclusionAI/dFactory trains it (tasks/train_llada2_bd.py, block_size 32).
+BLOCK_DIFFUSION_DEFAULTS: dict[str, int] = {LLADA2.name: 32}
 
 
 def _log_line(line: str) -> None:
@@ -124,10 +129,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 def new_model_config(
     path: str | os.PathLike, tokenizer_folder: str | os.PathLike
-) -> LLaDAConfig | LLaDAMoEConfig:
-    """The config of a new model: a config.json-style file of either family (told apart as
-    `llada.load_model` does: `architectures` or the MoE keys), with the vocabulary size and the
-    special ids taken from the tokenizer where the file leaves them out."""
+) -> LLaDAConfig | LLaDAMoEConfig | LLaDA2Config:
+    """The config of a new model: a config.json-style file of any family (told apart as
+    `llada.load_model` does: `architectures` or the families' own keys), with the vocabulary
+    size and the special ids taken from the tokenizer where the file leaves them out."""
     data = _read_json(path)
     family = detect_family(data)
     vocab_size = len(load_tokenizer(tokenizer_folder))
@@ -393,6 +398,7 @@ class Trainer:
         self.tokenizer_folder = run_tokenizer
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+        self.block_length = self._block_length(family_of(model))
         if config.lora_rank:
             model = add_lora(model, config.lora_rank, config.lora_alpha)
             if state is not None:
@@ -417,6 +423,25 @@ class Trainer:
         if mode == "auto":
             mode = "fsdp" if self.env.enabled else "none"
         self.model = wrap_model(self.base_model, mode, self.env)
+
+    def _block_length(self, family: Family) -> int | None:
+        """The block length of the run's block-diffusion loss; None for a family trained on the
+        whole sequence (its LLaDA loss) or an autoregressive run."""
+        config = self.config
+        default = BLOCK_DIFFUSION_DEFAULTS.get(family.name)
+        if default is None:
+            if config.block_length is not None:
+                raise ValueError(
+                    f"--block-length {config.block_length}: a {family.name} model trains on the "
+                    f"whole sequence, not by block diffusion ({', '.join(BLOCK_DIFFUSION_DEFAULTS)} "
+                    "only); drop the flag"
+                )
+            return None
+        if config.autoregressive:
+            return None
+        block_length = config.block_length or default
+        self.say(f"objective: block diffusion ({family.name}), block length {block_length}")
+        return block_length
 
     def _router_aux_loss(self, model: torch.nn.Module) -> float | None:
         """The coefficient of the routers' load-balancing loss, None when it is not added.
@@ -552,6 +577,15 @@ class Trainer:
         with autocast:
             if config.autoregressive:
                 return autoregressive_loss(self.model, x0, prompt_lengths)
+            if self.block_length is not None:
+                return block_diffusion_loss(
+                    self.model,
+                    x0,
+                    self.special_tokens.mask_id,
+                    block_length=self.block_length,
+                    prompt_lengths=prompt_lengths,
+                    generator=generator,
+                )
             if prompt_lengths is not None:
                 return sft_loss(
                     self.model, x0, prompt_lengths, self.special_tokens.mask_id, generator=generator
