@@ -29,6 +29,7 @@ _EXPORTS = {
     "block_generate_cached": "llada.sampling.block_cached",
     "GenerateConfig": "llada.sampling.config",
     "DecodeConfig": "llada.sampling.config",
+    "BlockDecodeConfig": "llada.sampling.config",
     "NonFiniteLogitsError": "llada.sampling.config",
     "sample": "llada.sampling.fast",
     "denoise": "llada.sampling.fast",

@@ -555,6 +555,8 @@ class LLaDA2Model(MaskPredictor):
     (`block_attention_mask`).
     """
 
+    block_diffusion = True
+
     def __init__(
         self, config: LLaDA2Config, attn_implementation: AttentionImplementation = "sdpa"
     ) -> None:

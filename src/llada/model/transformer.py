@@ -564,7 +564,12 @@ class MaskPredictor(nn.Module):
     (RotaryEmbedding), `blocks` (its blocks take `run_blocks`' arguments), `final_norm`,
     `lm_head` (None when tied to the embedding) and `special_tokens` (resolved by `load_model`;
     see llada.tokens), and may override `embedding_out` and `logits_out` for what differs.
+
+    block_diffusion: the family generates by block diffusion (LLaDA 2.x: bidirectional inside a
+    block, causal between blocks), so the samplers decode it with `BlockDecodeConfig`.
     """
+
+    block_diffusion: bool = False
 
     def embedding_out(self, x: torch.Tensor) -> torch.Tensor:
         """The embeddings as the first block reads them (a family with embedding dropout)."""

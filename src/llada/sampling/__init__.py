@@ -13,6 +13,7 @@ from typing import Any
 _EXPORTS = {
     "GenerateConfig": ".config",
     "DecodeConfig": ".config",
+    "BlockDecodeConfig": ".config",
     "NonFiniteLogitsError": ".config",
     "max_steps": ".config",
     "PRESETS": ".config",
@@ -22,13 +23,14 @@ _EXPORTS = {
     "sample": ".fast",
     "denoise": ".fast",
     "SampleResult": ".fast",
-    "StepEvent": ".fast",
+    "StepEvent": ".events",
     "generate": ".reference",
     "add_gumbel_noise": ".reference",
     "get_num_transfer_tokens": ".reference",
     "block_generate": ".block",
     "block_sample": ".block_cached",
     "block_generate_cached": ".block_cached",
+    "iter_block_sample": ".block_cached",
     "BlockSampleResult": ".block_cached",
     "BlockStepEvent": ".block_cached",
 }

@@ -33,7 +33,7 @@ the finished blocks) are to be tested against this.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from ..inputs import check_context, check_mask_id, check_prompt, device_of, vocab_size_of
 from ..model.llada2 import block_attention_mask
 from ..tokens import special_tokens_of
-from .config import NonFiniteLogitsError
+from .config import BLOCK_VERSIONS, NonFiniteLogitsError, check_block_options
 
 Version = Literal["2.0", "2.1"]
-VERSIONS: tuple[str, ...] = ("2.0", "2.1")
+VERSIONS: tuple[str, ...] = BLOCK_VERSIONS
 
 
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
@@ -256,7 +256,7 @@ def _block_proposals(
     return propose(logits.float(), *sampling)
 
 
-def _token_ids(model: torch.nn.Module, mask_id: int | None, eos_id: int | None) -> tuple[int, int]:
+def token_ids(model: torch.nn.Module, mask_id: int | None, eos_id: int | None) -> tuple[int, int]:
     """The mask and EOS ids: the given ones, else the model's (`special_tokens`, or its config)."""
     for name, value in (("mask_id", mask_id), ("eos_id", eos_id)):
         if value is not None and (
@@ -283,45 +283,11 @@ def checked_setup(
 ) -> tuple[int, int, int, torch.device]:
     """(vocabulary size, mask id, EOS id, device) for a block sampler's call, after checking its
     options (one ValueError naming the option) and ids against the model."""
-    _check_options(**options)
+    check_block_options(**options)
     vocab_size = vocab_size_of(model)
-    mask_id, eos_id = _token_ids(model, mask_id, eos_id)
+    mask_id, eos_id = token_ids(model, mask_id, eos_id)
     check_mask_id(mask_id, vocab_size)
     top_k = options["top_k"]
     if top_k is not None and top_k > vocab_size:
         raise ValueError(f"top_k ({top_k}) exceeds the model's vocabulary ({vocab_size})")
     return vocab_size, mask_id, eos_id, device_of(model)
-
-
-def _check_options(**options: object) -> None:
-    """One ValueError naming the option and what it accepts."""
-    if options["version"] not in VERSIONS:
-        raise ValueError(
-            f"version must be one of {', '.join(VERSIONS)} (the LLaDA 2.0 or 2.1 sampler), got "
-            f"{options['version']!r}"
-        )
-    for name in ("gen_length", "block_length", "steps", "minimal_topk", "num_to_transfer"):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    value = options["max_post_steps"]
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"max_post_steps must be a non-negative integer, got {value!r}")
-    for name in ("threshold", "editing_threshold", "temperature"):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, Real) or value != value:
-            raise ValueError(f"{name} must be a number, got {value!r}")
-    if not 0.0 <= options["temperature"] < float("inf"):
-        raise ValueError(
-            f"temperature must be finite and >= 0 (0 = greedy), got {options['temperature']!r}"
-        )
-    top_k = options["top_k"]
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0
-    ):
-        raise ValueError(f"top_k must be None or a non-negative integer (0 = off), got {top_k!r}")
-    top_p = options["top_p"]
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0
-    ):
-        raise ValueError(f"top_p must be None or in (0, 1] (1 = off), got {top_p!r}")

@@ -31,7 +31,7 @@ generators, one per prompt, makes every row's answer independent of the batch it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +42,9 @@ from ..inputs import (
     context_of,
 )
 from ..model.llada2 import block_attention_mask
-from .block import Version, checked_setup, propose, transfer_schedule
-from .config import NonFiniteLogitsError
+from .block import Version, checked_setup, propose, token_ids, transfer_schedule
+from .config import BlockDecodeConfig, GenerateConfig, NonFiniteLogitsError
+from .events import StepEvent
 
 
 @dataclass
@@ -95,8 +96,57 @@ class _Row:
         return self.pad + self.prompt_length
 
 
+@dataclass
+class BlockForward:
+    """What one forward of `iter_block_sample` did (or, with no events, the end of a block).
+
+    block: the batch's block index (counted on the left-padded canvas); step: forwards taken
+    in this block so far; events: one `BlockStepEvent` per row that proposed from this forward
+    (empty after a block's end); confidence: per event, the (B,) probabilities of the block's
+    proposals; finished: prompt index -> final answer, for the rows that just left."""
+
+    block: int
+    step: int
+    events: list[BlockStepEvent]
+    confidence: list[torch.Tensor]
+    finished: dict[int, torch.Tensor]
+    forward_passes: int
+    work: dict[str, int]
+
+
 @torch.no_grad()
 def block_sample(
+    model: torch.nn.Module,
+    prompts: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
+    *,
+    on_step: Callable[[BlockStepEvent], None] | None = None,
+    **options: object,
+) -> BlockSampleResult:
+    """`block_generate` for each prompt, with the block KV cache, in one batch (module
+    docstring). prompts: a (B, Lp) tensor of unpadded prompts of one length, or a list of
+    prompts of any lengths (1-D tensors or lists of ids). The options are `block_generate`'s
+    (version, gen_length, block_length, steps, threshold, temperature, top_k, top_p,
+    eos_early_stop, minimal_topk, editing_threshold, max_post_steps, num_to_transfer, eos_id,
+    mask_id) and generator: None (the global generator), one generator shared by all rows, or
+    one per prompt. on_step: called after every row's every step with a `BlockStepEvent` (what
+    was committed and what was edited: a live view of 2.1's token editing)."""
+    answers: dict[int, torch.Tensor] = {}
+    last = None
+    for last in iter_block_sample(model, prompts, watched=on_step is not None, **options):
+        if on_step is not None:
+            for event in last.events:
+                on_step(event)
+        answers |= last.finished
+    assert last is not None  # the generator always reports the last rows leaving
+    return BlockSampleResult(
+        answers=[answers[i] for i in range(len(answers))],
+        forward_passes=last.forward_passes,
+        work=last.work,
+    )
+
+
+@torch.no_grad()
+def iter_block_sample(
     model: torch.nn.Module,
     prompts: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
     *,
@@ -116,14 +166,14 @@ def block_sample(
     eos_id: int | None = None,
     mask_id: int | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    on_step: Callable[[BlockStepEvent], None] | None = None,
-) -> BlockSampleResult:
-    """`block_generate` for each prompt, with the block KV cache, in one batch (module
-    docstring). prompts: a (B, Lp) tensor of unpadded prompts of one length, or a list of
-    prompts of any lengths (1-D tensors or lists of ids). The options are `block_generate`'s;
-    generator: None (the global generator), one generator shared by all rows, or one per
-    prompt. on_step: called after every row's every step with a `BlockStepEvent` (what was
-    committed and what was edited: a live view of 2.1's token editing)."""
+    watched: bool = True,
+    abandoned: Callable[[], Collection[int]] | None = None,
+) -> Iterator[BlockForward]:
+    """`block_sample`, yielding a `BlockForward` after every forward and after every block end
+    that finished rows. watched=False builds no step events (the work of `on_step`).
+    abandoned: called after every forward; the prompt indices it names leave the batch at
+    once (their answer is what their canvas holds then, [MASK] included), so the other rows go
+    on with less work and unchanged results (a server's disconnected clients)."""
     vocab_size, mask_id, eos_id, device = checked_setup(
         model,
         mask_id,
@@ -166,12 +216,12 @@ def block_sample(
     quotas = transfer_schedule(block_length, steps)
     sampling = (version, temperature, top_k, top_p)
 
-    answers: dict[int, torch.Tensor] = {}
     first_block = rows[0].pad // block_length + rows[0].prompt_length // block_length
     for block in range(first_block, max(row.last_block for row in rows) + 1):
         start, end = block * block_length, (block + 1) * block_length
         for row in rows:
             row.step, row.post_steps, row.block_done = 0, 0, False
+        step = 0
         while True:
             working = [
                 i
@@ -183,9 +233,11 @@ def block_sample(
             if not working:
                 break
             logits = runner.block_logits(start, end, working)  # (len(working), B, V)
+            step += 1
+            events, confidence = [], []
             for logits_row, i in zip(logits, working, strict=True):
                 row = rows[i]
-                before = runner.x[i, start:end].clone() if on_step is not None else None
+                before = runner.x[i, start:end].clone() if watched else None
                 x0, p = propose(logits_row, *sampling, generator=row.generator)
                 if version == "2.0":
                     _commit_20(row, runner.x[i], start, end, x0, p, quotas, threshold, mask_id)
@@ -196,23 +248,45 @@ def block_sample(
                         row, runner.x[i], start, end, x0, p,
                         threshold, num_to_transfer, editing_threshold, mask_id,
                     )  # fmt: skip
-                if on_step is not None:
-                    on_step(_step_event(row, before, runner.x[i, start:end], start, mask_id))
-            rows = _leave(rows, runner, answers)
+                if watched:
+                    events.append(_step_event(row, before, runner.x[i, start:end], start, mask_id))
+                    confidence.append(p)
+            _abandon(rows, runner, abandoned)
+            finished: dict[int, torch.Tensor] = {}
+            rows = _leave(rows, runner, finished)
+            yield BlockForward(
+                block - first_block, step, events, confidence, finished,
+                runner.forward_passes, dict(runner.work),
+            )  # fmt: skip
+            if not rows:
+                return
         for i, row in enumerate(rows):
             answer = runner.x[i, row.answer_start : end]
             if block == row.last_block or _stops_after_block(
                 answer, version, eos_early_stop, eos_id, mask_id
             ):
                 row.answer = _final_answer(runner.x[i], row, gen_length, eos_id)
-        rows = _leave(rows, runner, answers)
+        finished = {}
+        rows = _leave(rows, runner, finished)
+        if finished or not rows:
+            yield BlockForward(
+                block - first_block, step, [], [], finished,
+                runner.forward_passes, dict(runner.work),
+            )  # fmt: skip
         if not rows:
-            break
-    return BlockSampleResult(
-        answers=[answers[i] for i in range(len(prompt_rows))],
-        forward_passes=runner.forward_passes,
-        work=dict(runner.work),
-    )
+            return
+
+
+def _abandon(
+    rows: list[_Row], runner: _BlockRunner, abandoned: Callable[[], Collection[int]] | None
+) -> None:
+    """Rows whose prompt index `abandoned()` names take what their canvas holds as answer."""
+    if abandoned is None:
+        return
+    gone = set(abandoned())
+    for i, row in enumerate(rows):
+        if row.index in gone and row.answer is None:
+            row.answer = runner.x[i, row.answer_start :].clone()
 
 
 def _step_event(
@@ -490,3 +564,69 @@ def _layout(
         x[i, : row.pad] = eos_id
         x[i, row.pad : row.answer_start] = ids
     return rows, x
+
+
+@torch.no_grad()
+def denoise_blocks(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: GenerateConfig,
+    decode: BlockDecodeConfig,
+    mask_id: int | None = None,
+    abandoned: Callable[[], Collection[int]] | None = None,
+) -> Iterator[StepEvent]:
+    """`llada.denoise` for a LLaDA 2.x model: `block_sample` on the rows of a left-padded
+    batch `prompt` (B, Lp) (`attention_mask` 1 = token, 0 = padding), yielding the same
+    `StepEvent`s as the LLaDA-8B loop, one per forward: the canvas (B, Lp + gen_length) with
+    the mask id where undecided, what the forward committed and (2.1) edited, and the
+    probabilities of the positions it decided among. A finished row's answer is what
+    `block_sample` returns, cut after its EOS with EOS after it (2.0's early answer can run
+    past gen_length; the canvas keeps gen_length of it)."""
+    options = decode.sampler_options(config)
+    mask_id, eos_id = token_ids(model, mask_id, None)
+    batch, width = prompt.shape
+    if attention_mask is None:
+        rows = list(prompt)
+    else:
+        pads = (attention_mask == 0).sum(dim=1).tolist()
+        rows = [prompt[i, pad:] for i, pad in enumerate(pads)]
+    gen_length = config.gen_length
+    length = width + gen_length
+    canvas = torch.cat([prompt, torch.full_like(prompt[:, :1], mask_id).expand(-1, gen_length)], 1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    for forward in iter_block_sample(
+        model, rows, mask_id=mask_id, eos_id=eos_id, abandoned=abandoned, **options
+    ):
+        committed = torch.zeros(batch, length, dtype=torch.bool, device=prompt.device)
+        edited = torch.zeros_like(committed)
+        confidence = torch.full((batch, length), torch.nan, device=prompt.device)
+        for event, p in zip(forward.events, forward.confidence, strict=True):
+            i, prompt_length = event.prompt, len(rows[event.prompt])
+            start, end = event.block
+            low, high = max(start, prompt_length), min(end, prompt_length + gen_length)
+            if low >= high:
+                continue
+            at = slice(width + low - prompt_length, width + high - prompt_length)
+            inside = slice(low - start, high - start)
+            canvas[i, at] = event.tokens[inside]
+            committed[i, at] = event.committed[inside]
+            edited[i, at] = event.edited[inside]
+            undecided = event.committed[inside] | (event.tokens[inside] == mask_id)
+            confidence[i, at] = torch.where(undecided, p[inside].float(), torch.nan)
+        for i, answer in forward.finished.items():
+            n = min(len(answer), gen_length)
+            canvas[i, width : width + n] = answer[:n]
+            canvas[i, width + n :] = eos_id
+            finished[i] = True
+        yield StepEvent(
+            block=forward.block,
+            step=forward.step,
+            forward_passes=forward.forward_passes,
+            work=forward.work,
+            tokens=canvas.clone(),
+            committed=committed,
+            confidence=confidence,
+            finished=finished.clone(),
+            edited=edited,
+        )

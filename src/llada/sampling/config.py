@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Literal
 
 from ..settings import require_positive_ints
@@ -258,17 +259,128 @@ def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:
     return config.num_blocks * max(config.block_length, 2 if decode.fastdllm_numerics else 1)
 
 
-# LLaDA 2.x's block samplers (`block_generate`, `block_sample`): the settings their authors
-# publish, as keyword arguments. 2.0: SGLang's LowConfidence (threshold 0.95, block 32) and the
-# model card's 32 steps per block. 2.1: diffusers' LLaDA2 pipeline docs, "quality" (threshold
-# 0.7, editing 0.5, 16 post steps) and "speed" (threshold 0.5, editing off: a probability is
-# never above 1, so nothing is edited).
-BLOCK_PRESETS: dict[str, dict[str, object]] = {
-    "llada2.0": dict(version="2.0", block_length=32, steps=32, threshold=0.95),
-    "llada2.1-quality": dict(
-        version="2.1", block_length=32, threshold=0.7, editing_threshold=0.5, max_post_steps=16
+BLOCK_VERSIONS = ("2.0", "2.1")
+
+
+def check_block_options(**options: object) -> None:
+    """The options of LLaDA 2.x's block samplers (`block_generate`, `block_sample`): one
+    ValueError naming the first wrong one and what it accepts. Options not given are not
+    checked."""
+    if "version" in options and options["version"] not in BLOCK_VERSIONS:
+        raise ValueError(
+            f"version must be one of {', '.join(BLOCK_VERSIONS)} (the LLaDA 2.0 or 2.1 sampler), "
+            f"got {options['version']!r}"
+        )
+    for name in ("gen_length", "block_length", "steps", "minimal_topk", "num_to_transfer"):
+        if name in options:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if "max_post_steps" in options:
+        value = options["max_post_steps"]
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"max_post_steps must be a non-negative integer, got {value!r}")
+    for name in ("threshold", "editing_threshold", "temperature"):
+        if name in options:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, Real) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}")
+    if "temperature" in options and not 0.0 <= options["temperature"] < float("inf"):
+        raise ValueError(
+            f"temperature must be finite and >= 0 (0 = greedy), got {options['temperature']!r}"
+        )
+    top_k = options.get("top_k")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0
+    ):
+        raise ValueError(f"top_k must be None or a non-negative integer (0 = off), got {top_k!r}")
+    top_p = options.get("top_p")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0
+    ):
+        raise ValueError(f"top_p must be None or in (0, 1] (1 = off), got {top_p!r}")
+
+
+@dataclass(frozen=True)
+class BlockDecodeConfig:
+    """How a LLaDA 2.x model decodes (block diffusion: `block_sample`, with the exact block KV
+    cache). The `GenerateConfig` still says what to generate: gen_length, block_length,
+    temperature, and steps (the total, as for every family: 2.0 takes steps / blocks per
+    block). The LLaDA-8B settings cfg_scale, remasking and the EOS flags are not part of this
+    sampler and must keep their defaults.
+
+    version: '2.0' (a per-block quota of steps plus a confidence threshold) or '2.1' (the
+        threshold with at least num_to_transfer per step, token editing and post steps).
+    threshold: commit the [MASK] positions whose probability exceeds it.
+    editing_threshold: 2.1: rewrite a decoded answer token whose new proposal differs and is
+        more probable than this (1.0 turns editing off).
+    max_post_steps: 2.1: forwards a block may take after it holds no [MASK] (editing only).
+    minimal_topk: 2.0: steps are capped at gen_length // minimal_topk, as the reference.
+    num_to_transfer: 2.1: tokens committed at least per step.
+    top_k: keep the k most probable tokens before sampling (None or 0: off).
+    top_p: nucleus sampling (None or 1: off).
+    eos_early_stop: stop once the answer holds an EOS (2.0: right after the step that commits
+        it; 2.1: after the block, when nothing before it is [MASK]).
+    """
+
+    version: str = "2.0"
+    threshold: float = 0.95
+    editing_threshold: float = 0.9
+    max_post_steps: int = 16
+    minimal_topk: int = 1
+    num_to_transfer: int = 1
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_early_stop: bool = False
+
+    def __post_init__(self) -> None:
+        options = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "eos_early_stop"}
+        check_block_options(**options)
+        if not isinstance(self.eos_early_stop, bool):
+            raise ValueError(f"eos_early_stop must be True or False, got {self.eos_early_stop!r}")
+
+    def sampler_options(self, config: GenerateConfig) -> dict[str, object]:
+        """`block_sample`'s keyword arguments for this decoding and `config`; a ValueError for
+        a LLaDA-8B setting that this sampler does not have."""
+        for name, default in (
+            ("cfg_scale", 0.0),
+            ("remasking", "low_confidence"),
+            ("logits_eos_inf", False),
+            ("confidence_eos_eot_inf", False),
+            ("fix_confidence_eos_eot", False),
+        ):
+            if getattr(config, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(config, name)!r} is a LLaDA-8B sampler setting; LLaDA 2.x's "
+                    f"block sampler has no such option (leave it at {default!r})"
+                )
+        options = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return options | dict(
+            gen_length=config.gen_length,
+            block_length=config.block_length,
+            steps=config.steps_per_block,
+            temperature=config.temperature,
+        )
+
+
+# LLaDA 2.x's block samplers: the settings their authors publish, as (decoding, the
+# GenerateConfig fields they fix). 2.0: SGLang's LowConfidence (threshold 0.95, block 32) and
+# the model card's 32 steps per block. 2.1: diffusers' LLaDA2 pipeline docs, "quality"
+# (threshold 0.7, editing 0.5, 16 post steps) and "speed" (threshold 0.5, editing off: a
+# probability is never above 1, so nothing is edited).
+BLOCK_PRESETS: dict[str, tuple[BlockDecodeConfig, dict[str, int]]] = {
+    "llada2.0": (
+        BlockDecodeConfig(version="2.0", threshold=0.95),
+        dict(block_length=32, steps_per_block=32),
     ),
-    "llada2.1-speed": dict(version="2.1", block_length=32, threshold=0.5, editing_threshold=1.0),
+    "llada2.1-quality": (
+        BlockDecodeConfig(version="2.1", threshold=0.7, editing_threshold=0.5, max_post_steps=16),
+        dict(block_length=32),
+    ),
+    "llada2.1-speed": (
+        BlockDecodeConfig(version="2.1", threshold=0.5, editing_threshold=1.0),
+        dict(block_length=32),
+    ),
 }
 
 
@@ -277,10 +389,26 @@ def block_preset(name: str) -> dict[str, object]:
     `llada.block_sample(model, prompts, gen_length=256, **block_preset("llada2.1-quality"))`."""
     if name not in BLOCK_PRESETS:
         raise ValueError(f"unknown LLaDA 2.x preset {name!r}; choose from {sorted(BLOCK_PRESETS)}")
-    return dict(BLOCK_PRESETS[name])
+    decode, fixed = BLOCK_PRESETS[name]
+    options: dict[str, object] = dict(
+        version=decode.version, block_length=fixed["block_length"], threshold=decode.threshold
+    )
+    if decode.version == "2.0":
+        options["steps"] = fixed["steps_per_block"]
+    else:
+        options |= dict(
+            editing_threshold=decode.editing_threshold, max_post_steps=decode.max_post_steps
+        )
+    return options
 
 
-def decode_preset(name: str) -> DecodeConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+def decode_preset(name: str) -> DecodeConfig | BlockDecodeConfig:
+    """The decoding of a preset name: LLaDA-8B / LLaDA-MoE presets (`PRESETS`) give a
+    `DecodeConfig`, LLaDA 2.x presets (`BLOCK_PRESETS`) a `BlockDecodeConfig`."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name in BLOCK_PRESETS:
+        return BLOCK_PRESETS[name][0]
+    raise ValueError(
+        f"unknown preset {name!r}; choose from {sorted(PRESETS) + sorted(BLOCK_PRESETS)}"
+    )

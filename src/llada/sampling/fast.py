@@ -28,6 +28,9 @@ from ..inputs import (
 )
 from ..tokens import special_tokens_of
 from .config import (
+    BLOCK_PRESETS,
+    PRESETS,
+    BlockDecodeConfig,
     DecodeConfig,
     GenerateConfig,
     NonFiniteLogitsError,
@@ -42,29 +45,9 @@ from .decoding import (
     has_nonfinite_logits,
     propose,
 )
+from .events import StepEvent
 from .reference import get_num_transfer_tokens
 from .sources import make_source
-
-
-@dataclass
-class StepEvent:
-    """One denoising step, as seen by a stream or a visualisation.
-
-    tokens: (B, L) the whole canvas after this step (prompt + answer; mask id where undecided).
-    committed: (B, L) bool, the positions committed at this step.
-    confidence: (B, L) float32, each candidate's confidence at this step (NaN elsewhere).
-    finished: (B,) bool, rows whose answer is final (ended early, or all blocks done).
-    work: running totals of query positions, attended (query, key) pairs and LM-head positions.
-    """
-
-    block: int
-    step: int
-    forward_passes: int
-    work: dict[str, int]
-    tokens: torch.Tensor
-    committed: torch.Tensor
-    confidence: torch.Tensor
-    finished: torch.Tensor
 
 
 @dataclass
@@ -103,7 +86,17 @@ def denoise(
     With `decode.batch_invariant` and a padded batch, the rows of each prompt length run as
     their own batch without padding, one step of each group per event (see `DecodeConfig`)."""
     config, decode = _settings(config, decode)
-    if decode.batch_invariant and attention_mask is not None:
+    _check_family(model, decode)
+    if isinstance(decode, BlockDecodeConfig):
+        if answer is not None:
+            raise ValueError(
+                "answer= (fixed answer tokens) is a LLaDA-8B sampler option; LLaDA 2.x's block "
+                "sampler starts every answer from [MASK]"
+            )
+        from .block_cached import denoise_blocks
+
+        yield from denoise_blocks(model, prompt, attention_mask, config, decode, mask_id, abandoned)
+    elif decode.batch_invariant and attention_mask is not None:
         yield from _denoise_by_length(
             model, prompt, attention_mask, config, decode, mask_id, answer, abandoned
         )
@@ -421,14 +414,31 @@ def _settings(config: object, decode: object) -> tuple[GenerateConfig, DecodeCon
         decode = decode_preset(decode)
     elif isinstance(decode, dict):
         raise TypeError(
-            "decode must be a preset name or a llada.DecodeConfig, got a dict; pass "
-            "DecodeConfig(**your_dict)"
+            "decode must be a preset name, a llada.DecodeConfig or a llada.BlockDecodeConfig, "
+            "got a dict; pass DecodeConfig(**your_dict)"
         )
-    elif not isinstance(decode, DecodeConfig):
+    elif not isinstance(decode, (DecodeConfig, BlockDecodeConfig)):
         raise TypeError(
-            f"decode must be a preset name or a llada.DecodeConfig, got {type(decode).__name__}"
+            "decode must be a preset name, a llada.DecodeConfig or a llada.BlockDecodeConfig, "
+            f"got {type(decode).__name__}"
         )
     return config, decode
+
+
+def _check_family(model: torch.nn.Module, decode: DecodeConfig | BlockDecodeConfig) -> None:
+    """LLaDA 2.x models decode by block diffusion, the others by LLaDA-8B's loop."""
+    block_model = bool(getattr(model, "block_diffusion", False))
+    if block_model and isinstance(decode, DecodeConfig):
+        raise ValueError(
+            "this is a LLaDA 2.x model (block diffusion): decode it with one of the presets "
+            f"{', '.join(BLOCK_PRESETS)} or a llada.BlockDecodeConfig, not LLaDA-8B's "
+            "DecodeConfig presets"
+        )
+    if not block_model and isinstance(decode, BlockDecodeConfig):
+        raise ValueError(
+            "the LLaDA 2.x presets and BlockDecodeConfig are for LLaDA 2.x models; this model "
+            f"decodes with one of {', '.join(PRESETS)} or a llada.DecodeConfig"
+        )
 
 
 def _least_passes(decode: DecodeConfig) -> int:
