@@ -49,7 +49,7 @@ def test_denoise_gives_block_sample_answers(tiny, name):
         assert any(e.edited.any() for e in events)
     else:  # without editing a decided position never changes again
         assert not any(e.edited.any() for e in events)
-        for before, after in zip(events, events[1:]):
+        for before, after in zip(events, events[1:], strict=False):
             decided = (before.tokens != MASK) & ~after.finished[:, None]
             assert torch.equal(before.tokens[decided], after.tokens[decided])
 
