@@ -16,9 +16,9 @@ from conftest import REFERENCE
 from llada.cli.main import main
 from llada.diffusion import PRETRAIN_EPS
 from llada.losses import block_diffusion_loss, pretraining_loss, sft_loss
-from llada.model.llada2 import LLaDA2Model, block_attention_mask
+from llada.model.llada2 import LLaDA2Config, LLaDA2Model, block_attention_mask
 from llada.train.config import TrainConfig
-from llada.train.loop import Trainer, read_metrics
+from llada.train.loop import Trainer, dropout_note, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +275,30 @@ def test_the_trainer_picks_block_diffusion_for_llada2_only(
     assert Trainer(TrainConfig(out_dir=str(tmp_path / "d"), **dense)).block_length is None
     with pytest.raises(ValueError, match="--block-length 8: a LLaDA model trains on the whole"):
         Trainer(TrainConfig(out_dir=str(tmp_path / "e"), block_length=8, **dense))
+    with pytest.raises(ValueError, match="LLaDA 2.x has no router load-balancing loss"):
+        Trainer(
+            TrainConfig(
+                model=str(llada2_chat_checkpoint),
+                out_dir=str(tmp_path / "f"),
+                router_aux_loss="on",
+                **settings,
+            )
+        )
     with pytest.raises(ValueError, match="block_length must be a positive integer"):
         TrainConfig(model="m", data="d", block_length=0)
+
+
+def test_the_dropout_note_names_only_the_dropout_llada2_applies():
+    raw = json.loads((REFERENCE / "llada2-tiny" / "config.json").read_text(encoding="utf-8"))
+    given = {k: v for k, v in raw.items() if not k.endswith("_dropout")}
+    # The reference class's defaults: 0.1 for all three keys; its code applies the attention's.
+    config = LLaDA2Config.from_hf_dict(given)
+    assert config.embedding_dropout == 0.1
+    assert dropout_note(config, given) == (
+        "dropout: attention 0.1 (the reference config's defaults for the keys the model config "
+        "leaves out; set attention_dropout to 0 in it to disable)"
+    )
+    assert dropout_note(LLaDA2Config.from_hf_dict(raw), raw) is None
 
 
 def test_a_new_llada2_model_from_its_config_pretrains(llada2_chat_checkpoint, tmp_path, capsys):

@@ -87,7 +87,11 @@ Say = Callable[[str], None]
 
 # What a run writes into its folder besides the tokenizer (`--overwrite` removes these).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "train_config.json")
+# The dropouts each family's model applies. LLaDA-MoE's and LLaDA 2.x's references apply the
+# attention dropout only (LLaDA 2.x's embedding_dropout and output_dropout keys are read by
+# nothing, see llada.model.llada2).
 _DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
+_APPLIED_DROPOUT_KEYS = {DENSE.name: _DROPOUT_KEYS}
 BOARD_KEYS = ("loss", "aux_loss", "lr", "grad_norm", "val_loss", "val_bits_per_token")
 # The families trained by block diffusion (both objectives), with their default block length:
 # LLaDA 2.x as inclusionAI/dFactory trains it (tasks/train_llada2_bd.py, block_size 32).
@@ -164,14 +168,19 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def dropout_note(config: LLaDAConfig, given: dict[str, Any]) -> str | None:
+def dropout_note(
+    config: LLaDAConfig | LLaDAMoEConfig | LLaDA2Config, given: dict[str, Any]
+) -> str | None:
     """A line stating the model's dropout when there is any; `given` is the config file as
     written, so that a dropout the file left out (the reference's 0.1 defaults) is called so."""
-    values = [getattr(config, key) for key in _DROPOUT_KEYS]
+    keys = _APPLIED_DROPOUT_KEYS.get(family_of(config).name, ("attention_dropout",))
+    values = [getattr(config, key) for key in keys]
     if not any(values):
         return None
-    line = "dropout: attention {:g}, residual {:g}, embedding {:g}".format(*values)
-    missing = [key for key in _DROPOUT_KEYS if key not in given]
+    line = "dropout: " + ", ".join(
+        f"{key.removesuffix('_dropout')} {value:g}" for key, value in zip(keys, values, strict=True)
+    )
+    missing = [key for key in keys if key not in given]
     if missing:
         line += (
             " (the reference config's defaults for the keys the model config leaves out; set "
@@ -463,6 +472,18 @@ class Trainer:
                 )
             return None
         model_config = model.config
+        if getattr(model_config, "router_aux_loss_coef", None) is None:
+            # LLaDA 2.x: sigmoid routers balanced by their expert bias (no auxiliary loss in its
+            # config); the softmax formula of `load_balancing_loss` is not its objective.
+            family = family_of(model_config).name
+            if choice in ("on", "per-layer"):
+                raise ValueError(
+                    f"--router-aux-loss {choice}: {family} has no router load-balancing loss "
+                    "(its config has no router_aux_loss_coef; its experts are balanced by the "
+                    "routers' expert bias); drop the flag"
+                )
+            self.say(f"router load-balancing loss: none ({family} balances by the expert bias)")
+            return None
         wanted = choice in ("on", "per-layer") or (
             choice == "config" and model_config.output_router_logits
         )
