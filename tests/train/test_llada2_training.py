@@ -169,6 +169,17 @@ def test_gradients_reach_the_routers_and_the_experts(llada2_chat_checkpoint):
     assert (moe.gate_proj.grad.flatten(1).abs().sum(1) > 0).sum() >= 2
 
 
+def test_lora_covers_the_fused_attention_projection(llada2_chat_checkpoint):
+    pytest.importorskip("peft")
+    from llada.train.lora import add_lora
+
+    model = add_lora(llada.load_model(llada2_chat_checkpoint, dtype=torch.float32), 4, 8.0)
+    adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert "blocks.1.attn.qkv_proj" in adapted and "blocks.1.attn.o_proj" in adapted
+    assert "blocks.1.mlp.shared_experts.down_proj" in adapted
+    assert not any(".mlp.gate" in n and "gate_proj" not in n for n in adapted)  # routers frozen
+
+
 # The trainer and the command ---------------------------------------------------------------------
 
 
