@@ -18,6 +18,10 @@ experts' contiguous slices of the sorted pairs (the CPU's for large inference ba
 it keeps pace with the loop and grouped_mm does not). `pick_backend` holds the rule.
 `experts_forward` is the entry point the models call. The loop is for reading, not training:
 its per-expert indexing of the stacked weights costs a full-size gradient per expert.
+
+Expert parallelism (llada.parallel): a rank holds a contiguous slice of the experts, and
+`experts_forward(..., first_expert=...)` computes only the (token, slot) pairs routed to that
+slice; the other pairs contribute nothing (the other ranks add them).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def experts_loop(
 
     x (T, D); topk_ids (T, k) int64 expert ids; topk_weights (T, k); gate, up (E, F, D);
     down (E, D, F). The expert outputs (x's dtype) are weighted and summed in topk_weights'
-    dtype: returns (T, D) in that dtype.
+    dtype: returns (T, D) in that dtype. Pairs whose id lies outside [0, E) match no expert and
+    contribute nothing.
     """
     out = torch.zeros(x.shape, dtype=topk_weights.dtype, device=x.device)
     for expert in range(gate.shape[0]):
@@ -74,6 +79,7 @@ def experts_forward(
     impl: ExpertsImpl = "auto",
     *,
     accumulate_dtype: torch.dtype | None = None,
+    first_expert: int | None = None,
 ) -> torch.Tensor:
     """The routed experts' weighted sum, (T, D) in x's dtype, by the chosen implementation.
 
@@ -83,14 +89,22 @@ def experts_forward(
     to x's dtype, as LLaDA 2.x's reference does (the same in float32). impl "loop" is the
     reference path; "grouped" and "auto" sort the tokens by expert (`experts_grouped`, whose
     backend is picked per device).
+
+    first_expert: None when gate, up and down hold every expert (topk_ids index them); an int
+    when they hold experts [first_expert, first_expert + E) of a larger set (one rank's share
+    under expert parallelism): the pairs routed to other experts are skipped, and the result is
+    this share's part of the sum.
     """
     if impl not in EXPERTS_IMPLS:
         raise ValueError(f"experts impl must be one of {', '.join(EXPERTS_IMPLS)}, got {impl!r}")
     topk_weights = topk_weights.to(accumulate_dtype or x.dtype)
+    partial = first_expert is not None
+    if partial:
+        topk_ids = topk_ids - first_expert  # outside [0, E): an expert another rank holds
     if impl == "loop":
         out = experts_loop(x, topk_ids, topk_weights, gate, up, down)
     else:
-        out = experts_grouped(x, topk_ids, topk_weights, gate, up, down)
+        out = experts_grouped(x, topk_ids, topk_weights, gate, up, down, partial=partial)
     return out.to(x.dtype)
 
 
@@ -102,10 +116,13 @@ def experts_grouped(
     up: torch.Tensor,
     down: torch.Tensor,
     backend: Literal["auto", "grouped_mm", "slices"] = "auto",
+    *,
+    partial: bool = False,
 ) -> torch.Tensor:
     """`experts_loop`'s result computed over the (token, slot) pairs sorted by expert.
 
-    Same arguments and result as `experts_loop`. backend:
+    Same arguments and result as `experts_loop`; partial: some ids may lie outside [0, E)
+    (experts another rank holds), and those pairs are skipped as the loop skips them. backend:
     - "grouped_mm": the tokens gathered once into (T*k, D), each projection one
       `torch._grouped_mm` over all experts, one `index_add_` back. No host synchronisation.
     - "slices": expert by expert over its contiguous slice of the sorted pairs: gather, SwiGLU,
@@ -132,6 +149,12 @@ def experts_grouped(
     if backend not in ("grouped_mm", "slices"):
         raise ValueError(f"experts backend must be auto, grouped_mm or slices, got {backend!r}")
     flat = topk_ids.reshape(-1)  # (T*k,) expert of each (token, slot) pair, token-major
+    foreign = None
+    if partial:
+        # Another rank's pairs go to an extra last bucket E: sorted after every expert's slice,
+        # so neither backend reaches them.
+        foreign = (flat < 0) | (flat >= num_experts)  # (T*k,)
+        flat = flat.masked_fill(foreign, num_experts)
     # Stable: within an expert the pairs keep token order, as torch.where gives them to the loop,
     # and adding back in sorted order gives every token its experts' outputs in expert order.
     order = torch.argsort(flat, stable=True)  # (T*k,)
@@ -139,8 +162,10 @@ def experts_grouped(
     weights = topk_weights.reshape(-1)[order, None]  # (T*k, 1)
     # (E,) pairs per expert; scatter_add_ keeps the shape static where bincount would read the
     # largest id back to the host on CUDA.
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    buckets = num_experts + 1 if partial else num_experts
+    counts = torch.zeros(buckets, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts[:num_experts]
     out = torch.zeros(x.shape, dtype=topk_weights.dtype, device=x.device)  # (T, D)
     if backend == "grouped_mm":
         h = xm[token]  # (T*k, D) each token once per expert that it is routed to
@@ -149,6 +174,9 @@ def experts_grouped(
         g = torch._grouped_mm(h, gate.transpose(1, 2), offs=offsets)  # (T*k, F)
         u = torch._grouped_mm(h, up.transpose(1, 2), offs=offsets)  # (T*k, F)
         y = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offsets)  # (T*k, D)
+        if foreign is not None:
+            # The rows past the last offset are left unwritten by grouped_mm (any bits at all).
+            y = y.masked_fill(foreign[order, None], 0.0)
         return out.index_add_(0, token, y * weights)
     # Host synchronisation: the slice bounds must be Python ints (free on CPU, which has no
     # queue of kernels to drain).
