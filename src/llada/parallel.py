@@ -148,7 +148,7 @@ def rank_parameters(config: LLaDA2Config, world_size: int = 1) -> dict[str, int]
     by part; the replicated parts count in full on every rank. world_size 1 sums to
     `config.num_parameters()`.
 
-    Parts: "embeddings" (word embedding and lm_head), "attention" (query_key_value and dense;
+    Parts: "embedding", "lm_head" (0 when tied), "attention" (query_key_value and dense;
     key/value heads counted once per rank that holds them), "dense_mlp", "routed_experts",
     "shared_experts", and "replicated_small" (norms, routers, expert biases).
     """
@@ -158,7 +158,8 @@ def rank_parameters(config: LLaDA2Config, world_size: int = 1) -> dict[str, int]
     kv_heads = max(config.n_kv_heads // w, 1)
     parts = dict.fromkeys(
         (
-            "embeddings",
+            "embedding",
+            "lm_head",
             "attention",
             "dense_mlp",
             "routed_experts",
@@ -167,7 +168,8 @@ def rank_parameters(config: LLaDA2Config, world_size: int = 1) -> dict[str, int]
         ),
         0,
     )
-    parts["embeddings"] = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
+    parts["embedding"] = config.vocab_size * d
+    parts["lm_head"] = 0 if config.tie_word_embeddings else config.vocab_size * d
     parts["replicated_small"] = d  # the final norm
     for layer in range(config.num_hidden_layers):
         parts["attention"] += (q_heads + 2 * kv_heads) * hd * d + d * q_heads * hd

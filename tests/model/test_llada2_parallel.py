@@ -239,7 +239,7 @@ def test_the_memory_plan_counts_the_stated_totals(changes):
     )
     eight = rank_parameters(config, 8)
     assert eight["routed_experts"] * 8 == one["routed_experts"]
-    assert eight["embeddings"] == one["embeddings"]
+    assert eight["embedding"] == one["embedding"] and eight["lm_head"] == one["lm_head"]
     # Flash's 4 KV heads on 8 ranks: each rank keeps one, so attention is more than an eighth.
     assert eight["attention"] * 8 > one["attention"]
 
