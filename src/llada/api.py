@@ -17,8 +17,9 @@ import torch
 from .model.checkpoint import load_model, resolve_checkpoint
 from .model.config import LLaDAConfig
 from .model.transformer import LLaDAModel
-from .sampling.config import DecodeConfig, GenerateConfig
-from .sampling.fast import StepEvent, sample
+from .sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig, default_preset
+from .sampling.events import StepEvent
+from .sampling.fast import sample
 from .tokenizer import encode_chat, left_pad, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,19 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[Path, bool]:
     return random_demo_checkpoint(), True
 
 
+Decoding = DecodeConfig | BlockDecodeConfig | str
+
+
+def default_decode(model: torch.nn.Module, interactive: bool = True) -> str:
+    """The decoding preset for `model` when none is named (`default_preset`): LLaDA-8B and
+    LLaDA-MoE 'fast' (interactive) or 'reference' (evaluation); LLaDA 2.x its authors' setting,
+    by the checkpoint's name."""
+    name = str(getattr(model, "checkpoint_folder", "") or "")
+    config = getattr(model, "config", None)
+    name += " " + str(getattr(config, "extra", {}).get("_name_or_path", ""))
+    return default_preset(bool(getattr(model, "block_diffusion", False)), interactive, name)
+
+
 def generate_texts(
     model: torch.nn.Module,
     tokenizer,
@@ -95,11 +109,15 @@ def generate_texts(
     config: GenerateConfig,
     *,
     chat: bool = True,
-    decode: DecodeConfig | str = "reference",
+    decode: Decoding | None = None,
 ) -> list[str]:
     """Answers to `prompts` (one batch), decoded up to the first EOS/EoT.
 
-    decode: a `DecodeConfig` or preset name ('reference', 'fast', 'fastest', ...)."""
+    decode: a preset name ('reference', 'fast', 'fastest', ...; for LLaDA 2.x 'llada2.0',
+    'llada2.1-quality', 'llada2.1-speed'), a `DecodeConfig` or a `BlockDecodeConfig`; None:
+    `default_decode(model, interactive=False)`."""
+    if decode is None:
+        decode = default_decode(model, interactive=False)
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got one string; pass [prompt]")
     if not prompts:
@@ -142,12 +160,12 @@ class ChatSession:
         model: torch.nn.Module,
         tokenizer,
         config: GenerateConfig,
-        decode: DecodeConfig | str = "fast",
+        decode: Decoding | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.decode = decode
+        self.decode = default_decode(model) if decode is None else decode
         self.history: list[int] = []
 
     def reset(self) -> None:

@@ -309,7 +309,7 @@ def test_cli_registers_serve_without_importing_fastapi_or_torch():
         "llada.cli.serve",
         "0",
         "3",
-        "fast",
+        "None",  # the family's preset, chosen once the model is read
         "64",
         "32",
         "64",

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..sampling.config import GenerateConfig, decode_preset
+from ..sampling.config import GenerateConfig
 from .options import (
     CHAT_SAMPLER_DEFAULTS,
     INTERACTIVE_PRESET,
@@ -14,6 +14,7 @@ from .options import (
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    decode_from_args,
     load_from_args,
 )
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(GenerateConfig, args)
     model, tokenizer, _ = load_from_args(args)
     torch.manual_seed(args.seed)
-    session = ChatSession(model, tokenizer, config, decode=args.preset)
+    session = ChatSession(model, tokenizer, config, decode=decode_from_args(args, model))
     interactive = sys.stdin.isatty()
     live = args.live if args.live is not None else interactive and sys.stdout.isatty()
     if interactive:
@@ -125,10 +126,13 @@ def run(args: argparse.Namespace) -> int:
             print(dataclasses.asdict(session.config), session.decode)
             continue
         if text.startswith("/set preset="):
+            name, previous = text.partition("=")[2].strip(), args.preset
             try:
-                session.decode = decode_preset(text.partition("=")[2].strip())
-                print(f"preset: {text.partition('=')[2].strip()}")
+                args.preset = name
+                session.decode = decode_from_args(args, model)
+                print(f"preset: {name}")
             except ValueError as error:
+                args.preset = previous
                 print(f"error: {error}", file=sys.stderr)
             continue
         if text.startswith("/set"):

@@ -8,7 +8,13 @@ import socket
 import sys
 from pathlib import Path
 
-from .options import INTERACTIVE_PRESET, add_model_arguments, add_preset_argument, load_from_args
+from .options import (
+    INTERACTIVE_PRESET,
+    add_model_arguments,
+    add_preset_argument,
+    decode_from_args,
+    load_from_args,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -57,13 +63,19 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     folder = getattr(model, "checkpoint_folder", None)
     name = args.model or (Path(folder).name if folder is not None else "")
+    decode = decode_from_args(args, model)  # the family's presets; flags are refused here
+    if not isinstance(decode, str):
+        raise ValueError(
+            "llada demo takes a --preset; the LLaDA 2.x sampler flags are for llada generate, "
+            "chat and serve"
+        )
     app = build_app(
         model,
         tokenizer,
         model_name=name,
         is_random=is_random,
         max_gen_length=args.max_gen_length,
-        preset=args.preset,
+        preset=decode,
     )
     try:
         launch(app, args.host, args.port, block=True)

@@ -13,6 +13,7 @@ from .options import (
     check_device,
     check_dtype,
     dataclass_from_args,
+    decode_from_args,
 )
 
 
@@ -244,6 +245,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         if e.task in wanted
     ]
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    decode = decode_from_args(args, model)
     torch.manual_seed(args.seed)
     results = evaluate_tasks(
         model,
@@ -252,13 +254,13 @@ def run_tasks(args: argparse.Namespace) -> int:
         config,
         batch_size=args.batch_size,
         progress=True,
-        decode=args.preset,
+        decode=decode,
     )
     print(f"{'task':<15}{'accuracy':>10}{'n':>6}")
     for task, figures in results.items():
         print(f"{task:<15}{figures['accuracy']:>10.1%}{figures['n']:>6}")
     if args.json:
-        _write_results(args.json, model, config, args.preset, results)
+        _write_results(args.json, model, config, decode, results)
     return 0
 
 
@@ -505,6 +507,7 @@ def run_reverse(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
     style = args.style or ("reference" if args.data else "english")
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    decode = decode_from_args(args, model)
     directions = DIRECTIONS if args.type == "both" else (args.type,)
     results = {}
     for direction in directions:
@@ -517,7 +520,7 @@ def run_reverse(args: argparse.Namespace) -> int:
             config,
             style=style,
             batch_size=args.batch_size,
-            decode=args.preset,
+            decode=decode,
             progress=True,
         )
     print(f"{'direction':<22}{'accuracy':>10}{'n':>6}")
@@ -528,12 +531,17 @@ def run_reverse(args: argparse.Namespace) -> int:
         replies = {
             d: {"accuracy": r.accuracy, "n": r.n, "replies": r.replies} for d, r in results.items()
         }
-        _write_results(args.json, model, config, args.preset, replies, style=style)
+        _write_results(args.json, model, config, decode, replies, style=style)
     return 0
 
 
-def _write_results(path: str, model, config, preset: str, results: dict, **extra) -> None:
-    """The results of an evaluation command, with the model and settings that produced them."""
-    record = {"model": str(model.checkpoint_folder), "sampler": vars(config), "preset": preset}
+def _write_results(path: str, model, config, decode, results: dict, **extra) -> None:
+    """The results of an evaluation command, with the model and settings that produced them
+    (`decode`: a preset name, or the LLaDA 2.x decoding that flags made of one)."""
+    import dataclasses
+
+    if not isinstance(decode, str):
+        decode = dataclasses.asdict(decode)
+    record = {"model": str(model.checkpoint_folder), "sampler": vars(config), "preset": decode}
     with open(path, "w", encoding="utf-8") as f:
         json.dump({**record, **extra, "results": results}, f, indent=2, ensure_ascii=False)

@@ -14,6 +14,7 @@ from .options import (
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    decode_from_args,
     load_from_args,
 )
 
@@ -174,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("no prompts: pass them as arguments, with --file, or on standard input")
     model, tokenizer, _ = load_from_args(args)
+    decode = decode_from_args(args, model)
     from tqdm import tqdm
 
     progress = args.progress
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             batch = prompts[start : start + args.batch_size]
             done: list[str] = []
             for answer in generate_texts(
-                model, tokenizer, batch, config, chat=not args.raw, decode=args.preset
+                model, tokenizer, batch, config, chat=not args.raw, decode=decode
             ):
                 if args.jsonl:
                     answer = json.dumps({"prompt": prompts[start + len(done)], "answer": answer})

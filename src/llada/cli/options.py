@@ -9,7 +9,14 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
-from ..sampling.config import PRESETS
+from ..sampling.config import (
+    BLOCK_PRESETS,
+    EVALUATION_PRESET,
+    PRESETS,
+    BlockDecodeConfig,
+    decode_preset,
+)
+from ..sampling.config import INTERACTIVE_PRESET as INTERACTIVE_PRESET
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -79,21 +86,78 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 CHAT_SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
 
 
-# The decoding preset of commands that talk to people (chat, generate, demo): `fast` holds the
-# reference sampler's task accuracy on the shipped model (BENCHMARKS.md). Evaluation commands
-# keep `reference`, the published setting.
-INTERACTIVE_PRESET = "fast"
-
-
 def add_preset_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """--preset (default None: the model family's, `default_preset`) and the LLaDA 2.x
+    sampler's flags, which override its preset's values."""
     parser.add_argument(
         "--preset",
-        default=default,
-        choices=sorted(PRESETS),
-        help="decoding method: 'reference' is the published sampler token for token; 'fast' "
-        "and 'fastest' use KV caches, confidence-threshold parallel decoding and early stop; "
-        f"the 'fastdllm-*' presets are Fast-dLLM's methods (default: {default})",
+        default=None,
+        choices=sorted(PRESETS) + sorted(BLOCK_PRESETS),
+        help="decoding method. LLaDA-8B / LLaDA-MoE: 'reference' is the published sampler "
+        "token for token; 'fast' and 'fastest' use KV caches, confidence-threshold parallel "
+        "decoding and early stop; the 'fastdllm-*' presets are Fast-dLLM's methods (default: "
+        f"{default}). LLaDA 2.x: 'llada2.0', 'llada2.1-quality', 'llada2.1-speed', the authors' "
+        "settings, run with the exact block KV cache (default: llada2.1-quality for a "
+        "checkpoint named 2.1, else llada2.0)",
     )
+    parser.set_defaults(interactive_preset=default != EVALUATION_PRESET)
+    group = parser.add_argument_group("LLaDA 2.x sampler (overrides the preset's values)")
+    helps = _field_help(BlockDecodeConfig)
+    hints = typing.get_type_hints(BlockDecodeConfig)
+    for f in fields(BlockDecodeConfig):
+        if f.name == "version":  # the preset chooses the sampler
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=helps.get(f.name, ""),
+            )  # fmt: skip
+            continue
+        kind = (
+            int
+            if f.name in ("top_k", "max_post_steps", "minimal_topk", "num_to_transfer")
+            else float
+        )
+        group.add_argument(flag, dest=f.name, type=kind, default=None, help=helps.get(f.name, ""))
+
+
+def decode_from_args(args: argparse.Namespace, model) -> str | object:
+    """The decoding for --preset and the LLaDA 2.x flags: a preset name, or a
+    `BlockDecodeConfig` when flags change a LLaDA 2.x preset; one clear error for a preset or
+    flag of the other family."""
+    import dataclasses
+
+    from ..api import default_decode
+
+    name = args.preset or default_decode(model, interactive=args.interactive_preset)
+    decode_preset(name)  # an unknown name: the error that lists the presets
+    block_model = bool(getattr(model, "block_diffusion", False))
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(BlockDecodeConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if block_model and name in PRESETS:
+        raise ValueError(
+            f"--preset {name}: this is a LLaDA 2.x model (block diffusion); choose one of "
+            f"{', '.join(BLOCK_PRESETS)}"
+        )
+    if not block_model and name in BLOCK_PRESETS:
+        raise ValueError(
+            f"--preset {name} is for LLaDA 2.x models; this model takes one of {', '.join(PRESETS)}"
+        )
+    if not given:
+        return name
+    if not block_model:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise ValueError(
+            f"{flag} is a LLaDA 2.x sampler flag; this model's sampler has no such option"
+        )
+    try:
+        return dataclasses.replace(decode_preset(name), **given)
+    except ValueError as error:
+        raise ValueError(f"--{str(error).split(' ', 1)[0].replace('_', '-')}: {error}") from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,16 +9,18 @@ import sys
 from ..sampling.config import GenerateConfig
 from ..serve.config import ServeConfig
 from .options import (
+    INTERACTIVE_PRESET,
     add_dataclass_arguments,
     add_model_arguments,
     add_preset_argument,
     dataclass_from_args,
+    decode_from_args,
     load_from_args,
 )
 
-# Kept equal to llada.serve.app.SERVE_SAMPLER_DEFAULTS / SERVE_PRESET, which import FastAPI.
+# Kept equal to llada.serve.app.SERVE_SAMPLER_DEFAULTS, which imports FastAPI.
 SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
-PRESET = "fast"
+PRESET = INTERACTIVE_PRESET
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "streaming), /health and /metrics. Concurrent requests with the same sampler settings "
         "share sampler calls. The sampler flags are the defaults of a request; a request may "
         "override them with extra body fields (steps, gen_length, block_length, cfg_scale, "
-        "remasking, threshold, preset) and temperature / max_tokens. Set the API key in the "
+        "remasking, threshold, preset; for LLaDA 2.x top_k, top_p, editing_threshold, "
+        "max_post_steps, eos_early_stop) and temperature / max_tokens. Set the API key in the "
         "LLADA_API_KEY environment variable (a --api-key flag shows in `ps`). On SIGTERM or "
         "Ctrl-C the server stops accepting, gives requests in flight --shutdown-grace seconds, "
         "then cancels the rest and exits.",
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
-    app = create_app(model, tokenizer, config, sampler, preset=args.preset)
+    decode = decode_from_args(args, model)
+    app = create_app(model, tokenizer, config, sampler, preset=decode)
+    shown_preset = decode if isinstance(decode, str) else args.preset or "custom"
     name = app.state.llada.model_name
     port = sock.getsockname()[1]
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     def listening() -> None:
         print(
             f"llada serve: model {name!r} on http://{shown_host}:{port}/v1 "
-            f"(preset {args.preset}, gen_length {sampler.gen_length}, block_length "
+            f"(preset {shown_preset}, gen_length {sampler.gen_length}, block_length "
             f"{sampler.block_length}, steps {sampler.steps})",
             file=sys.stderr,
             flush=True,

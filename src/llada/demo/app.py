@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..sampling.config import PRESETS, REMASKING_CHOICES
+from ..api import default_decode
+from ..sampling.config import BLOCK_PRESETS, PRESETS, REMASKING_CHOICES
 from .constraints import EXAMPLE, parse_constraints, place_constraints
 from .render import render_placeholder
 from .session import DemoSettings, stream_turn
@@ -87,9 +88,19 @@ def make_respond(
                     f"gen_length ({settings.gen_length}) is above this server's limit of "
                     f"{max_gen_length} tokens (llada demo --max-gen-length)"
                 )
-            place_constraints(
+            fixed = place_constraints(
                 parse_constraints(settings.constraints), tokenizer, settings.gen_length
             )
+            if fixed and getattr(model, "block_diffusion", False):
+                raise ValueError(
+                    "word constraints are a LLaDA-8B sampler feature; LLaDA 2.x's block "
+                    "sampler starts every answer from [MASK]: clear the constraints"
+                )
+            if settings.preset not in _presets(model):
+                raise ValueError(
+                    f"preset {settings.preset!r} is not for this model; choose from "
+                    f"{sorted(_presets(model))}"
+                )
         except (ValueError, TypeError) as error:
             raise gr.Error(str(error), title="Invalid settings") from None
         messages = [*history, {"role": "user", "content": message}]
@@ -113,13 +124,16 @@ def build_app(
     model_name: str = "",
     is_random: bool = False,
     max_gen_length: int = 512,
-    preset: str = DEFAULTS.preset,
+    preset: str | None = None,
 ) -> Any:
-    """The demo page (a `gr.Blocks`) for a loaded model; launch it with `launch`."""
+    """The demo page (a `gr.Blocks`) for a loaded model; launch it with `launch`. preset: the
+    decoding preset shown first (None: the model family's, `llada.api.default_decode`)."""
     if max_gen_length < 1:
         raise ValueError(f"max_gen_length must be at least 1, got {max_gen_length}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if preset is None:
+        preset = default_decode(model)
+    if preset not in _presets(model):
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(_presets(model))}")
     gr = import_gradio()
     respond = make_respond(model, tokenizer, max_gen_length)
     note = " (random weights: the answers are noise)" if is_random else ""
@@ -198,7 +212,7 @@ def build_app(
                         elem_id="remasking",
                     )
                     decode = gr.Dropdown(
-                        sorted(PRESETS),
+                        sorted(_presets(model)),
                         value=preset,
                         label="preset",
                         elem_id="preset",
@@ -232,6 +246,11 @@ def build_app(
             queue=False,
         )
     return app
+
+
+def _presets(model: torch.nn.Module) -> dict:
+    """The decoding presets of the model's family."""
+    return BLOCK_PRESETS if getattr(model, "block_diffusion", False) else PRESETS
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-MASKED, NEW, EARLIER, FIXED = "masked", "new", "earlier", "fixed"
+MASKED, NEW, EARLIER, FIXED, EDITED = "masked", "new", "earlier", "fixed", "edited"
 # The reference app's colour thresholds for the confidence of a committed token (ML-GSAI/LLaDA
 # app.py).
 LOW_CONFIDENCE, HIGH_CONFIDENCE = 0.3, 0.7
@@ -41,6 +41,9 @@ STYLE = """<style>
 .llada-canvas .new.mid{background:#f59e0b}.llada-canvas .earlier.mid{background:#fde68a}
 .llada-canvas .new.low{background:#ef4444}.llada-canvas .earlier.low{background:#fecaca}
 .llada-canvas .new.none{background:#9ca3af}.llada-canvas .earlier.none{background:#e5e7eb}
+.llada-canvas .edited{font-weight:700;border:2px dashed #7c3aed}
+.llada-canvas .edited.high{background:#22c55e}.llada-canvas .edited.mid{background:#f59e0b}
+.llada-canvas .edited.low{background:#ef4444}.llada-canvas .edited.none{background:#9ca3af}
 .llada-canvas .special{font-size:11px;font-style:italic}
 .llada-empty{background:#fff;color:#6b7280;border:1px dashed #d1d5db;border-radius:8px;
  padding:24px 12px;text-align:center;font-size:14px}
@@ -50,6 +53,7 @@ _STATE_WORDS = {
     NEW: "committed at this step",
     EARLIER: "committed earlier",
     FIXED: "fixed by a constraint",
+    EDITED: "rewritten at this step (LLaDA 2.1's token editing)",
 }
 # Characters that would be invisible or break the line of chips, shown as visible symbols.
 _VISIBLE = str.maketrans({"\n": "\u21b5", "\r": "\u21b5", "\t": "\u21e5"})
@@ -82,7 +86,7 @@ def _chip(cell: Cell) -> str:
         raise ValueError(f"unknown cell state {cell.state!r}; one of {list(_STATE_WORDS)}")
     classes = f"tok {cell.state}"
     title = _STATE_WORDS[cell.state]
-    if cell.state in (NEW, EARLIER):
+    if cell.state in (NEW, EARLIER, EDITED):
         classes += " " + confidence_band(cell.confidence)
         if cell.confidence is not None:
             title += f", confidence {cell.confidence:.2f}"
@@ -94,13 +98,15 @@ def _chip(cell: Cell) -> str:
     return f'<span class="{classes}" title="{html.escape(title)}">{html.escape(text)}</span>'
 
 
-def _legend() -> str:
+def _legend(edits: bool = False) -> str:
     items = [
         (Cell("masked", MASKED), "masked"),
         (Cell("new", NEW, 0.9), "committed this step"),
         (Cell("earlier", EARLIER, 0.9), "committed earlier"),
         (Cell("fixed", FIXED), "constraint"),
     ]
+    if edits:
+        items.append((Cell("edited", EDITED, 0.9), "rewritten this step"))
     parts = [f"{_chip(cell)}&nbsp;{html.escape(words)}" for cell, words in items]
     parts.append(
         "confidence: "
@@ -123,13 +129,22 @@ def render_canvas(cells: Sequence[Cell], status: str = "") -> str:
         f'{STYLE}<div class="llada-canvas" data-masked="{masked}" data-length="{len(cells)}">'
         f'<div class="status">{html.escape(status)}</div>'
         f'<div class="tokens">{chips}</div>'
-        f'<div class="legend">{_legend()}</div></div>'
+        f'<div class="legend">{_legend(any(c.state == EDITED for c in cells))}</div></div>'
     )
 
 
 def render_placeholder(text: str) -> str:
     """The canvas area before the first answer."""
     return f'{STYLE}<div class="llada-empty">{html.escape(text)}</div>'
+
+
+def _shown(score: float) -> float | None:
+    """A confidence as a chip shows it: None for NaN, infinities clamped to [0, 1]."""
+    if math.isnan(score):
+        return None
+    if math.isinf(score):
+        return 0.0 if score < 0 else 1.0
+    return score
 
 
 class DenoiseTrace:
@@ -159,23 +174,25 @@ class DenoiseTrace:
 
     def update(self, event: Any, row: int = 0) -> None:
         """Take one step's event: positions unmasked since the last one become NEW (with the
-        confidence they were committed with), the previous NEW ones become EARLIER."""
+        confidence they were committed with), decoded ones the step rewrote (LLaDA 2.1's
+        editing) EDITED (with the new token's confidence), the previous ones EARLIER."""
         answer = event.tokens[row, -self.gen_length :].tolist()
         committed = event.committed[row, -self.gen_length :].tolist()
         confidence = event.confidence[row, -self.gen_length :].float().tolist()
+        edited = [False] * self.gen_length
+        if getattr(event, "edited", None) is not None:
+            edited = event.edited[row, -self.gen_length :].tolist()
         for i, token in enumerate(answer):
             if self.states[i] == FIXED:
                 continue
-            if token == self.mask_id:
+            if edited[i] and token != self.mask_id:
+                self.states[i], self.confidences[i] = EDITED, _shown(confidence[i])
+            elif token == self.mask_id:
                 self.states[i], self.confidences[i] = MASKED, None
             elif self.states[i] == MASKED:
                 # A position can also be filled without being committed (early stop pads the
                 # rest of a finished answer with EOS); it then has no confidence to show.
-                score = confidence[i] if committed[i] else None
-                if score is not None and math.isnan(score):
-                    score = None
-                elif score is not None and math.isinf(score):
-                    score = 0.0 if score < 0 else 1.0
+                score = _shown(confidence[i]) if committed[i] else None
                 self.states[i], self.confidences[i] = NEW, score
             else:
                 self.states[i] = EARLIER

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from ..sampling.config import REMASKING_CHOICES, DecodeConfig, GenerateConfig, decode_preset
+from ..sampling.config import (
+    REMASKING_CHOICES,
+    BlockDecodeConfig,
+    DecodeConfig,
+    GenerateConfig,
+    decode_preset,
+)
 from ..sampling.fast import denoise
 from ..tokenizer import encode_chat
 from .constraints import parse_constraints, place_constraints
@@ -26,7 +32,8 @@ class DemoSettings:
 
     gen_length, steps, block_length, temperature, cfg_scale, remasking: as in `GenerateConfig`.
     preset: the decoding preset ('reference' repeats the published sampler token for token;
-        'fast' and 'fastest' use KV caches and confidence-threshold parallel decoding).
+        'fast' and 'fastest' use KV caches and confidence-threshold parallel decoding; a LLaDA
+        2.x model takes 'llada2.0', 'llada2.1-quality' or 'llada2.1-speed').
     constraints: "position:word, ..." words fixed in the answer before denoising starts.
     """
 
@@ -58,7 +65,7 @@ class DemoSettings:
             remasking=self.remasking,  # type: ignore[arg-type]
         )
 
-    def decode_config(self) -> DecodeConfig:
+    def decode_config(self) -> DecodeConfig | BlockDecodeConfig:
         return decode_preset(self.preset)
 
 
@@ -106,15 +113,22 @@ def stream_turn(
         tokenizer, special.mask_id, config.gen_length, fixed, tokenizer.all_special_ids
     )
     decode = settings.decode_config()
+    if fixed and isinstance(decode, BlockDecodeConfig):
+        raise ValueError(
+            "word constraints are a LLaDA-8B sampler feature; LLaDA 2.x's block sampler starts "
+            "every answer from [MASK]: clear the constraints"
+        )
     # Only the schedule has a fixed number of steps per block; other rules stop when it is full.
-    steps_total = f"/{config.steps_per_block}" if decode.commit == "schedule" else ""
+    schedule = isinstance(decode, DecodeConfig) and decode.commit == "schedule"
+    steps_total = f"/{config.steps_per_block}" if schedule else ""
     forward_passes = 0
     for event in denoise(model, prompt, None, config, decode, answer=answer if fixed else None):
         trace.update(event)
         forward_passes = event.forward_passes
         masked = trace.states.count(MASKED)
+        edits = "" if event.edited is None else f" \u00b7 {int(event.edited.sum())} rewritten"
         status = (
-            f"block {event.block + 1}/{config.num_blocks} \u00b7 step {event.step}{steps_total} "
+            f"block {event.block + 1}/{config.num_blocks} \u00b7 step {event.step}{steps_total}{edits} "
             f"\u00b7 {forward_passes} forward passes \u00b7 {masked} of {config.gen_length} "
             "still masked"
         )

@@ -84,7 +84,7 @@ def evaluate_reversal(
     sampler_config,
     style: PromptStyle = "reference",
     batch_size: int = 16,
-    decode="reference",
+    decode=None,
     progress: bool = False,
 ) -> ReversalResult:
     """Accuracy of one direction: the share of replies that contain the target line.

@@ -287,7 +287,7 @@ def evaluate_tasks(
     sampler_config,
     batch_size: int = 32,
     progress: bool = False,
-    decode="reference",
+    decode=None,
 ) -> dict[str, dict[str, float]]:
     """Accuracy per task (exact match), answering each prompt through the chat template."""
     from ..api import generate_texts

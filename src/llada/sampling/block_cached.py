@@ -580,7 +580,10 @@ def denoise_blocks(
     batch `prompt` (B, Lp) (`attention_mask` 1 = token, 0 = padding), yielding the same
     `StepEvent`s as the LLaDA-8B loop, one per forward: the canvas (B, Lp + gen_length) with
     the mask id where undecided, what the forward committed and (2.1) edited, and the
-    probabilities of the positions it decided among. A finished row's answer is what
+    probabilities of its proposals at every answer position of the row's current block (all
+    are candidates: 2.1 may edit decided ones; NaN elsewhere, so the first non-NaN position of
+    a row is where its current block starts: every answer position before it is final, as the
+    samplers never go back to an earlier block). A finished row's answer is what
     `block_sample` returns, cut after its EOS with EOS after it (2.0's early answer can run
     past gen_length; the canvas keeps gen_length of it)."""
     options = decode.sampler_options(config)
@@ -612,8 +615,7 @@ def denoise_blocks(
             canvas[i, at] = event.tokens[inside]
             committed[i, at] = event.committed[inside]
             edited[i, at] = event.edited[inside]
-            undecided = event.committed[inside] | (event.tokens[inside] == mask_id)
-            confidence[i, at] = torch.where(undecided, p[inside].float(), torch.nan)
+            confidence[i, at] = p[inside].float()
         for i, answer in forward.finished.items():
             n = min(len(answer), gen_length)
             canvas[i, width : width + n] = answer[:n]

@@ -402,6 +402,25 @@ def block_preset(name: str) -> dict[str, object]:
     return options
 
 
+# The decoding preset of LLaDA-8B / LLaDA-MoE commands that talk to people (chat, generate,
+# serve, demo): `fast` holds the reference sampler's task accuracy on the shipped model
+# (BENCHMARKS.md). Evaluation keeps `reference`, the published setting. LLaDA 2.x models take
+# their authors' settings in both cases (`default_preset`).
+INTERACTIVE_PRESET = "fast"
+EVALUATION_PRESET = "reference"
+
+
+def default_preset(block_diffusion: bool, interactive: bool, name: str = "") -> str:
+    """The preset a command uses when none is named. LLaDA-8B and LLaDA-MoE: 'fast' for
+    interactive commands, 'reference' for evaluation. LLaDA 2.x (block_diffusion): the authors'
+    setting for the checkpoint, 'llada2.1-quality' when its folder or hub id (`name`) says 2.1
+    (LLaDA2.1-mini, LLaDA2.1-flash), else 'llada2.0' (2.0 and 2.1 checkpoints have the same
+    architecture and config keys; only the name tells them apart)."""
+    if block_diffusion:
+        return "llada2.1-quality" if "2.1" in name else "llada2.0"
+    return INTERACTIVE_PRESET if interactive else EVALUATION_PRESET
+
+
 def decode_preset(name: str) -> DecodeConfig | BlockDecodeConfig:
     """The decoding of a preset name: LLaDA-8B / LLaDA-MoE presets (`PRESETS`) give a
     `DecodeConfig`, LLaDA 2.x presets (`BLOCK_PRESETS`) a `BlockDecodeConfig`."""

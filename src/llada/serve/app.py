@@ -37,8 +37,9 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "the server needs FastAPI and uvicorn: pip install 'llada-kit[serve]'"
     ) from error
 
+from ..api import default_decode
 from ..inputs import context_of
-from ..sampling.config import GenerateConfig
+from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
 from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
 from .config import ServeConfig, host_name
@@ -58,7 +59,6 @@ logger = logging.getLogger(__name__)
 # The server's sampler defaults: answers of 64 tokens in blocks of 32, one step per token (the
 # 'fast' preset's threshold rule usually needs fewer).
 SERVE_SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
-SERVE_PRESET = "fast"
 
 # Errors sent before the body has been read to its end close the connection: the rest of the
 # body must not be taken as the next request, nor keep the connection open.
@@ -231,7 +231,7 @@ class _State:
         tokenizer,
         config: ServeConfig,
         sampler: GenerateConfig,
-        preset: str,
+        preset: str | DecodeConfig | BlockDecodeConfig,
         model_name: str,
     ) -> None:
         self.model = model
@@ -239,6 +239,7 @@ class _State:
         self.config = config
         self.sampler = sampler
         self.preset = preset
+        self.block = bool(getattr(model, "block_diffusion", False))
         self.model_name = model_name
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -533,21 +534,26 @@ def create_app(
     tokenizer,
     config: ServeConfig | None = None,
     sampler: GenerateConfig | None = None,
-    preset: str = SERVE_PRESET,
+    preset: str | DecodeConfig | BlockDecodeConfig | None = None,
     model_name: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model`.
 
     sampler: default sampler settings of a request (default: 64 tokens, blocks of 32, 64 steps);
-    preset: default decoding preset ('fast'); model_name: the id clients use (default:
-    config.served_model_name, else the model folder's name).
+    preset: the default decoding, a preset name or a config (None: the model family's,
+    `llada.api.default_decode`: 'fast', or a LLaDA 2.x model's published setting);
+    model_name: the id clients use (default: config.served_model_name, else the model
+    folder's name).
     """
+    if preset is None:
+        preset = default_decode(model)
     config = config or ServeConfig()
     sampler = sampler or GenerateConfig(**SERVE_SAMPLER_DEFAULTS)
     folder = getattr(model, "checkpoint_folder", None)
     name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
     state = _State(model, tokenizer, config, sampler, preset, name)
-    resolve_sampling(SamplerFields(), sampler, preset, config)  # the defaults must be valid
+    # the defaults must be valid
+    resolve_sampling(SamplerFields(), sampler, preset, config, block_diffusion=state.block)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -642,7 +648,9 @@ def create_app(
         fields = parse_body(CompletionRequest, await _read_json(request, config.max_body_bytes))
         fields.check_unsupported()
         state.check_model(fields.model)
-        sampling = resolve_sampling(fields, state.sampler, state.preset, config)
+        sampling = resolve_sampling(
+            fields, state.sampler, state.preset, config, block_diffusion=state.block
+        )
         prompts = fields.prompts()
         if len(prompts) > config.max_batch_size:
             raise RequestError(
@@ -667,7 +675,12 @@ def create_app(
         state.check_model(fields.model)
         messages = fields.chat_messages()
         sampling = resolve_sampling(
-            fields, state.sampler, state.preset, config, fields.max_completion_tokens
+            fields,
+            state.sampler,
+            state.preset,
+            config,
+            fields.max_completion_tokens,
+            block_diffusion=state.block,
         )
         ids = await run_in_threadpool(state.encode_messages, messages)
         state.check_prompt(ids, sampling, "messages")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling.config import DecodeConfig, GenerateConfig
+from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
 from ..sampling.fast import denoise
 from ..tokenizer import left_pad
 from .metrics import Metrics
@@ -50,10 +50,15 @@ class SamplerStuck(RuntimeError):
     """A sampler call ran more steps than its canvas can need without finishing."""
 
 
-def step_limit(config: GenerateConfig) -> int:
+def step_limit(config: GenerateConfig, decode: DecodeConfig | BlockDecodeConfig) -> int:
     """Steps a sampler call may take at most: the schedule's steps, or one per answer position
     for the rules that commit at least one token per step, whichever is more (their sum, to be
-    safe); a call past it is stuck."""
+    safe); a call past it is stuck. LLaDA 2.x: per block (the answer spans at most
+    gen_length / block_length + 1 of them) one step per position, 2.1's post steps, and the
+    event that ends the block."""
+    if isinstance(decode, BlockDecodeConfig):
+        blocks = config.gen_length // config.block_length + 2
+        return blocks * (config.block_length + decode.max_post_steps + 2)
     return config.steps + config.gen_length
 
 
@@ -308,7 +313,8 @@ class Batcher:
         # the next step, so the rest of the batch goes on with less work.
         finished_rows = [False] * len(batch)  # as of the last event seen
         left_early: set[int] = set()
-        limit = step_limit(config)
+        limit = step_limit(config, decode)
+        block_family = isinstance(decode, BlockDecodeConfig)
         steps = 0
         progress = (config.gen_length * len(batch), 0)  # (masked answer positions, finished)
 
@@ -341,10 +347,16 @@ class Batcher:
                         f"the sampler made no progress: {steps} steps for an answer canvas of "
                         f"{config.gen_length} tokens (the model may output NaN or infinity)"
                     )
-                # Answer positions before the first mask are final (LLaDA never remasks).
-                leading = torch.where(
-                    is_masked.any(-1), is_masked.int().argmax(-1), config.gen_length
-                )
+                # Answer positions before the first mask are final (LLaDA never remasks);
+                # LLaDA 2.x's may be edited until its block ends: those before the block the
+                # step worked on are final (its proposals are the non-NaN confidences).
+                if block_family:
+                    current = ~event.confidence[:, width:].isnan()
+                    leading = torch.where(current.any(-1), current.int().argmax(-1), -1)
+                else:
+                    leading = torch.where(
+                        is_masked.any(-1), is_masked.int().argmax(-1), config.gen_length
+                    )
                 for row, job in enumerate(batch):
                     if job.done:
                         continue
@@ -353,8 +365,13 @@ class Batcher:
                         self.metrics.inc("llada_rows_cancelled_total", where="running")
                         continue
                     finished = bool(event.finished[row])
-                    blocks = int(leading[row]) // config.block_length
-                    final = config.gen_length if finished else blocks * config.block_length
+                    if finished:
+                        final = config.gen_length
+                    elif block_family:  # -1: this step did not work on the row
+                        final = int(leading[row])
+                    else:
+                        blocks = int(leading[row]) // config.block_length
+                        final = blocks * config.block_length
                     if final > job.final_tokens:
                         self._advance(job, answers[row, :final].tolist(), finished)
                 wanted = sum(not job.done for job in batch)

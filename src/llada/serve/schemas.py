@@ -6,7 +6,9 @@ which the app turns into an OpenAI-style JSON error.
 
 Sampler settings per request (extra body fields next to the OpenAI ones): preset, steps,
 block_length, gen_length, cfg_scale, remasking, threshold, and the OpenAI temperature (0, greedy,
-when not given). How the answer length is chosen:
+when not given). A LLaDA 2.x model takes its own presets and, instead of cfg_scale and
+remasking, top_k, editing_threshold, max_post_steps, eos_early_stop and the OpenAI top_p (its
+sampler filters with them). How the answer length is chosen:
 
 - `max_tokens` (or `max_completion_tokens`) caps the answer. The sampler's canvas is max_tokens
   rounded up to a multiple of block_length, and the answer is cut at max_tokens; when
@@ -33,7 +35,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..sampling.config import PRESETS, DecodeConfig, GenerateConfig
+from ..sampling.config import (
+    BLOCK_PRESETS,
+    PRESETS,
+    BlockDecodeConfig,
+    DecodeConfig,
+    GenerateConfig,
+    decode_preset,
+)
 from .config import ServeConfig
 
 # OpenAI allows at most this many stop sequences.
@@ -97,13 +106,16 @@ class SamplerFields(_Body):
     cfg_scale: float | None = Field(default=None, ge=0)
     remasking: Literal["low_confidence", "random"] | None = None
     threshold: float | None = None
+    # LLaDA 2.x's block sampler (with top_p above).
+    top_k: int | None = Field(default=None, ge=0)
+    editing_threshold: float | None = None
+    max_post_steps: int | None = Field(default=None, ge=0)
+    eos_early_stop: bool | None = None
 
     def check_unsupported(self) -> None:
         """Refuse OpenAI options this server cannot honour rather than ignore them."""
         if self.n not in (None, 1):
             raise RequestError(400, "only n=1 is supported; send n requests instead", "n")
-        if self.top_p not in (None, 1, 1.0):
-            raise RequestError(400, "top_p is not supported by the LLaDA samplers", "top_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise RequestError(400, f"{name} is not supported", name)
@@ -323,30 +335,77 @@ class Sampling:
     """What the scheduler needs to know about a request's sampler settings."""
 
     config: GenerateConfig
-    decode: DecodeConfig
+    decode: DecodeConfig | BlockDecodeConfig
     max_tokens: int
+
+
+# The request fields of each family's sampler that the other family's lacks.
+_DENSE_ONLY = ("cfg_scale", "remasking")
+_BLOCK_ONLY = ("top_k", "editing_threshold", "max_post_steps", "eos_early_stop")
+
+
+def _decoding(
+    request: SamplerFields,
+    preset: str | DecodeConfig | BlockDecodeConfig,
+    limits: ServeConfig,
+    block_diffusion: bool,
+) -> DecodeConfig | BlockDecodeConfig:
+    """The request's decoding: its preset (else the server's) with its overrides."""
+    presets = BLOCK_PRESETS if block_diffusion else PRESETS
+    if request.preset is not None and request.preset not in presets:
+        family = "LLaDA 2.x" if block_diffusion else "LLaDA-8B / LLaDA-MoE"
+        raise RequestError(
+            400,
+            f"unknown preset {request.preset!r} for this {family} model; choose from "
+            f"{sorted(presets)}",
+            "preset",
+        )
+    name = request.preset or preset
+    decode = decode_preset(name) if isinstance(name, str) else name
+    if block_diffusion:
+        for field in _DENSE_ONLY:
+            if getattr(request, field) is not None:
+                raise RequestError(
+                    400, f"{field} is a LLaDA-8B sampler setting; this LLaDA 2.x model's block "
+                    "sampler has no such option", field,
+                )  # fmt: skip
+        overrides = {
+            field: getattr(request, field)
+            for field in ("threshold", "top_p", *_BLOCK_ONLY)
+            if getattr(request, field) is not None
+        }
+    else:
+        for field in _BLOCK_ONLY:
+            if getattr(request, field) is not None:
+                raise RequestError(
+                    400, f"{field} is a LLaDA 2.x sampler setting; this model's sampler has no "
+                    "such option", field,
+                )  # fmt: skip
+        if request.top_p not in (None, 1, 1.0):
+            raise RequestError(
+                400, "top_p is not supported by the LLaDA-8B / LLaDA-MoE samplers", "top_p"
+            )
+        overrides = {} if request.threshold is None else {"threshold": request.threshold}
+        if limits.batch_invariant:
+            overrides["batch_invariant"] = True
+    try:
+        return dataclasses.replace(decode, **overrides)
+    except ValueError as error:
+        raise RequestError(400, str(error), str(error).split(" ", 1)[0]) from None
 
 
 def resolve_sampling(
     request: SamplerFields,
     defaults: GenerateConfig,
-    preset: str,
+    preset: str | DecodeConfig | BlockDecodeConfig,
     limits: ServeConfig,
     max_tokens: int | None = None,
+    block_diffusion: bool = False,
 ) -> Sampling:
     """The sampler settings of a request: the server's defaults, overridden by the request
-    (see the module docstring for how the answer length is chosen)."""
-    name = request.preset or preset
-    if name not in PRESETS:
-        raise RequestError(400, f"unknown preset {name!r}; choose from {sorted(PRESETS)}", "preset")
-    decode = PRESETS[name]
-    if limits.batch_invariant:
-        decode = dataclasses.replace(decode, batch_invariant=True)
-    if request.threshold is not None:
-        try:
-            decode = dataclasses.replace(decode, threshold=request.threshold)
-        except ValueError as error:
-            raise RequestError(400, str(error), "threshold") from None
+    (see the module docstring for how the answer length is chosen). preset: the server's
+    decoding, a preset name or a config; block_diffusion: the model is LLaDA 2.x."""
+    decode = _decoding(request, preset, limits, block_diffusion)
 
     max_tokens = max_tokens if max_tokens is not None else request.max_tokens
     param = "max_tokens" if max_tokens is not None else "gen_length"
