@@ -44,10 +44,12 @@ floating-point sums (float32: within about 1e-6). In bfloat16 each rank's partia
 to bfloat16 before the all-reduce, as in Megatron-LM. The sharded model is for inference: save
 checkpoints from a single-process model.
 
-Loading (`load_tensor_parallel`): every rank reads the WHOLE checkpoint into host memory and
-then keeps only its shards, so the host needs W x the model's size for the moment of loading.
-The better path, not built here, reads only the rank's rows of each tensor from the safetensors
-files (`safe_open(...).get_slice`) into a model sharded on the meta device.
+Loading (`load_tensor_parallel`): every rank checks the folder as `llada.load_model` does, builds
+the model on the meta device, shards it, allocates only its shares, and fills them from the
+safetensors files: it reads its own experts (most of the bytes) and the rows or columns it keeps
+of the split matrices, and every replicated tensor. Host memory beyond the rank's share: one
+tensor at a time. `tensor_parallel(llada.load_model(...), mesh)` gives the same model but holds
+the whole checkpoint on every rank first.
 
 This module sits above `llada.model` (which imports only torch) and `llada.train.parallel`
 (whose process-group setup it reuses), and below the CLI.
@@ -288,30 +290,113 @@ def load_tensor_parallel(
     device: torch.device | str | None = None,
     attn_implementation: AttentionImplementation = "sdpa",
 ) -> LLaDA2Model:
-    """`llada.load_model` on every rank, then `tensor_parallel` over `mesh`, then the model on
-    `device` (default: the mesh's device, `cuda:<current>` for a CUDA mesh).
+    """Load a LLaDA 2.x checkpoint folder straight into this rank's shards: what
+    `tensor_parallel(llada.load_model(...), mesh)` gives, without the whole model in memory.
 
-    Every rank reads the whole checkpoint into host memory first (W copies at once: flash in
-    bfloat16 is about 206 GB per rank); reading only each rank's slices from the safetensors
-    files is the better path, not built (module docstring). With mesh None it is `load_model`.
+    The folder is checked first as `load_model` checks it (`inspect_checkpoint`), and the
+    rank's share of the weights (`rank_parameters`) against the memory free on `device`. The
+    model is then built on the meta device, sharded (`tensor_parallel`), allocated on `device`
+    (default: the mesh's device, `cuda:<current>` for a CUDA mesh) and filled tensor by tensor
+    from the safetensors files: a rank reads only its own experts (the bulk of the bytes) and
+    the rows or columns of the split matrices that it keeps; the replicated tensors (embedding,
+    lm_head, norms, routers) are read by every rank. Host memory beyond the rank's share: one
+    tensor at a time. mesh None or of size 1: `load_model`.
     """
-    from .model.checkpoint import load_model
+    from safetensors import safe_open
+
+    from .model.checkpoint import (
+        _ADVICE,
+        _FLOAT_DTYPES,
+        CheckpointError,
+        _parse_dtype,
+        _skip_weight_init,
+        available_memory,
+        inspect_checkpoint,
+        load_model,
+    )
 
     if mesh is None or mesh.size() == 1:
         return load_model(path_or_hub_id, dtype=dtype, device=device or "cpu",
                           attn_implementation=attn_implementation)  # fmt: skip
-    if device is None:
-        device = _mesh_device(mesh)
-    model = load_model(path_or_hub_id, dtype=dtype, device="cpu",
-                       attn_implementation=attn_implementation)  # fmt: skip
-    if not isinstance(model, LLaDA2Model):
+    device = torch.device(device) if device is not None else _mesh_device(mesh)
+    # Everything checked and nothing allocated; the memory check is this rank's, below.
+    plan = inspect_checkpoint(path_or_hub_id, dtype=dtype, device="meta")
+    config = plan.config
+    if not isinstance(config, LLaDA2Config):
         raise ValueError(
-            f"{path_or_hub_id} holds a {type(model).__name__}; tensor parallelism is implemented "
+            f"{plan.folder} holds a {plan.family.name} model; tensor parallelism is implemented "
             "for LLaDA 2.x checkpoints only (run other families on one process)"
         )
-    check_tensor_parallel(model.config, mesh.size())
+    w, rank = mesh.size(), mesh.get_local_rank()
+    check_tensor_parallel(config, w)
+    target_dtype = _parse_dtype(dtype)
+    # Our name -> the dtype it loads in: the requested one, else the file's (as load_model:
+    # the official checkpoints keep expert_bias in float32 beside bfloat16 weights).
+    dtypes = {
+        plan.family.from_official_name(official)[0]: target_dtype or _FLOAT_DTYPES[entry.dtype]
+        for official, (_, entry) in plan.tensors.items()
+    }
+    with torch.device("meta"), _skip_weight_init():
+        model = LLaDA2Model(config, attn_implementation=attn_implementation)
+    for name, tensor in list(model.state_dict(keep_vars=True).items()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._buffers:
+            owner._buffers[leaf] = tensor.to(dtypes[name])
+        else:
+            setattr(owner, leaf, nn.Parameter(tensor.to(dtypes[name]), requires_grad=False))
     tensor_parallel(model, mesh)
-    return model.to(device).eval()
+    share = sum(
+        t.numel() * t.element_size() for t in map(_local, model.state_dict(keep_vars=True).values())
+    )
+    available = available_memory(device)
+    if available is not None and share > available:
+        raise CheckpointError(
+            f"{plan.folder}: one rank's share of the weights needs {share / 2**30:.1f} GiB on "
+            f"{device} but {available / 2**30:.1f} GiB are free; run on more GPUs "
+            "(torchrun --nproc-per-node) or in a smaller dtype"
+        )
+    model.to_empty(device=device)
+    model.requires_grad_(False)
+    targets = {name: _local(t) for name, t in model.state_dict(keep_vars=True).items()}
+    # Each target is written once, a rank's stacked experts once per expert it holds.
+    pending = {name: 1 for name in targets}
+    for layer, block in enumerate(model.blocks):
+        if block.is_moe:
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                pending[f"blocks.{layer}.mlp.{projection}"] = block.mlp.gate_proj.shape[0]
+    rows = qkv_rows(config, w)
+    per_rank_rows = rows.numel() // w
+    qkv_runs = _runs(rows[rank * per_rank_rows : (rank + 1) * per_rank_rows])
+    by_file: dict[os.PathLike, list[tuple[str, tuple[int, ...]]]] = {}
+    for official, (file, entry) in plan.tensors.items():
+        by_file.setdefault(file, []).append((official, entry.shape))
+    with torch.no_grad():
+        for file, entries in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for official, full_shape in entries:
+                    name, index = plan.family.from_official_name(official)
+                    target = targets[name]
+                    if index is not None:  # a routed expert: read only if this rank holds it
+                        first = model.get_submodule(name.rpartition(".")[0]).first_expert
+                        if not 0 <= index - first < target.shape[0]:
+                            continue
+                        target = target[index - first]
+                    piece = handle.get_slice(official)
+                    if name.endswith("attn.qkv_proj.weight"):
+                        tensor = torch.cat([piece[a:b] for a, b in qkv_runs])
+                    else:
+                        tensor = _part(piece, full_shape, tuple(target.shape), rank)
+                    target.copy_(tensor)
+                    pending[name] -= 1
+    unfilled = [name for name, count in pending.items() if count]
+    if unfilled:
+        raise CheckpointError(
+            f"{plan.folder}: rank {rank} found no weights for '{unfilled[0]}'; {_ADVICE}"
+        )
+    model.special_tokens = plan.special_tokens
+    model.checkpoint_folder = plan.folder
+    return model.eval()
 
 
 def setup_from_env(device: str | None = None) -> tuple[Distributed, DeviceMesh | None]:
@@ -335,6 +420,37 @@ def _mesh_device(mesh: DeviceMesh) -> torch.device:
     if mesh.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(mesh.device_type)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a parameter or buffer (a DTensor's local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted-or-not row indices as maximal runs [a, b) of consecutive rows, in order."""
+    runs: list[tuple[int, int]] = []
+    for row in rows.tolist():
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
+def _part(piece, full: tuple[int, ...], local: tuple[int, ...], rank: int) -> torch.Tensor:
+    """Rank `rank`'s chunk of a tensor split along the one dimension where its local shape
+    differs from the full one (rows for column-wise, columns for row-wise), or all of it."""
+    split = [d for d, (a, b) in enumerate(zip(full, local, strict=True)) if a != b]
+    if not split:
+        return piece[:]
+    (dim,) = split
+    size = local[dim]
+    index = [slice(None)] * len(full)
+    index[dim] = slice(rank * size, (rank + 1) * size)
+    return piece[tuple(index)]
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

@@ -112,6 +112,12 @@ def _shapes(model: LLaDA2Model) -> dict:
     }
 
 
+def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {k: t.to_local() if isinstance(t, DTensor) else t for k, t in model.state_dict().items()}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     """One rank: join the group as torchrun would set it up, shard, run, save."""
     from llada.parallel import load_tensor_parallel, setup_from_env, tensor_parallel
@@ -128,8 +134,16 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         tiny = load_tensor_parallel(LLADA2_TINY, mesh, dtype=torch.float32)
         deeper = tensor_parallel(_deeper(), mesh)
+        # The sliced loader holds what splitting the whole loaded model holds, bit for bit.
+        split = tensor_parallel(llada.load_model(LLADA2_TINY, dtype=torch.float32), mesh)
+        loaded, expected = _local_state(tiny), _local_state(split)
+        bf16 = _local_state(load_tensor_parallel(LLADA2_TINY, mesh, dtype="bfloat16"))
         results = {
             "rank": env.rank,
+            "loaders_agree": loaded.keys() == expected.keys()
+            and all(torch.equal(loaded[k], expected[k]) for k in expected),
+            "bf16_dtypes": {k: t.dtype for k, t in bf16.items()},
+            "bf16_agrees": all(torch.equal(bf16[k], expected[k].bfloat16()) for k in expected),
             "tiny": _run(tiny),
             "deeper": _run(deeper),
             "tiny_shapes": _shapes(tiny),
@@ -192,6 +206,15 @@ def test_parallel_sampling_gives_the_single_process_tokens(ranks, single, family
         )
     # The sampler's answers are not all EOS or empty: the comparison has something to compare.
     assert any(len(set(a)) > 2 for a in single[family][f"sample {version}"])
+
+
+@pytest.mark.slow
+def test_the_sliced_loader_holds_the_split_model(ranks):
+    for result in ranks:
+        assert result["loaders_agree"]
+        # A requested dtype applies to every tensor, the expert bias included.
+        assert set(result["bf16_dtypes"].values()) == {torch.bfloat16}
+        assert result["bf16_agrees"]
 
 
 @pytest.mark.slow
