@@ -4,10 +4,26 @@ get_log_likelihood.py).
 log p(answer | prompt) >= E_{n, masks} [ sum over masked answer tokens of log p(token) / p_mask ].
 `get_log_likelihood` reproduces the reference estimator, random draws included; it is a lower
 bound, and its variance falls with `mc_num` (128 in the paper, 1 for single-token answers).
+
+LLaDA 2.x (block diffusion, `model.block_diffusion`): the model is a chain over blocks of
+`block_length` positions, counted from the prompt's first token as the samplers count them, so
+log p(answer | prompt) = sum over the blocks b holding answer tokens of
+log p(answer tokens of b | the clean tokens before b, the prompt tokens of b), and each term is
+bounded below by that block's masked-diffusion ELBO. The same draws as above (the stratified
+count n of the T answer tokens, weight T / n, prompt never masked) estimate the sum of the
+blocks' ELBOs without bias: given the mask, block b's term reads only block b's mask, and
+marginalising the other blocks out of "n uniform in 1..T, then n positions uniformly" leaves
+block b's own ELBO weights (both are the continuous-time ELBO with one t shared by the blocks,
+Eq. 6 against Appendix B.5). One forward per draw gives every block its term: the input
+[x_t ; x_0] under `block_diffusion_training_mask`, where a noisy block sees itself and the
+clean blocks before it, exactly the context the samplers give it (`block_masked_logits`). The
+last block ends with the answer (no positions after it), as the LLaDA-8B estimator scores
+prompt + answer only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +32,14 @@ import torch.nn.functional as F
 from .diffusion import stratified_masking
 from .guidance import predict_logits
 from .inputs import check_token_ids, device_of, vocab_size_of
+from .model.llada2 import block_diffusion_training_mask
+from .model.transformer import flat_positions
+from .sampling.config import BLOCK_PRESETS
 from .settings import require_non_negative_numbers, require_positive_ints
 from .tokens import special_tokens_of
+
+# The block length LLaDA 2.x is trained and decoded with (the authors' presets all use 32).
+BLOCK_LENGTH = BLOCK_PRESETS["llada2.0"][1]["block_length"]
 
 
 @dataclass(frozen=True)
@@ -60,11 +82,17 @@ def get_log_likelihood(
     mask_id: int | None = None,
     *,
     exact_mc_num: bool = False,
+    block_length: int | None = None,
 ) -> float:
     """Monte Carlo ELBO estimate of log p(answer | prompt), as the reference function.
 
     prompt: (l1,) and answer: (l2,) token ids, one sequence each. mask_id: None takes the
     model's own. Returns a float (nats, summed over the answer tokens).
+
+    A LLaDA 2.x model (`model.block_diffusion`) is scored by its block-diffusion ELBO (module
+    docstring) over blocks of `block_length` positions (None: 32, the family's); its draws are
+    the ones above, so a seed gives the same masks in both families. block_length is refused
+    for the other families, and cfg_scale for LLaDA 2.x (it has no guidance).
     """
     config = LikelihoodConfig(
         mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale, exact_mc_num=exact_mc_num
@@ -76,23 +104,86 @@ def get_log_likelihood(
     answer = check_token_ids("answer", answer, 1, vocab)
     if answer.numel() == 0:
         raise ValueError("answer is empty: there is nothing to score")
-
     sequence = torch.cat([prompt, answer]).to(device)
     prompt_index = torch.arange(sequence.shape[0], device=device) < len(prompt)
+
+    if getattr(model, "block_diffusion", False):
+        block_length = check_block_length(BLOCK_LENGTH if block_length is None else block_length)
+        if config.cfg_scale:
+            raise ValueError(
+                f"cfg_scale={cfg_scale!r}: LLaDA 2.x models have no classifier-free guidance; "
+                "leave cfg_scale at 0"
+            )
+
+        def masked_logits(clean, noisy, is_masked):
+            return block_masked_logits(model, noisy, clean, is_masked, block_length)
+
+    else:
+        if block_length is not None:
+            raise ValueError(
+                "block_length is the block size of LLaDA 2.x's block-diffusion likelihood; this "
+                "model scores the whole answer as one sequence: leave it out"
+            )
+
+        def masked_logits(clean, noisy, is_masked):
+            return predict_logits(
+                model, noisy, prompt_index=prompt_index, mask_id=mask_id,
+                cfg_scale=config.cfg_scale,
+            )[is_masked]  # fmt: skip
+
+    return monte_carlo_elbo(sequence, prompt_index, config, mask_id, masked_logits)
+
+
+def monte_carlo_elbo(
+    sequence: torch.Tensor,
+    prompt_index: torch.Tensor,
+    config: LikelihoodConfig,
+    mask_id: int,
+    masked_logits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """The reference estimator's loop: per draw of `config.batch_sizes()` copies of `sequence`
+    (L,), `stratified_masking` of its answer (prompt_index (L,) True on the prompt), then
+    -sum CE / p_mask over the masked positions, averaged over all copies.
+    masked_logits(clean, noisy, is_masked) gives the logits (N, V) at the N masked positions
+    of noisy (B, L), row-major (the family's forward)."""
     total_loss, total_samples = 0.0, 0
     for size in config.batch_sizes():
         batch = sequence[None, :].repeat((size, 1))
         noisy, p_mask = stratified_masking(batch, prompt_index, mask_id)
         is_masked = noisy == mask_id
-        logits = predict_logits(
-            model, noisy, prompt_index=prompt_index, mask_id=mask_id, cfg_scale=config.cfg_scale
-        )
-        token_loss = (
-            F.cross_entropy(logits[is_masked], batch[is_masked], reduction="none")
-            / p_mask[is_masked]
-        )
+        logits = masked_logits(batch, noisy, is_masked)
+        token_loss = F.cross_entropy(logits, batch[is_masked], reduction="none") / p_mask[is_masked]
         # The reference averages per-batch means; weighting by batch size is the same when all
         # batches are full, and right when the last one is not.
         total_loss += (token_loss.sum() / size).item() * size
         total_samples += size
     return -total_loss / total_samples
+
+
+def check_block_length(block_length: object) -> int:
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+        raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+    return block_length
+
+
+def block_masked_logits(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    is_masked: torch.Tensor,
+    block_length: int,
+) -> torch.Tensor:
+    """A LLaDA 2.x model's logits (N, V) at the N positions of `is_masked` (B, L), row-major,
+    each predicted from its own block of `noisy` (B, L) and the blocks of `clean` (B, L) before
+    it: one forward of [noisy ; clean] (B, 2L) under `block_diffusion_training_mask` with RoPE
+    positions 0..L-1 in each half (inclusionAI/dFactory's block_diffusion_mode, the training
+    forward of `llada.losses.block_diffusion_loss`). Blocks are counted from position 0."""
+    length = noisy.shape[1]
+    device = noisy.device
+    targets = torch.cat([is_masked, torch.zeros_like(is_masked)], dim=1)  # the noisy half
+    return model(
+        torch.cat([noisy, clean], dim=1),
+        attention_mask=block_diffusion_training_mask(length, block_length, device),
+        positions=torch.arange(length, device=device).repeat(2),
+        logits_at=flat_positions(targets),
+    ).logits

@@ -22,6 +22,23 @@ It is the reference `eval_llada.py` (ML-GSAI/LLaDA) made batched, data-parallel 
   `max_gen_toks` sets gen_length (rounded up to whole blocks, the answer cut back), `until`
   strings cut the text, and the 'fast' presets stop a row once its answer has ended.
 
+LLaDA 2.x models (block diffusion, `model.block_diffusion`):
+
+* `generate_until` runs the block sampler with its exact KV cache (`sample` with a LLaDA 2.x
+  preset: `llada.block_sample`'s answers). The preset defaults to the family's rule
+  (`llada.api.default_decode`: 'llada2.1-quality' for a checkpoint named 2.1, else
+  'llada2.0'); the model args threshold, editing_threshold, max_post_steps, minimal_topk,
+  num_to_transfer, top_k, top_p and eos_early_stop override its values. block_length defaults
+  to the preset's (32) and steps to one step per position at least (the authors' 32 per block
+  of 32). The LLaDA-8B sampler settings (cfg, remasking, logits_eos_inf,
+  confidence_eos_eot_inf) are refused.
+* `loglikelihood` / `loglikelihood_rolling` score the block-diffusion ELBO
+  (`llada.likelihood`, module docstring): the chain rule over blocks of block_length positions
+  counted from the prompt's first token, each block's masked-diffusion bound given the clean
+  blocks before it, all blocks in one forward of [x_t ; x_0] per draw; the draws, weights,
+  seeds and packing are the ones above. The greedy check decodes one most-confident token per
+  step inside the first block that still holds a mask, under the block-causal mask.
+
 Under `torchrun` / `accelerate launch` every process loads the model on its own device; the
 harness shards the documents by `rank` and gathers the metrics through `all_gather`,
 `gather_object` and `barrier` (lm-eval >= 0.4.12) or through `accelerator` (<= 0.4.11).
@@ -54,14 +71,44 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..diffusion import stratified_masking
 from ..inputs import context_of
-from ..likelihood import LikelihoodConfig
-from ..sampling.config import REMASKING_CHOICES, GenerateConfig, decode_preset
+from ..likelihood import LikelihoodConfig, block_masked_logits
+from ..model.llada2 import block_attention_mask
+from ..sampling.config import (
+    BLOCK_PRESETS,
+    PRESETS,
+    REMASKING_CHOICES,
+    BlockDecodeConfig,
+    GenerateConfig,
+    check_block_options,
+    decode_preset,
+)
 from ..settings import require_non_negative_numbers, require_positive_ints
 
 logger = logging.getLogger(__name__)
 
 PREFIX_CHOICES = ("bos", "eos", "none")
 PAIR_SPLIT_CHOICES = ("auto", "reference", "separate")
+# The reference eval_llada.py's sampler defaults (LLaDA-8B, LLaDA-MoE).
+REFERENCE_STEPS = 1024
+REFERENCE_BLOCK_LENGTH = 1024
+# The LLaDA 2.x block sampler's options a model arg may set over its preset's.
+BLOCK_OPTIONS = (
+    "threshold",
+    "editing_threshold",
+    "max_post_steps",
+    "minimal_topk",
+    "num_to_transfer",
+    "top_k",
+    "top_p",
+    "eos_early_stop",
+)
+# LLaDA-8B sampler settings (with their defaults) that LLaDA 2.x's block sampler does not have.
+LLADA8B_ONLY = {
+    "cfg": 0.0,
+    "remasking": "low_confidence",
+    "logits_eos_inf": False,
+    "confidence_eos_eot_inf": False,
+}
 
 
 @dataclass(frozen=True)
@@ -79,15 +126,25 @@ class HarnessSettings:
     max_length: longest sequence scored or generated (None: the model's context, its config's
         max_sequence_length or, for LLaDA-MoE, max_position_embeddings; 4096 for LLaDA-8B as
         the reference); longer prompts lose their oldest tokens.
-    steps: sampler forward passes for gen_length tokens (scaled with max_gen_toks).
+    steps: sampler forward passes for gen_length tokens (scaled with max_gen_toks); None: the
+        family's default (1024; LLaDA 2.x: block_length per block, the authors' 32 for blocks of
+        32, or the preset's steps per block if fewer).
     gen_length: answer tokens when a request names no max_gen_toks.
-    block_length: semi-autoregressive block size of the sampler.
+    block_length: semi-autoregressive block size of the sampler; None: the family's default
+        (1024; LLaDA 2.x: the preset's, 32). For LLaDA 2.x it is also the block size of the
+        likelihood's chain over blocks.
     temperature: sampling temperature; None takes the request's (0 unless do_sample).
     remasking: 'low_confidence' or 'random'.
     logits_eos_inf: forbid EOS during generation (the published HumanEval setting).
     confidence_eos_eot_inf: unmask EOS/EoT last (the published GSM8K/Math/GPQA/MBPP setting).
     preset: decoding preset of llada.sampling ('reference' is the published sampler token for
-        token; 'fast' and 'fastest' add caches, parallel decoding and early stop).
+        token; 'fast' and 'fastest' add caches, parallel decoding and early stop; LLaDA 2.x:
+        'llada2.0', 'llada2.1-quality', 'llada2.1-speed'). None: the model's default
+        (`llada.api.default_decode` for evaluation: 'reference'; LLaDA 2.x 'llada2.1-quality'
+        for a checkpoint named 2.1, else 'llada2.0').
+    threshold, editing_threshold, max_post_steps, minimal_topk, num_to_transfer, top_k, top_p,
+        eos_early_stop: LLaDA 2.x only, the `BlockDecodeConfig` fields they name, over the
+        preset's values (None: the preset's).
     gen_batch_size: generation requests per batch (left-padded).
     token_budget: most tokens (rows x length, both CFG halves) in one likelihood forward; the
         masked copies of several requests share a forward up to it (ours; the reference runs
@@ -111,24 +168,32 @@ class HarnessSettings:
     cfg: float = 0.0
     is_check_greedy: bool = True
     max_length: int | None = None
-    steps: int = 1024
+    steps: int | None = None
     gen_length: int = 1024
-    block_length: int = 1024
+    block_length: int | None = None
     temperature: float | None = None
     remasking: str = "low_confidence"
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
-    preset: str = "reference"
+    preset: str | None = None
     gen_batch_size: int = 8
     token_budget: int = 32768
     seed: int = 1234
     rolling_stride: int | None = None
     prefix_token: str = "bos"
     pair_split: str = "auto"
+    threshold: float | None = None
+    editing_threshold: float | None = None
+    max_post_steps: int | None = None
+    minimal_topk: int | None = None
+    num_to_transfer: int | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_early_stop: bool | None = None
 
     def __post_init__(self) -> None:
         require_positive_ints(self, "mc_num", "batch_size", "gen_batch_size", "token_budget")
-        for name in ("max_length", "rolling_stride"):
+        for name in ("max_length", "rolling_stride", "steps", "block_length"):
             if getattr(self, name) is not None:
                 require_positive_ints(self, name)
         if self.batch_size < self.mc_num and self.mc_num % self.batch_size:
@@ -153,15 +218,85 @@ class HarnessSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        decode_preset(self.preset)
-        self.generate_config()  # validates steps, gen_length and block_length together
+        if self.preset is not None:
+            decode_preset(self.preset)
+        given = self.block_options()
+        check_block_options(**{k: v for k, v in given.items() if k != "eos_early_stop"})
+        if not isinstance(given.get("eos_early_stop", False), bool):
+            raise ValueError(f"eos_early_stop must be true or false, got {self.eos_early_stop!r}")
+        if self.block_length is not None:
+            # steps: the given, or a valid stand-in until the family's default is known.
+            steps = self.steps or max(1, self.gen_length // self.block_length)
+            self.generate_config(steps=steps)  # validates steps, gen_length and block_length
+
+    def block_options(self) -> dict[str, Any]:
+        """The LLaDA 2.x sampler options given (not None)."""
+        return {n: getattr(self, n) for n in BLOCK_OPTIONS if getattr(self, n) is not None}
+
+    def for_model(self, block_diffusion: bool, default_preset: str) -> HarnessSettings:
+        """These settings with the family's defaults filled in (preset, steps, block_length),
+        or one ValueError for a setting of the other family. default_preset: the model's
+        (`llada.api.default_decode(model, interactive=False)`)."""
+        preset = self.preset or default_preset
+        if not block_diffusion:
+            if preset in BLOCK_PRESETS:
+                raise ValueError(
+                    f"preset={preset} is a LLaDA 2.x preset; this model decodes with one of "
+                    f"{', '.join(PRESETS)}"
+                )
+            if self.block_options():
+                raise ValueError(
+                    f"{', '.join(self.block_options())}: LLaDA 2.x block-sampler model args; "
+                    "this model's sampler has no such options (remove them from --model-args)"
+                )
+            return replace(
+                self,
+                preset=preset,
+                steps=REFERENCE_STEPS if self.steps is None else self.steps,
+                block_length=(
+                    REFERENCE_BLOCK_LENGTH if self.block_length is None else self.block_length
+                ),
+            )
+        if preset in PRESETS:
+            raise ValueError(
+                f"preset={preset} is a LLaDA-8B / LLaDA-MoE preset; this LLaDA 2.x model "
+                f"(block diffusion) decodes with one of {', '.join(BLOCK_PRESETS)}"
+            )
+        eight_b = [
+            f"{n}={getattr(self, n)!r}" for n, d in LLADA8B_ONLY.items() if getattr(self, n) != d
+        ]
+        if eight_b:
+            raise ValueError(
+                f"{', '.join(eight_b)}: LLaDA-8B sampler settings; a LLaDA 2.x model's block "
+                "sampler and likelihood have none (remove them from --model-args)"
+            )
+        fixed = BLOCK_PRESETS[preset][1]
+        block_length = fixed["block_length"] if self.block_length is None else self.block_length
+        steps = self.steps
+        if steps is None:
+            per_block = min(fixed.get("steps_per_block", block_length), block_length)
+            steps = per_block * max(1, self.gen_length // block_length)
+        return replace(self, preset=preset, block_length=block_length, steps=steps)
+
+    def decoding(self) -> str | BlockDecodeConfig:
+        """The sampler's decoding: the preset's name, or (LLaDA 2.x options given) its
+        `BlockDecodeConfig` with them."""
+        if self.preset is None:
+            raise ValueError("the preset is not resolved yet: call for_model first")
+        given = self.block_options()
+        if not given:
+            return self.preset
+        return replace(decode_preset(self.preset), **given)
 
     def likelihood_config(self) -> LikelihoodConfig:
         return LikelihoodConfig(mc_num=self.mc_num, batch_size=self.batch_size, cfg_scale=self.cfg)
 
-    def generate_config(self, temperature: float = 0.0) -> GenerateConfig:
+    def generate_config(self, temperature: float = 0.0, steps: int | None = None) -> GenerateConfig:
+        """The sampler settings (steps: these settings' unless given)."""
+        if self.block_length is None or (steps is None and self.steps is None):
+            raise ValueError("steps and block_length are not resolved yet: call for_model first")
         return GenerateConfig(
-            steps=self.steps,
+            steps=self.steps if steps is None else steps,
             gen_length=self.gen_length,
             block_length=self.block_length,
             temperature=temperature,
@@ -382,7 +517,7 @@ class LLaDAEvalLM(LM):
             if self._world_size > 1
             else None
         )
-        from ..api import load
+        from ..api import default_decode, load
 
         if dtype in ("auto", ""):
             dtype = None
@@ -391,6 +526,11 @@ class LLaDAEvalLM(LM):
         )
         if is_random:
             logger.warning("no model given and none shipped: scoring the random stand-in")
+        self.block_diffusion = bool(getattr(self.model, "block_diffusion", False))
+        self.settings = self.settings.for_model(
+            self.block_diffusion, default_decode(self.model, interactive=False)
+        )
+        self.decode = self.settings.decoding()
         self.tokens = self.model.special_tokens
         self.max_length = self.settings.max_length or context_of(self.model)[0]
         stride = self.settings.rolling_stride or max(1, self.max_length // 2)
@@ -528,7 +668,12 @@ class LLaDAEvalLM(LM):
         self, x: torch.Tensor, prompt_index: torch.Tensor, is_masked: torch.Tensor
     ) -> torch.Tensor:
         """Logits (N, V) at the N masked positions of x (B, L), row-major, guided with cfg > 0
-        as `llada.guidance.predict_logits` (the unconditional copy masks the prompt)."""
+        as `llada.guidance.predict_logits` (the unconditional copy masks the prompt). LLaDA
+        2.x: under the samplers' block-causal mask (`block_attention_mask`)."""
+        if self.block_diffusion:
+            mask = block_attention_mask(x.shape[1], self.settings.block_length, x.device)
+            flat = is_masked.flatten().nonzero().squeeze(1)
+            return self.model(x, mask, logits_at=flat).logits
         cfg = self.settings.cfg
         if cfg <= 0:
             return self.model(x, logits_at=is_masked.flatten().nonzero().squeeze(1)).logits
@@ -540,7 +685,8 @@ class LLaDAEvalLM(LM):
         return unconditional_logits + (cfg + 1) * (conditional - unconditional_logits)
 
     def _rows_per_forward(self, length: int) -> int:
-        copies = 2 if self.settings.cfg > 0 else 1
+        # Guidance runs two copies; LLaDA 2.x's likelihood reads [x_t ; x_0], twice the length.
+        copies = 2 if self.settings.cfg > 0 or self.block_diffusion else 1
         return max(1, self.settings.token_budget // (length * copies))
 
     def _draw_units(self, index: int, prompt: list[int], answer: list[int]) -> list[_Unit]:
@@ -568,7 +714,11 @@ class LLaDAEvalLM(LM):
         p_mask = torch.cat([u.p_mask for u in units])
         prompt_index = torch.cat([u.prompt_index for u in units])
         is_masked = noisy == self.tokens.mask_id
-        logits = self._masked_logits(noisy, prompt_index, is_masked)
+        if self.block_diffusion:
+            block_length = self.settings.block_length
+            logits = block_masked_logits(self.model, noisy, clean, is_masked, block_length)
+        else:
+            logits = self._masked_logits(noisy, prompt_index, is_masked)
         token_loss = F.cross_entropy(logits, clean[is_masked], reduction="none") / p_mask[is_masked]
         counts = is_masked.sum(dim=1).split([u.size for u in units])
         parts = token_loss.split([int(c.sum()) for c in counts])
@@ -623,7 +773,9 @@ class LLaDAEvalLM(LM):
     @torch.no_grad()
     def greedy_matches(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[bool]:
         """Whether unmasking the single most confident prediction per step, starting from the
-        prompt and len(answer) masks, reproduces the answer (the reference's greedy check)."""
+        prompt and len(answer) masks, reproduces the answer (the reference's greedy check).
+        LLaDA 2.x: block by block (blocks counted from the prompt's first token), the most
+        confident prediction inside the first block that still holds a mask."""
         mask_id = self.tokens.mask_id
         results = [False] * len(pairs)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -642,6 +794,9 @@ class LLaDAEvalLM(LM):
                     len(chunk), -1
                 )
                 rows = torch.arange(len(chunk), device=self._device)
+                blocks = torch.arange(length, device=self._device) // (
+                    self.settings.block_length if self.block_diffusion else length
+                )
                 for _ in range(answer_length):
                     is_masked = x == mask_id
                     logits = self._masked_logits(x, prompt_index, is_masked)
@@ -650,6 +805,10 @@ class LLaDAEvalLM(LM):
                     confidence = confidence.gather(-1, prediction[:, None]).squeeze(-1)
                     dense = torch.full(x.shape, -torch.inf, device=self._device)
                     dense[is_masked] = confidence
+                    # Only the first block with a mask is being decoded (one block: all of it).
+                    first_masked = is_masked.long().argmax(dim=-1)  # (rows,)
+                    current = blocks[None, :] == blocks[first_masked][:, None]
+                    dense = dense.masked_fill(~current, -torch.inf)
                     dense_prediction = torch.full_like(x, mask_id)
                     dense_prediction[is_masked] = prediction
                     best = dense.argmax(dim=-1)
@@ -771,7 +930,7 @@ class LLaDAEvalLM(LM):
                         ids.to(self._device),
                         attention_mask,
                         config,
-                        self.settings.preset,
+                        self.decode,
                     ).tokens
                     answers = out[:, ids.shape[1] :].tolist()
                     for (i, _, keep, until), answer in zip(chunk, answers, strict=True):
