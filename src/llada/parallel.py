@@ -1,7 +1,7 @@
 """Tensor and expert parallelism for LLaDA 2.x inference: one model over W processes (one per
 GPU, or W gloo processes on a CPU), launched by `torchrun --nproc-per-node W`.
 
-LLaDA2.x-flash holds about 103B parameters (206 GB in bfloat16), more than any single GPU. Here
+LLaDA2.x-flash holds 102.9B parameters (191.6 GiB in bfloat16), more than any single GPU. Here
 each rank holds a W-th of every large matrix and the ranks add their parts with all-reduces,
 Megatron-style (Shoeybi et al. 2019, "Megatron-LM", section 3), plus expert parallelism for the
 routed experts (GShard, Lepikhin et al. 2020):
@@ -28,10 +28,11 @@ routed experts (GShard, Lepikhin et al. 2020):
   Linear, the routing must stay replicated, and two RowwiseParallel-style reductions would cost
   two all-reduces where one suffices), so it is a small explicit module over
   `torch.distributed.all_reduce`.
-- embedding, norms, RoPE tables and lm_head are replicated. A vocabulary-parallel head would
-  save 2 x 157184 x 4096 x (W-1)/W bf16 values per GPU (about 1.1 GB of flash's ~26 GB at
-  W = 8, docs/llada2-memory.md) but then needs an all-gather of the float32 logits (B, T, 157184)
-  after every forward, because every rank runs the same sampler on the full logits.
+- embedding, norms, RoPE tables and lm_head are replicated. A vocabulary-parallel lm_head
+  would save (W-1)/W of its 157184 x 4096 bf16 values per GPU (1.05 GiB of flash's 26.1 GiB at
+  W = 8, docs/llada2-memory.md) but would need an all-gather of the float32 logits
+  (B, T, 157184) after every forward, because every rank runs the same sampler on the full
+  logits.
 
 Every rank runs the same Python program (the sampler included) on the same inputs: after each
 all-reduce the activations are the same on every rank, so the logits, and hence every greedy or
@@ -40,7 +41,7 @@ further communication. Only rank 0 should print.
 
 The forward is the single-process model's, unchanged (`model(ids, attention_mask=...)`, the KV
 cache forward, `logits_at`); the logits equal the single-process ones up to the order of
-floating-point sums (float32: within about 1e-6). In bfloat16 each rank's partial sum is rounded
+floating-point sums (float32: 3e-5 on the tiny checkpoint's logits of magnitude 16). In bfloat16 each rank's partial sum is rounded
 to bfloat16 before the all-reduce, as in Megatron-LM. The sharded model is for inference: save
 checkpoints from a single-process model.
 
@@ -95,7 +96,7 @@ def check_tensor_parallel(config: LLaDA2Config, world_size: int) -> None:
     if kv_heads % w and w % kv_heads:
         problems.append(
             f"num_key_value_heads ({kv_heads}) and {w} ranks: neither divides the other (the KV "
-            "heads can be split over the ranks or replicated on whole groups of them, no other way)"
+            "heads are either split over the ranks or each replicated on a group of ranks)"
         )
     if config.num_experts % w:
         problems.append(f"num_experts ({config.num_experts}) is not a multiple of {w}")
@@ -238,7 +239,7 @@ def tensor_parallel(model: LLaDA2Model, mesh: DeviceMesh | None) -> LLaDA2Model:
     Call it on every rank, on the same weights, before any KV cache is made (a cache's shape
     is the rank's KV heads). The weights may be on the CPU: the sharded ones are moved to the
     mesh's device type by DTensor, the rest go where `model.to` sends them (the caller's move;
-    `load_tensor_parallel` does it).
+    `load_tensor_parallel` does it). The mesh is kept as `model.tensor_parallel_mesh`.
     """
     if mesh is None or mesh.size() == 1:
         return model
@@ -248,6 +249,8 @@ def tensor_parallel(model: LLaDA2Model, mesh: DeviceMesh | None) -> LLaDA2Model:
         )
     if mesh.ndim != 1:
         raise ValueError(f"tensor parallelism takes a 1-D device mesh, got {mesh.ndim} dimensions")
+    if getattr(model, "tensor_parallel_mesh", None) is not None:
+        raise ValueError("this model is already split over ranks; split a freshly loaded model")
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,

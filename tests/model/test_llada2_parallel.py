@@ -20,7 +20,7 @@ import llada
 from conftest import REFERENCE
 from llada.model.experts import experts_forward, experts_grouped, experts_loop
 from llada.model.llada2 import LLaDA2Config, LLaDA2Model, block_attention_mask
-from llada.parallel import check_tensor_parallel, rank_parameters
+from llada.parallel import check_tensor_parallel, qkv_rows, rank_parameters
 
 LLADA2_TINY = REFERENCE / "llada2-tiny"
 MASK, EOS = 511, 509
@@ -338,3 +338,29 @@ def test_only_the_size_that_does_not_split_is_named():
     with pytest.raises(ValueError, match=r"num_key_value_heads \(6\) and 4 ranks"):
         check_tensor_parallel(wide, 4)
     check_tensor_parallel(LLaDA2Config.from_hf_dict(_raw_config() | dict(num_attention_heads=8)), 4)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, world", [(4, 2, 2), (4, 1, 2), (8, 2, 4), (32, 4, 8), (16, 4, 4), (16, 4, 2)]
+)
+def test_each_rank_gets_its_query_heads_and_the_kv_heads_they_read(heads, kv_heads, world):
+    """Rank r's chunk of the reordered fused QKV rows: query heads r H/W .. (r+1) H/W - 1 and,
+    for keys and values alike, exactly the KV heads those query heads read under grouped-query
+    attention (query head h reads KV head h // (H / Hkv))."""
+    hd = 2
+    config = LLaDA2Config.from_hf_dict(
+        _raw_config()
+        | dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd,
+               partial_rotary_factor=1.0, num_experts=8, n_group=2, intermediate_size=128)
+    )  # fmt: skip
+    rows = qkv_rows(config, world)
+    chunks = rows.view(world, -1)
+    for rank, chunk in enumerate(chunks):
+        head_of_row = chunk[::hd] // hd  # the official head index (0..H + 2 Hkv - 1) of each head
+        assert (chunk.view(-1, hd) == head_of_row[:, None] * hd + torch.arange(hd)).all()
+        query = [h for h in head_of_row.tolist() if h < heads]
+        keys = [h - heads for h in head_of_row.tolist() if heads <= h < heads + kv_heads]
+        values = [h - heads - kv_heads for h in head_of_row.tolist() if h >= heads + kv_heads]
+        per_rank = heads // world
+        assert query == list(range(rank * per_rank, (rank + 1) * per_rank))
+        assert keys == values == sorted({h // (heads // kv_heads) for h in query})
