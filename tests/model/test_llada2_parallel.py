@@ -112,13 +112,34 @@ def _shapes(model: LLaDA2Model) -> dict:
     }
 
 
+def _texts(folder: str, model: torch.nn.Module) -> dict:
+    """What `llada generate` prints (`generate_texts`, chat template, the LLaDA 2.x presets),
+    greedy and seeded."""
+    from llada.api import generate_texts
+    from llada.sampling.config import GenerateConfig
+    from llada.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    out = {}
+    for decode in ("llada2.0", "llada2.1-speed"):
+        for temperature in (0.0, 0.8):
+            config = GenerateConfig(
+                steps=16, gen_length=16, block_length=16, temperature=temperature
+            )
+            torch.manual_seed(0)
+            out[decode, temperature] = generate_texts(
+                model, tokenizer, ["To be, or not", "What is 2 + 3?"], config, decode=decode
+            )
+    return out
+
+
 def _local_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return {k: t.to_local() if isinstance(t, DTensor) else t for k, t in model.state_dict().items()}
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
+def _worker(rank: int, port: int, folder: str, chat_folder: str) -> None:
     """One rank: join the group as torchrun would set it up, shard, run, save."""
     from llada.parallel import load_tensor_parallel, setup_from_env, tensor_parallel
 
@@ -148,6 +169,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "deeper": _run(deeper),
             "tiny_shapes": _shapes(tiny),
             "deeper_shapes": _shapes(deeper),
+            "texts": _texts(chat_folder, load_tensor_parallel(chat_folder, mesh, "float32")),
         }
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -161,9 +183,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def ranks(tmp_path_factory, llada2_chat_checkpoint) -> list[dict]:
     folder = tmp_path_factory.mktemp("tensor_parallel")
-    mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
+    arguments = (_free_port(), str(folder), str(llada2_chat_checkpoint))
+    mp.spawn(_worker, args=arguments, nprocs=WORLD, join=True)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -206,6 +229,16 @@ def test_parallel_sampling_gives_the_single_process_tokens(ranks, single, family
         )
     # The sampler's answers are not all EOS or empty: the comparison has something to compare.
     assert any(len(set(a)) > 2 for a in single[family][f"sample {version}"])
+
+
+@pytest.mark.slow
+def test_generate_texts_gives_the_single_process_answers(ranks, llada2_chat_checkpoint):
+    """The path of `llada generate` under torchrun: every rank decodes, greedy and seeded."""
+    folder = str(llada2_chat_checkpoint)
+    expected = _texts(folder, llada.load_model(folder, dtype=torch.float32))
+    assert len({answer for answers in expected.values() for answer in answers}) > 2
+    for result in ranks:
+        assert result["texts"] == expected
 
 
 @pytest.mark.slow
