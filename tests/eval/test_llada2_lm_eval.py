@@ -206,16 +206,23 @@ def harness(llada2_chat_checkpoint, task_folder):
     return _evaluate(llada2_chat_checkpoint, task_folder, tasks)
 
 
-def block_generate_text(model, tokenizer, context: str, until: list[str], keep: int, **options):
-    """The oracle: `block_generate` on the prompt alone (defaults: the 'llada2.0' preset with
-    blocks of 8, 8 steps each), cut as the harness cuts (keep tokens, stop strings, special
-    tokens dropped)."""
+def block_generate_text(
+    model, tokenizer, context: str, until: list[str], keep: int, cached: bool = False, **options
+):
+    """The oracle: `block_generate` (or, cached, `block_sample`) on the prompt alone (defaults:
+    the 'llada2.0' preset with blocks of 8, 8 steps each), cut as the harness cuts (keep
+    tokens, stop strings, special tokens dropped)."""
     options = {"version": "2.0", "threshold": 0.95, "steps": BLOCK, **options}
     prompt = tokenizer(context)["input_ids"]
-    answer = llada.block_generate(
-        model, torch.tensor([prompt]), gen_length=8, block_length=BLOCK, **options
-    )[0].tolist()
-    text = tokenizer.decode(answer[:keep], skip_special_tokens=False)
+    if cached:
+        answer = llada.block_sample(
+            model, [prompt], gen_length=8, block_length=BLOCK, **options
+        ).answers[0]
+    else:
+        answer = llada.block_generate(
+            model, torch.tensor([prompt]), gen_length=8, block_length=BLOCK, **options
+        )[0]
+    text = tokenizer.decode(answer.tolist()[:keep], skip_special_tokens=False)
     for stop in until:
         text = text.split(stop)[0]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -347,7 +354,9 @@ def test_default_preset_follows_the_checkpoint_name_and_model_args_override_it(
 
     # Sampled at temperature 1 (greedy answers of the random model hardly depend on the
     # settings), one request per batch: the global generator's draws follow the requests in
-    # the harness's order (longest prompt first), so the oracle runs them in that order.
+    # the harness's order (longest prompt first), so the oracle runs them in that order, with
+    # the same cached sampler and model object (sampled draws compare probabilities with
+    # thresholds near the random model's, where rounding differences could decide).
     contexts = ["Q: What is 2 + 3?\nA:", "To be", "Q: To be, or not to be?\nA:"]
     kwargs = {"until": ["\n"], "max_gen_toks": 5}
     requests = [Instance("generate_until", {}, (c, kwargs), i) for i, c in enumerate(contexts)]
@@ -360,7 +369,9 @@ def test_default_preset_follows_the_checkpoint_name_and_model_args_override_it(
         got = lm.generate_until(requests)
         torch.manual_seed(0)
         oracle = {
-            c: block_generate_text(model, tokenizer, c, ["\n"], 5, temperature=1.0, **options)
+            c: block_generate_text(
+                lm.model, tokenizer, c, ["\n"], 5, cached=True, temperature=1.0, **options
+            )
             for c in order
         }
         return got, [oracle[c] for c in contexts]
