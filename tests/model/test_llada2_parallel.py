@@ -23,7 +23,7 @@ from llada.model.llada2 import LLaDA2Config, LLaDA2Model, block_attention_mask
 from llada.parallel import check_tensor_parallel, qkv_rows, rank_parameters
 
 LLADA2_TINY = REFERENCE / "llada2-tiny"
-MASK, EOS = 511, 509
+MASK, EOS = 511, 509  # the reference vectors' ids of the tiny checkpoint (it has no tokenizer)
 IDS = dict(eos_id=EOS, mask_id=MASK)
 WORLD = 2
 # Float32 sums in another order (each rank's part, then the all-reduce): measured 3e-5 on logits
