@@ -124,6 +124,54 @@ def test_one_answer_token_per_block_is_exact_in_expectation(loaded):
     assert sum(outcomes) / 2 == pytest.approx(la + lb, abs=1e-9)  # the mean is exact
 
 
+def test_the_draws_estimate_the_sum_of_the_blocks_elbos_without_bias(loaded):
+    """Answer tokens at 7 (block 0) and 8, 9 (block 1). The estimator draws n uniform in 1..3,
+    then n of the 3 positions, weight 3 / n; each outcome's value reads every block's term from
+    that block's mask only. Enumerating the 7 outcomes (their terms from plain forwards of the
+    canvas cut at the block's end), the expectation is block 0's exact log p plus block 1's own
+    masked-diffusion ELBO (m uniform in 1..2, weight 2 / m), and every value the library
+    returns (one draw) is one of the outcomes."""
+    from itertools import combinations
+
+    model, _ = loaded
+    mask = model.special_tokens.mask_id
+    prompt, answer = [70, 71, 72, 73, 74, 75, 76], [80, 81, 82]
+    positions = [7, 8, 9]
+
+    def term(masked: tuple[int, ...], position: int) -> float:
+        """The block's term at `position`: its block noised as `masked` says, the blocks
+        before it clean (what a noisy block sees in the training forward)."""
+        block = position // BLOCK
+        canvas = prompt + [
+            mask if p in masked and p // BLOCK == block else t
+            for p, t in zip(positions, answer, strict=True)
+        ]
+        return log_prob_in_block(model, canvas, position, answer[positions.index(position)])
+
+    outcomes = {}
+    for n in (1, 2, 3):
+        for masked in combinations(positions, n):
+            outcomes[masked] = 3 / n * sum(term(masked, p) for p in masked)
+    expectation = sum(v / 3 / math.comb(3, len(s)) for s, v in outcomes.items())
+    block_0 = term((7,), 7)
+    block_1 = 0.5 * (2 * 0.5 * (term((8,), 8) + term((9,), 9))) + 0.5 * (
+        term((8, 9), 8) + term((8, 9), 9)
+    )
+    assert expectation == pytest.approx(block_0 + block_1, abs=1e-9)
+
+    hit = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        value = llada.get_log_likelihood(
+            model, torch.tensor(prompt), torch.tensor(answer), mc_num=1, batch_size=1,
+            block_length=BLOCK,
+        )  # fmt: skip
+        nearest = min(outcomes, key=lambda s: abs(outcomes[s] - value))
+        assert value == pytest.approx(outcomes[nearest], abs=1e-5)
+        hit.add(nearest)
+    assert len(hit) >= 5  # most outcomes are drawn
+
+
 def test_the_likelihood_takes_no_guidance_and_block_length_only_for_llada2(loaded, tiny_model):
     model, _ = loaded
     with pytest.raises(ValueError, match="no classifier-free guidance"):
