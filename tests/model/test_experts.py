@@ -286,3 +286,15 @@ def test_float32_accumulation_weighs_and_sums_bf16_expert_outputs_in_float32(imp
     assert (got != expected).sum() <= 2
     torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
     assert (default != expected).sum() > 50
+
+
+def test_a_float64_llada2_accumulates_its_experts_in_float32():
+    """LLaDA 2.x sums its expert outputs in float32 (as its reference); a float64 model's
+    float64 expert outputs are cast into that sum instead of failing in index_add_."""
+    import llada
+    from conftest import REFERENCE
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    double = llada.load_model(REFERENCE / "llada2-tiny", dtype=torch.float64)(ids).logits
+    single = llada.load_model(REFERENCE / "llada2-tiny", dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(double, single, atol=1e-4, rtol=1e-4)

@@ -65,7 +65,7 @@ def experts_loop(
             continue
         h = x[token]
         y = F.linear(F.silu(F.linear(h, gate[expert])) * F.linear(h, up[expert]), down[expert])
-        out.index_add_(0, token, y * topk_weights[token, slot, None])
+        out.index_add_(0, token, (y * topk_weights[token, slot, None]).to(out.dtype))
     return out
 
 
@@ -177,7 +177,7 @@ def experts_grouped(
         if foreign is not None:
             # The rows past the last offset are left unwritten by grouped_mm (any bits at all).
             y = y.masked_fill(foreign[order, None], 0.0)
-        return out.index_add_(0, token, y * weights)
+        return out.index_add_(0, token, (y * weights).to(out.dtype))
     # Host synchronisation: the slice bounds must be Python ints (free on CPU, which has no
     # queue of kernels to drain).
     # unbind, not gate[expert]: the backward of one indexing per expert writes a zero-filled
@@ -190,7 +190,7 @@ def experts_grouped(
         rows = token[start : start + size]
         h = xm[rows]  # (size, D)
         y = F.linear(F.silu(F.linear(h, gates[expert])) * F.linear(h, ups[expert]), downs[expert])
-        out.index_add_(0, rows, y * weights[start : start + size])
+        out.index_add_(0, rows, (y * weights[start : start + size]).to(out.dtype))
         start += size
     return out
 
