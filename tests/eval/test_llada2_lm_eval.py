@@ -490,3 +490,31 @@ def test_chat_template_is_the_role_template_and_chat_answers_are_tokenized_alone
         ids,
         tokenizer("5", add_special_tokens=False)["input_ids"],
     )
+
+
+def test_cli_reports_what_the_harness_reports(
+    llada2_chat_checkpoint, task_folder, harness, tmp_path, capsys, monkeypatch
+):
+    import json
+
+    from llada.cli.main import main
+
+    go_offline(monkeypatch)
+    tasks = ("llada2_test_choice", "llada2_test_generate", "llada2_test_text")
+    args = ",".join(f"{k}={v}" for k, v in MODEL_ARGS.items() if k != "seed")
+    code = main(
+        [
+            "eval", "lm-eval", "--tasks", ",".join(tasks), "--include-path", str(task_folder),
+            "--model", str(llada2_chat_checkpoint), "--model-args", args, "--device", "cpu",
+            "--seed", str(SEED), "--bootstrap-iters", "0", "--output-path", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(written.read_text())["results"]
+    table = capsys.readouterr().out
+    for task in tasks:
+        assert task in table
+        for metric, value in harness["results"][task].items():
+            if isinstance(value, float):
+                assert results[task][metric] == pytest.approx(value, rel=1e-9), (task, metric)
