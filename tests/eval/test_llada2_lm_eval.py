@@ -172,6 +172,52 @@ def test_the_draws_estimate_the_sum_of_the_blocks_elbos_without_bias(loaded):
     assert len(hit) >= 5  # most outcomes are drawn
 
 
+def test_after_a_little_block_diffusion_training_the_seen_answer_scores_above_a_shuffled_one(
+    llada2_chat_checkpoint,
+):
+    """60 steps of `block_diffusion_loss` on one sentence (blocks of 8): its true continuation
+    (two blocks of answer) scores far above the same tokens shuffled."""
+    import random
+
+    from llada.api import load
+    from llada.losses import block_diffusion_loss
+
+    model, tokenizer, _ = load(llada2_chat_checkpoint, dtype="float32")
+    model.train()
+    model.requires_grad_(True)
+    ids = tokenizer("To be, or not to be, that is the question.", add_special_tokens=False)
+    ids = ids["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.tensor([ids] * 16)
+    for _ in range(60):
+        loss = block_diffusion_loss(
+            model, batch, model.special_tokens.mask_id, block_length=BLOCK, generator=generator
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prompt, answer = ids[:6], ids[6:]
+    shuffled = answer[:]
+    random.Random(0).shuffle(shuffled)
+    assert shuffled != answer
+    scores = []
+    for candidate in (answer, shuffled):
+        torch.manual_seed(1)
+        scores.append(
+            llada.get_log_likelihood(
+                model,
+                torch.tensor(prompt),
+                torch.tensor(candidate),
+                mc_num=16,
+                batch_size=16,
+                block_length=BLOCK,
+            )  # fmt: skip
+        )
+    assert scores[0] > scores[1] + 5.0
+
+
 def test_the_likelihood_takes_no_guidance_and_block_length_only_for_llada2(loaded, tiny_model):
     model, _ = loaded
     with pytest.raises(ValueError, match="no classifier-free guidance"):
