@@ -11,14 +11,16 @@ log p(answer | prompt) = sum over the blocks b holding answer tokens of
 log p(answer tokens of b | the clean tokens before b, the prompt tokens of b), and each term is
 bounded below by that block's masked-diffusion ELBO. The same draws as above (the stratified
 count n of the T answer tokens, weight T / n, prompt never masked) estimate the sum of the
-blocks' ELBOs without bias: given the mask, block b's term reads only block b's mask, and
-marginalising the other blocks out of "n uniform in 1..T, then n positions uniformly" leaves
-block b's own ELBO weights (both are the continuous-time ELBO with one t shared by the blocks,
-Eq. 6 against Appendix B.5). One forward per draw gives every block its term: the input
-[x_t ; x_0] under `block_diffusion_training_mask`, where a noisy block sees itself and the
-clean blocks before it, exactly the context the samplers give it (`block_masked_logits`). The
-last block ends with the answer (no positions after it), as the LLaDA-8B estimator scores
-prompt + answer only.
+blocks' ELBOs without bias. Given the mask, block b's term reads only block b's mask. "n
+uniform in 1..T, then n positions uniformly, weight T / n" gives a mask S of m positions the
+weight (m-1)! (T-m)! / T! = integral over t in (0, 1) of (1/t) t^m (1-t)^(T-m): the same as
+masking every position with probability t ~ U(0, 1), weight 1/t. Summing that over the masks
+of the other blocks leaves block b's own ELBO (t^k (1-t)^(T_b-k) for its k masked of T_b), so
+each block's term has its ELBO as expectation. One forward per draw gives every block its
+term: the input [x_t ; x_0] under `block_diffusion_training_mask`, where a noisy block sees
+itself and the clean blocks before it, exactly the context the samplers give it
+(`block_masked_logits`). The last block ends with the answer (no positions after it), as the
+LLaDA-8B estimator scores prompt + answer only.
 """
 
 from __future__ import annotations
