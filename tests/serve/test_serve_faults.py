@@ -12,7 +12,7 @@ import pytest
 import torch
 from serve_helpers import live_server, wait_until
 
-import llada.serve.batcher as batcher_module
+import llada.serve.lockstep as sampler_module  # the batcher's sampler call (seeded_denoise)
 from llada.api import load
 from llada.sampling.fast import StepEvent
 from llada.serve.app import create_app
@@ -54,14 +54,14 @@ def chat_model(chat_checkpoint):
 
 def test_a_sampler_call_without_progress_fails_only_its_requests(chat_model, monkeypatch):
     model, tokenizer = chat_model
-    real = batcher_module.denoise
+    real = sampler_module.denoise
     calls: list[int] = []
 
     def denoise(*args, **kwargs):
         calls.append(1)
         return _spinning(*args, **kwargs) if len(calls) == 1 else real(*args, **kwargs)
 
-    monkeypatch.setattr(batcher_module, "denoise", denoise)
+    monkeypatch.setattr(sampler_module, "denoise", denoise)
     app = create_app(model, tokenizer, ServeConfig(max_batch_size=4))
     with live_server(app) as url:
         # Two requests with different settings: the first one's call spins, the second waits
@@ -113,14 +113,14 @@ def test_a_model_that_outputs_nan_fails_its_request_and_the_server_goes_on(chat_
 
 def test_health_reports_a_scheduler_stuck_in_a_step(chat_model, monkeypatch):
     model, tokenizer = chat_model
-    real = batcher_module.denoise
+    real = sampler_module.denoise
     release = threading.Event()
 
     def denoise(*args, **kwargs):
         release.wait(20)  # a forward pass that does not return
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(batcher_module, "denoise", denoise)
+    monkeypatch.setattr(sampler_module, "denoise", denoise)
     app = create_app(model, tokenizer, ServeConfig(stall_timeout=0.5))
     with live_server(app) as url:
         assert httpx.get(url + "/health").json()["status"] == "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..sampling.config import GenerateConfig
@@ -13,6 +14,7 @@ from .options import (
     add_dataclass_arguments,
     add_model_arguments,
     add_preset_argument,
+    add_tensor_parallel_argument,
     dataclass_from_args,
     decode_from_args,
     load_from_args,
@@ -73,6 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(the output; for JSON input see --input-format jsonl)",
     )
     add_model_arguments(parser)
+    add_tensor_parallel_argument(parser)
     add_preset_argument(parser, INTERACTIVE_PRESET)
     add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
     parser.set_defaults(run=run)
@@ -147,6 +150,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         text = _decode(data, f"--file {args.file}")
         prompts += split_prompts(text, input_format, args.separator, f"--file {args.file}")
     if "-" in args.prompts or not (args.prompts or args.file):
+        if getattr(args, "tensor_parallel", False) and os.environ.get("WORLD_SIZE", "1") != "1":
+            raise ValueError(
+                "--tensor-parallel takes its prompts as arguments or from --file (every "
+                "process must read the same prompts; standard input reaches only one)"
+            )
         if sys.stdin.isatty():
             how = {
                 "lines": "one per line",
@@ -181,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     progress = args.progress
     if progress is None:
         progress = sys.stderr.isatty() and len(prompts) > args.batch_size
+    env = getattr(args, "parallel_env", None)
+    progress = progress and (env is None or env.is_main)
     torch.manual_seed(args.seed)
     with tqdm(total=len(prompts), unit="prompt", disable=not progress) as bar:
         for start in range(0, len(prompts), args.batch_size):

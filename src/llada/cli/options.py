@@ -233,15 +233,37 @@ def check_dtype(name: str | None, flag: str = "--dtype") -> None:
         raise ValueError(f"{flag} {name}: {error}") from None
 
 
+def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="split a LLaDA 2.x model over the processes torchrun starts, one per GPU (or gloo "
+        "processes on CPUs): attention heads and dense layers tensor-parallel, MoE experts "
+        "expert-parallel, e.g. torchrun --nproc-per-node 8 -m llada.cli.main generate "
+        "--tensor-parallel --device cuda --model DIR ... (only rank 0 writes output)",
+    )
+
+
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer, is_random) for --model/--dtype/--device, with a note on stderr when
-    no model is given and none is shipped, so the command runs on a random stand-in."""
+    no model is given and none is shipped, so the command runs on a random stand-in. With
+    --tensor-parallel under torchrun, this rank's share of the model (`llada.parallel`); the
+    process's `Distributed` is then `args.parallel_env`."""
+    import os
     import sys
 
     from ..api import load
 
     check_device(args.device)
     check_dtype(args.dtype)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "tensor_parallel", False):
+        return _load_tensor_parallel(args)
+    if world_size > 1:
+        raise ValueError(
+            f"started by torchrun with {world_size} processes: pass --tensor-parallel to split "
+            "a LLaDA 2.x model over them (every process would otherwise run the whole command)"
+        )
     model, tokenizer, is_random = load(args.model, dtype=args.dtype, device=args.device)
     if is_random:
         print(
@@ -251,3 +273,33 @@ def load_from_args(args: argparse.Namespace):
             file=sys.stderr,
         )
     return model, tokenizer, is_random
+
+
+def _load_tensor_parallel(args: argparse.Namespace):
+    """This rank's share of a LLaDA 2.x model (`llada.parallel.load_tensor_parallel`): ranks
+    other than 0 write nothing to standard output; the process group ends at exit."""
+    import atexit
+    import os
+    import sys
+
+    from ..api import resolve_model_path
+    from ..parallel import load_tensor_parallel, setup_from_env
+    from ..tokenizer import load_tokenizer
+    from ..train.parallel import shutdown
+
+    if args.model is None:
+        raise ValueError("--tensor-parallel needs --model (a LLaDA 2.x folder or hub id)")
+    folder, is_random = resolve_model_path(args.model)
+    env, mesh = setup_from_env("cuda" if args.device.startswith("cuda") else "cpu")
+    atexit.register(shutdown, env)
+    args.parallel_env = env
+    if mesh is None:
+        print(
+            "note: --tensor-parallel without torchrun: one process holds the whole model "
+            "(launch with torchrun --nproc-per-node N to split it)",
+            file=sys.stderr,
+        )
+    elif not env.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    model = load_tensor_parallel(folder, mesh, dtype=args.dtype, device=env.device)
+    return model, load_tokenizer(folder), is_random

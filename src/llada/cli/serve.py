@@ -13,6 +13,7 @@ from .options import (
     add_dataclass_arguments,
     add_model_arguments,
     add_preset_argument,
+    add_tensor_parallel_argument,
     dataclass_from_args,
     decode_from_args,
     load_from_args,
@@ -38,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "then cancels the rest and exits.",
     )
     add_model_arguments(parser)
+    add_tensor_parallel_argument(parser)
     add_preset_argument(parser, PRESET)
     add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=SAMPLER_DEFAULTS)
     add_dataclass_arguments(parser, ServeConfig, "server")
@@ -64,13 +66,27 @@ def run(args: argparse.Namespace) -> int:
         args.api_key = os.environ["LLADA_API_KEY"]
     config = dataclass_from_args(ServeConfig, args)
     sampler = dataclass_from_args(GenerateConfig, args)
+    # Under torchrun with --tensor-parallel only rank 0 serves; the others follow its sampler
+    # calls (llada.serve.lockstep).
+    follower = args.tensor_parallel and os.environ.get("RANK", "0") != "0"
     # Bind before loading the model: a busy port is one line at once, not after the load.
-    sock = bind(config.host, config.port)
+    sock = None if follower else bind(config.host, config.port)
     try:
         model, tokenizer, _ = load_from_args(args)
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
+    lockstep = None
+    env = getattr(args, "parallel_env", None)
+    if env is not None and env.enabled:
+        from ..serve.lockstep import Lockstep
+
+        lockstep = Lockstep(env.device if env.device.type == "cuda" else None)
+        if follower:
+            torch.manual_seed(args.seed)
+            lockstep.follow(model)
+            return 0
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: serving on {config.host} without an API key (set LLADA_API_KEY)",
@@ -78,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     decode = decode_from_args(args, model)
-    app = create_app(model, tokenizer, config, sampler, preset=decode)
+    app = create_app(model, tokenizer, config, sampler, preset=decode, lockstep=lockstep)
     shown_preset = decode if isinstance(decode, str) else args.preset or "custom"
     name = app.state.llada.model_name
     port = sock.getsockname()[1]

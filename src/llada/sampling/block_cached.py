@@ -171,9 +171,11 @@ def iter_block_sample(
 ) -> Iterator[BlockForward]:
     """`block_sample`, yielding a `BlockForward` after every forward and after every block end
     that finished rows. watched=False builds no step events (the work of `on_step`).
-    abandoned: called after every forward; the prompt indices it names leave the batch at
-    once (their answer is what their canvas holds then, [MASK] included), so the other rows go
-    on with less work and unchanged results (a server's disconnected clients)."""
+    abandoned: called before every forward and before the check that ends a block (so once
+    after each yielded forward, before anything else is computed); the prompt indices it names
+    leave the batch at once (their answer is what their canvas holds then, [MASK] included), so
+    the other rows go on with less work and unchanged results (a server's disconnected
+    clients). A consumer that stops iterating after an event runs no further forward."""
     vocab_size, mask_id, eos_id, device = checked_setup(
         model,
         mask_id,
@@ -223,6 +225,17 @@ def iter_block_sample(
             row.step, row.post_steps, row.block_done = 0, 0, False
         step = 0
         while True:
+            # Before each forward (and the check that ends the block): a row abandoned while
+            # its last event was handled leaves before any more work is done for it.
+            if _abandon(rows, runner, abandoned):
+                finished = {}
+                rows = _leave(rows, runner, finished)
+                yield BlockForward(
+                    block - first_block, step, [], [], finished,
+                    runner.forward_passes, dict(runner.work),
+                )  # fmt: skip
+                if not rows:
+                    return
             working = [
                 i
                 for i, row in enumerate(rows)
@@ -251,7 +264,6 @@ def iter_block_sample(
                 if watched:
                     events.append(_step_event(row, before, runner.x[i, start:end], start, mask_id))
                     confidence.append(p)
-            _abandon(rows, runner, abandoned)
             finished: dict[int, torch.Tensor] = {}
             rows = _leave(rows, runner, finished)
             yield BlockForward(
@@ -279,14 +291,18 @@ def iter_block_sample(
 
 def _abandon(
     rows: list[_Row], runner: _BlockRunner, abandoned: Callable[[], Collection[int]] | None
-) -> None:
-    """Rows whose prompt index `abandoned()` names take what their canvas holds as answer."""
+) -> bool:
+    """Rows whose prompt index `abandoned()` names take what their canvas holds as answer;
+    whether any did."""
     if abandoned is None:
-        return
+        return False
     gone = set(abandoned())
+    left = False
     for i, row in enumerate(rows):
         if row.index in gone and row.answer is None:
             row.answer = runner.x[i, row.answer_start :].clone()
+            left = True
+    return left
 
 
 def _step_event(

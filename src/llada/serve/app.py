@@ -43,6 +43,7 @@ from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
 from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
 from .config import ServeConfig, host_name
+from .lockstep import Lockstep
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import (
     ChatCompletionRequest,
@@ -233,6 +234,7 @@ class _State:
         sampler: GenerateConfig,
         preset: str | DecodeConfig | BlockDecodeConfig,
         model_name: str,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -252,7 +254,9 @@ class _State:
             max_batch_size=config.max_batch_size,
             batch_window_s=config.batch_window_ms / 1000,
             tokenizer_lock=self.tokenizer_lock,
+            **({} if lockstep is None else {"denoise": lockstep.denoise}),
         )
+        self.lockstep = lockstep
         model_config = getattr(model, "config", None)
         self.vocab_size = getattr(model_config, "vocab_size", None)
         self.max_sequence_length, self.context_key = context_of(model)
@@ -536,6 +540,7 @@ def create_app(
     sampler: GenerateConfig | None = None,
     preset: str | DecodeConfig | BlockDecodeConfig | None = None,
     model_name: str | None = None,
+    lockstep: Lockstep | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model`.
 
@@ -543,7 +548,8 @@ def create_app(
     preset: the default decoding, a preset name or a config (None: the model family's,
     `llada.api.default_decode`: 'fast', or a LLaDA 2.x model's published setting);
     model_name: the id clients use (default: config.served_model_name, else the model
-    folder's name).
+    folder's name). lockstep: rank 0's side of a tensor-parallel model (`Lockstep`): every
+    sampler call is mirrored on the other ranks, which run `Lockstep.follow`.
     """
     if preset is None:
         preset = default_decode(model)
@@ -551,7 +557,7 @@ def create_app(
     sampler = sampler or GenerateConfig(**SERVE_SAMPLER_DEFAULTS)
     folder = getattr(model, "checkpoint_folder", None)
     name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
-    state = _State(model, tokenizer, config, sampler, preset, name)
+    state = _State(model, tokenizer, config, sampler, preset, name, lockstep)
     # the defaults must be valid
     resolve_sampling(SamplerFields(), sampler, preset, config, block_diffusion=state.block)
 
@@ -564,6 +570,8 @@ def create_app(
             # Requests in flight have had the grace period already (server.py); a sampler
             # stuck in a step must not hold the exit.
             await run_in_threadpool(state.batcher.stop, STOP_WAIT_S)
+            if state.lockstep is not None and state.batcher.stopped_cleanly:
+                state.lockstep.stop()  # the other ranks leave their loop
 
     # No /docs, /redoc or /openapi.json: they would be open without the key.
     app = FastAPI(

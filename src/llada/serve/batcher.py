@@ -25,14 +25,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
-from ..sampling.fast import denoise
+from ..sampling.events import StepEvent
 from ..tokenizer import left_pad
+from .lockstep import seeded_denoise
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,11 @@ class Batcher:
         max_batch_size: int,
         batch_window_s: float = 0.0,
         tokenizer_lock: threading.Lock | None = None,
+        denoise: Callable[..., Iterator[StepEvent]] = seeded_denoise,
     ) -> None:
+        """denoise: the sampler call, `seeded_denoise`'s signature (`Lockstep.denoise` on rank
+        0 of a tensor-parallel model)."""
+        self.denoise = denoise
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -160,6 +165,7 @@ class Batcher:
         self._running: list[Job] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.stopped_cleanly = True  # after stop(): the scheduler thread ended in time
         self._progress_at = time.monotonic()  # when the sampler last made progress
         metrics.set("llada_queue_capacity", max_queue)
         metrics.set("llada_queue_depth", 0)
@@ -187,6 +193,7 @@ class Batcher:
             self._fail(job, "the server is shutting down", stopping=True)
         if thread is not None:
             thread.join(timeout)
+        self.stopped_cleanly = thread is None or not thread.is_alive()
         self._thread = None
         self.metrics.set("llada_queue_depth", 0)
 
@@ -303,9 +310,6 @@ class Batcher:
         self.metrics.observe_batch_size(len(batch))
         self.metrics.inc("llada_prompt_tokens_total", sum(len(job.prompt) for job in batch))
         self.metrics.set("llada_running_rows", len(batch))
-        if seed is not None:
-            # denoise draws from the global generator; this thread is its only user here.
-            torch.manual_seed(seed)
         started = time.perf_counter()
         forward_passes = 0
         event = None
@@ -326,7 +330,11 @@ class Batcher:
                     self.metrics.inc("llada_rows_left_early_total")
             return gone
 
-        events = denoise(self.model, ids, attention_mask, config, decode, abandoned=abandoned)
+        # The sampler draws from the global generator (seeded for a seeded job); this thread is
+        # its only user here.
+        events = self.denoise(
+            self.model, ids, attention_mask, config, decode, abandoned=abandoned, seed=seed
+        )
         try:
             for event in events:
                 self.metrics.inc("llada_denoise_steps_total")
