@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .model.llada2 import block_diffusion_training_mask
+from .model.transformer import flat_positions
+
 # Paper §2.1 / GUIDELINES.md: p_mask = (1 - eps) t + eps keeps the weight 1/p_mask bounded.
 PRETRAIN_EPS = 1e-3
 
@@ -59,3 +62,26 @@ def stratified_masking(
     is_masked = torch.cat((prompt_part, is_masked), dim=1)
     noisy = torch.where(is_masked, mask_id, batch)
     return noisy, (counts / target_len).unsqueeze(1).repeat(1, length)
+
+
+def block_masked_logits(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    is_masked: torch.Tensor,
+    block_length: int,
+) -> torch.Tensor:
+    """A LLaDA 2.x model's logits (N, V) at the N positions of `is_masked` (B, L), row-major,
+    each predicted from its own block of `noisy` (B, L) and the blocks of `clean` (B, L) before
+    it: one forward of [noisy ; clean] (B, 2L) under `block_diffusion_training_mask` with RoPE
+    positions 0..L-1 in each half (inclusionAI/dFactory's block_diffusion_mode, the training
+    forward of `llada.losses.block_diffusion_loss` and the likelihood's). Blocks are counted from position 0."""
+    length = noisy.shape[1]
+    device = noisy.device
+    targets = torch.cat([is_masked, torch.zeros_like(is_masked)], dim=1)  # the noisy half
+    return model(
+        torch.cat([noisy, clean], dim=1),
+        attention_mask=block_diffusion_training_mask(length, block_length, device),
+        positions=torch.arange(length, device=device).repeat(2),
+        logits_at=flat_positions(targets),
+    ).logits

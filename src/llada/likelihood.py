@@ -31,11 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .diffusion import stratified_masking
+from .diffusion import block_masked_logits, stratified_masking
 from .guidance import predict_logits
 from .inputs import check_token_ids, device_of, vocab_size_of
-from .model.llada2 import block_diffusion_training_mask
-from .model.transformer import flat_positions
 from .sampling.config import BLOCK_PRESETS
 from .settings import require_non_negative_numbers, require_positive_ints
 from .tokens import special_tokens_of
@@ -166,26 +164,3 @@ def check_block_length(block_length: object) -> int:
     if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
         raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
     return block_length
-
-
-def block_masked_logits(
-    model: torch.nn.Module,
-    noisy: torch.Tensor,
-    clean: torch.Tensor,
-    is_masked: torch.Tensor,
-    block_length: int,
-) -> torch.Tensor:
-    """A LLaDA 2.x model's logits (N, V) at the N positions of `is_masked` (B, L), row-major,
-    each predicted from its own block of `noisy` (B, L) and the blocks of `clean` (B, L) before
-    it: one forward of [noisy ; clean] (B, 2L) under `block_diffusion_training_mask` with RoPE
-    positions 0..L-1 in each half (inclusionAI/dFactory's block_diffusion_mode, the training
-    forward of `llada.losses.block_diffusion_loss`). Blocks are counted from position 0."""
-    length = noisy.shape[1]
-    device = noisy.device
-    targets = torch.cat([is_masked, torch.zeros_like(is_masked)], dim=1)  # the noisy half
-    return model(
-        torch.cat([noisy, clean], dim=1),
-        attention_mask=block_diffusion_training_mask(length, block_length, device),
-        positions=torch.arange(length, device=device).repeat(2),
-        logits_at=flat_positions(targets),
-    ).logits

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .diffusion import PRETRAIN_EPS, random_masking
-from .model.llada2 import block_diffusion_training_mask
+from .diffusion import PRETRAIN_EPS, block_masked_logits, random_masking
 from .model.transformer import causal_attention_mask, flat_positions
 
 # GUIDELINES.md: 1% of pre-training batches are cropped to a random length, so that the model
@@ -121,16 +120,9 @@ def block_diffusion_loss(
     """
     if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
         raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
-    length = x0.shape[1]
     noisy, is_masked, p_mask = _corrupt(x0, mask_id, prompt_lengths, eps, generator)
-    doubled = torch.cat([noisy, x0], dim=1)  # (B, 2L): [x_t ; x_0]
-    targets = torch.cat([is_masked, torch.zeros_like(is_masked)], dim=1)  # the noisy half only
-    logits = model(
-        doubled,
-        attention_mask=block_diffusion_training_mask(length, block_length, x0.device),
-        positions=torch.arange(length, device=x0.device).repeat(2),  # (2L,)
-        logits_at=flat_positions(targets),
-    ).logits  # (N, V), rows in the order of x0[is_masked]
+    # (N, V), rows in the order of x0[is_masked]
+    logits = block_masked_logits(model, noisy, x0, is_masked, block_length)
     return _weighted_loss(logits, x0, is_masked, p_mask, prompt_lengths)
 
 

@@ -69,9 +69,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "(or pip install lm_eval)"
     ) from error
 
-from ..diffusion import stratified_masking
+from ..diffusion import block_masked_logits, stratified_masking
 from ..inputs import context_of
-from ..likelihood import LikelihoodConfig, block_masked_logits
+from ..likelihood import LikelihoodConfig
 from ..model.llada2 import block_attention_mask
 from ..sampling.config import (
     BLOCK_PRESETS,
