@@ -341,3 +341,56 @@ def test_a_new_llada2_model_from_its_config_pretrains(llada2_chat_checkpoint, tm
     assert isinstance(model, LLaDA2Model)
     assert model.config.vocab_size == len(tokenizer)
     assert len(read_metrics(run)) == 3
+
+
+@pytest.mark.slow
+def test_fsdp_under_torchrun_follows_the_single_process_curve(llada2_chat_checkpoint, tmp_path):
+    """2 processes (gloo, FSDP) at the same global batch as 1 process with 2x accumulation."""
+    import os
+    import subprocess
+    import sys
+
+    from llada.tokenizer import load_tokenizer
+    from llada.train.data import write_token_file
+    from llada.train.loop import train
+
+    tokenizer = load_tokenizer(llada2_chat_checkpoint)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    texts = [f"The cat sat on the mat number {i}.\n" for i in range(60)]
+    tokens = write_token_file(texts, tokenizer, tmp_path / "corpus", eos_id=eos)
+    raw = json.loads((REFERENCE / "llada2-tiny" / "config.json").read_text(encoding="utf-8"))
+    config = {k: v for k, v in raw.items() if k not in ("vocab_size", "pad_token_id")}
+    (tmp_path / "model.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    single = TrainConfig(
+        model_config=str(tmp_path / "model.json"),
+        tokenizer=str(llada2_chat_checkpoint),
+        data=str(tokens),
+        out_dir=str(tmp_path / "one"),
+        seq_len=32,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=4,
+        warmup_steps=1,
+        eval_every=0,
+        val_fraction=0.0,
+        save_every=0,
+        log_every=1,
+        block_length=8,
+    )
+    train(single, progress=False)
+    config_file = tmp_path / "two.json"
+    two = dict(single.to_dict(), out_dir=str(tmp_path / "two"), grad_accum=1, parallel="fsdp")
+    config_file.write_text(json.dumps(two))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "llada.cli.main", "train", "--no-progress", "--config", str(config_file)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
