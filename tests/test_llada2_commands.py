@@ -271,3 +271,22 @@ def test_eval_tasks_command_decodes_with_the_familys_preset(
     assert all(decode == replace(decode_preset("llada2.0"), top_k=3) for _, decode in calls)
     recorded = json.loads(out.read_text())["preset"]
     assert recorded["version"] == "2.0" and recorded["top_k"] == 3
+
+
+def test_the_live_chat_view_marks_the_rewritten_tokens(loaded):
+    from llada.cli.live import answer_view
+
+    model, tokenizer = loaded
+    mask_id = model.special_tokens.mask_id
+    decode = BlockDecodeConfig(version="2.1", threshold=0.5, editing_threshold=0.0)
+    prompt = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": PROMPTS[0]}])])
+    marked = 0
+    for event in llada.denoise(model, prompt, None, SMALL, decode):
+        view = answer_view(event, 16, tokenizer, mask_id)
+        styles = [span.style for span in view.spans]
+        edited = event.edited[0, -16:] & (event.tokens[0, -16:] != mask_id)
+        texts = [tokenizer.decode([t], skip_special_tokens=True) for t in event.tokens[0, -16:]]
+        shown = sum(bool(texts[i]) for i in edited.nonzero().flatten().tolist())
+        assert styles.count("bold magenta underline") == shown
+        marked += shown
+    assert marked > 0

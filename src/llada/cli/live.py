@@ -6,23 +6,28 @@ from typing import Any
 
 from rich.text import Text
 
-from ..sampling.fast import StepEvent
+from ..sampling.events import StepEvent
 
 MASK_GLYPH = "░"
 
 
 def answer_view(event: StepEvent, gen_length: int, tokenizer: Any, mask_id: int) -> Text:
     """Row 0's answer after one step: masked positions as shaded blocks, the tokens committed
-    at this step highlighted, earlier ones plain (special tokens such as EOS are not shown)."""
+    at this step highlighted green, those LLaDA 2.1's editing rewrote at this step magenta and
+    underlined, earlier ones plain (special tokens such as EOS are not shown)."""
     view = Text(f"[block {event.block + 1} step {event.step}] ", style="dim")
     answer = event.tokens[0, -gen_length:].tolist()
     fresh = event.committed[0, -gen_length:].tolist()
-    for token, new in zip(answer, fresh, strict=True):
+    edited = [False] * len(answer)
+    if event.edited is not None:
+        edited = event.edited[0, -gen_length:].tolist()
+    for token, new, rewritten in zip(answer, fresh, edited, strict=True):
         if token == mask_id:
             view.append(MASK_GLYPH, style="grey50")
         else:
             text = tokenizer.decode([token], skip_special_tokens=True)
-            view.append(text, style="bold green" if new else "")
+            style = "bold magenta underline" if rewritten else "bold green" if new else ""
+            view.append(text, style=style)
     return view
 
 
