@@ -65,7 +65,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model.experts import experts_forward
 from .model.llada2 import Attention, LLaDA2Config, LLaDA2Model, MoE
 from .model.transformer import AttentionImplementation, SwiGLU
 from .train.parallel import Distributed, init_distributed
@@ -212,22 +211,9 @@ class ExpertParallelMoE(MoE):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        _, ids, weights = self.route(flat)
-        out = experts_forward(
-            flat,
-            ids,
-            weights,
-            self.gate_proj,
-            self.up_proj,
-            self.down_proj,
-            self.experts_impl,
-            accumulate_dtype=torch.float32,
-            first_expert=self.first_expert,
-        ).view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        """`MoE.forward` on this rank's experts and shared-expert slice, then the one sum over
+        ranks."""
+        out = super().forward(x)
         dist.all_reduce(out, group=self.group)
         return out
 

@@ -426,7 +426,11 @@ class Router(nn.Module):
 
 class MoE(nn.Module):
     """Sigmoid, group-limited router; k of E SwiGLU experts stacked (E, F, D) / (E, D, F); and
-    the shared experts (weight 1)."""
+    the shared experts (weight 1). first_expert: None when the layer holds every expert; the
+    id of its first expert when it holds a contiguous share of them (expert parallelism,
+    `llada.parallel`: the pairs routed to other experts are left to their ranks)."""
+
+    first_expert: int | None = None
 
     def __init__(self, config: LLaDA2Config) -> None:
         super().__init__()
@@ -478,6 +482,7 @@ class MoE(nn.Module):
             self.down_proj,
             self.experts_impl,
             accumulate_dtype=torch.float32,
+            first_expert=self.first_expert,
         ).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
