@@ -174,6 +174,28 @@ def llada2_chat_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llada2_varied_checkpoint(llada2_chat_checkpoint, tmp_path_factory) -> Path:
+    """`llada2_chat_checkpoint` with weights 10x the usual init (initializer_range 0.2): its
+    proposals vary with position and their probabilities spread, so that every block-sampler
+    setting shows in the answers."""
+    import shutil
+    from dataclasses import replace
+
+    from llada import load_model
+    from llada.model.llada2 import LLaDA2Model
+
+    folder = tmp_path_factory.mktemp("llada2-varied")
+    model = load_model(llada2_chat_checkpoint)
+    model = LLaDA2Model(replace(model.config, initializer_range=0.2))
+    model.init_weights(torch.Generator().manual_seed(2))
+    model.save_pretrained(folder)
+    for file in llada2_chat_checkpoint.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def training_setup(tmp_path_factory, chat_checkpoint):
     """A tokenised synthetic corpus (learnable patterns), a tiny model config, the tokenizer."""
     import random

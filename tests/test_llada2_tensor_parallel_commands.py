@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,25 +25,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, llada2_chat_checkpoint):
-    """The tiny LLaDA 2.x with spread-out proposals (test_llada2_commands' `checkpoint`)."""
-    from dataclasses import replace
-    from shutil import copy
-
-    import torch
-
-    import llada
-    from llada.model.llada2 import LLaDA2Model
-
-    folder = tmp_path_factory.mktemp("llada2-tp")
-    model = llada.load_model(llada2_chat_checkpoint)
-    model = LLaDA2Model(replace(model.config, initializer_range=0.2))
-    model.init_weights(torch.Generator().manual_seed(2))
-    model.save_pretrained(folder)
-    for file in llada2_chat_checkpoint.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            copy(file, folder / file.name)
-    return folder
+def checkpoint(llada2_varied_checkpoint) -> Path:
+    return llada2_varied_checkpoint
 
 
 def test_generate_splits_the_model_and_prints_once(checkpoint):
