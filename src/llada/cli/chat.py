@@ -6,13 +6,10 @@ import argparse
 import dataclasses
 import sys
 
-from ..sampling.config import GenerateConfig
+from ..sampling.config import GenerateConfig, coerce_setting
 from .options import (
-    CHAT_SAMPLER_DEFAULTS,
-    INTERACTIVE_PRESET,
-    add_dataclass_arguments,
     add_model_arguments,
-    add_preset_argument,
+    add_sampler_arguments,
     dataclass_from_args,
     decode_from_args,
     load_from_args,
@@ -67,8 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="show the denoising live (default: when the terminal is interactive)",
     )
     add_model_arguments(parser)
-    add_preset_argument(parser, INTERACTIVE_PRESET)
-    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
+    add_sampler_arguments(parser, "chat")
     parser.set_defaults(run=run)
 
 
@@ -78,17 +74,10 @@ def _set(config: GenerateConfig, assignment: str) -> GenerateConfig:
     fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
     if name not in fields or not value:
         raise ValueError(f"use /set NAME=VALUE with NAME one of {sorted(fields)}")
-    current = getattr(config, name)
-    if isinstance(current, bool):
-        parsed = value.strip().lower() in ("1", "true", "yes", "on")
-    elif isinstance(current, (int, float)):
-        try:
-            parsed = type(current)(value)
-        except ValueError:
-            kind = "a whole number" if isinstance(current, int) else "a number"
-            raise ValueError(f"/set {name}: expected {kind}, got {value.strip()!r}") from None
-    else:
-        parsed = value.strip()
+    try:
+        parsed = coerce_setting(GenerateConfig, name, value)
+    except ValueError as error:
+        raise ValueError(f"/set {name}: {error}") from None
     return dataclasses.replace(config, **{name: parsed})
 
 

@@ -8,8 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
+from ..sampling.config import profile
 from .options import (
-    INTERACTIVE_PRESET,
     add_model_arguments,
     add_preset_argument,
     decode_from_args,
@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "127.0.0.1 by default, offline (no share link, no analytics).",
     )
     add_model_arguments(parser)
-    add_preset_argument(parser, INTERACTIVE_PRESET)
+    add_preset_argument(parser, profile("demo").preset)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )

@@ -7,9 +7,8 @@ import json
 
 from ..sampling.config import GenerateConfig
 from .options import (
-    add_dataclass_arguments,
     add_model_arguments,
-    add_preset_argument,
+    add_sampler_arguments,
     check_device,
     check_dtype,
     dataclass_from_args,
@@ -37,13 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tasks.add_argument("--batch-size", type=int, default=32)
     tasks.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_model_arguments(tasks)
-    add_preset_argument(tasks, "reference")
-    add_dataclass_arguments(
-        tasks,
-        GenerateConfig,
-        "sampler",
-        defaults={"steps": 32, "gen_length": 32, "block_length": 32},
-    )
+    add_sampler_arguments(tasks, "tasks")
     tasks.set_defaults(run=run_tasks)
 
     data = commands.add_parser(
@@ -204,13 +197,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     reverse.add_argument("--batch-size", type=int, default=16)
     reverse.add_argument("--json", default=None, help="also write results and replies here")
     add_model_arguments(reverse)
-    add_preset_argument(reverse, "reference")
-    add_dataclass_arguments(
-        reverse,
-        GenerateConfig,
-        "sampler (eval_reverse.py: steps = gen_length = block_length = 28, --logits-eos-inf)",
-        defaults={"steps": 28, "gen_length": 28, "block_length": 28, "logits_eos_inf": True},
-    )
+    add_sampler_arguments(reverse, "reverse")
     reverse.set_defaults(run=run_reverse)
 
 

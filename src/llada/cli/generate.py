@@ -9,11 +9,8 @@ import sys
 
 from ..sampling.config import GenerateConfig
 from .options import (
-    CHAT_SAMPLER_DEFAULTS,
-    INTERACTIVE_PRESET,
-    add_dataclass_arguments,
     add_model_arguments,
-    add_preset_argument,
+    add_sampler_arguments,
     add_tensor_parallel_argument,
     dataclass_from_args,
     decode_from_args,
@@ -76,8 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_tensor_parallel_argument(parser)
-    add_preset_argument(parser, INTERACTIVE_PRESET)
-    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=CHAT_SAMPLER_DEFAULTS)
+    add_sampler_arguments(parser, "generate")
     parser.set_defaults(run=run)
 
 

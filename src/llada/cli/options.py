@@ -14,7 +14,9 @@ from ..sampling.config import (
     EVALUATION_PRESET,
     PRESETS,
     BlockDecodeConfig,
+    GenerateConfig,
     decode_preset,
+    profile,
 )
 from ..sampling.config import INTERACTIVE_PRESET as INTERACTIVE_PRESET
 
@@ -82,8 +84,14 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-# The reference chat.py's settings: 128 tokens in blocks of 32, one token per step.
-CHAT_SAMPLER_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
+def add_sampler_arguments(parser: argparse.ArgumentParser, profile_name: str) -> None:
+    """--preset, the LLaDA 2.x flags and the `GenerateConfig` flags, with the defaults of the
+    profile `profile_name` (`llada.sampling.config.PROFILES`)."""
+    chosen = profile(profile_name)
+    add_preset_argument(parser, chosen.preset)
+    add_dataclass_arguments(
+        parser, GenerateConfig, f"sampler ({chosen.source})", defaults=chosen.generate
+    )
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, default: str) -> None:

@@ -9,19 +9,14 @@ import sys
 from ..sampling.config import GenerateConfig
 from ..serve.config import ServeConfig
 from .options import (
-    INTERACTIVE_PRESET,
     add_dataclass_arguments,
     add_model_arguments,
-    add_preset_argument,
+    add_sampler_arguments,
     add_tensor_parallel_argument,
     dataclass_from_args,
     decode_from_args,
     load_from_args,
 )
-
-# Kept equal to llada.serve.app.SERVE_SAMPLER_DEFAULTS, which imports FastAPI.
-SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
-PRESET = INTERACTIVE_PRESET
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_tensor_parallel_argument(parser)
-    add_preset_argument(parser, PRESET)
-    add_dataclass_arguments(parser, GenerateConfig, "sampler", defaults=SAMPLER_DEFAULTS)
+    add_sampler_arguments(parser, "serve")
     add_dataclass_arguments(parser, ServeConfig, "server")
     parser.set_defaults(run=run)
 

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from ..api import default_decode
-from ..sampling.config import BLOCK_PRESETS, PRESETS, REMASKING_CHOICES
+from ..sampling.config import (
+    BLOCK_PRESETS,
+    PRESETS,
+    REMASKING_CHOICES,
+    GenerateConfig,
+    coerce_setting,
+)
 from .constraints import EXAMPLE, parse_constraints, place_constraints
 from .render import render_placeholder
 from .session import DemoSettings, stream_turn
@@ -43,10 +49,7 @@ def import_gradio() -> Any:
 
 def _whole(name: str, value: Any) -> int:
     """A slider's number as an int (sliders may send 64.0), refusing fractions."""
-    number = float(value)
-    if not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value}")
-    return int(number)
+    return coerce_setting(GenerateConfig, name, value)
 
 
 def make_respond(

@@ -18,17 +18,21 @@ from ..sampling.config import (
     DecodeConfig,
     GenerateConfig,
     decode_preset,
+    profile,
 )
 from ..sampling.fast import denoise
 from ..tokenizer import encode_chat
 from .constraints import parse_constraints, place_constraints
 from .render import MASKED, DenoiseTrace, render_canvas
 
+_DEMO = profile("demo").config()
+
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The controls of one demo turn. Defaults are the reference app's (ML-GSAI/LLaDA
-    app.py), except the preset: `fast` (the default of every interactive command).
+    """The controls of one demo turn. Defaults are the "demo" profile's (the reference app's,
+    ML-GSAI/LLaDA app.py), except the preset: `fast` (the default of every interactive
+    command).
 
     gen_length, steps, block_length, temperature, cfg_scale, remasking: as in `GenerateConfig`.
     preset: the decoding preset ('reference' repeats the published sampler token for token;
@@ -37,13 +41,13 @@ class DemoSettings:
     constraints: "position:word, ..." words fixed in the answer before denoising starts.
     """
 
-    gen_length: int = 64
-    steps: int = 32
-    block_length: int = 32
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: str = "low_confidence"
-    preset: str = "fast"
+    gen_length: int = _DEMO.gen_length
+    steps: int = _DEMO.steps
+    block_length: int = _DEMO.block_length
+    temperature: float = _DEMO.temperature
+    cfg_scale: float = _DEMO.cfg_scale
+    remasking: str = _DEMO.remasking
+    preset: str = profile("demo").preset
     constraints: str = ""
 
     def __post_init__(self) -> None:

@@ -410,6 +410,133 @@ INTERACTIVE_PRESET = "fast"
 EVALUATION_PRESET = "reference"
 
 
+@dataclass(frozen=True)
+class Profile:
+    """The sampler defaults of one kind of use: the `GenerateConfig` fields it sets (the rest
+    keep the dataclass defaults), whether it talks to people (its preset is then 'fast', else
+    'reference', for LLaDA-8B / LLaDA-MoE; LLaDA 2.x models take their authors' preset either
+    way, `default_preset`), and where the values come from."""
+
+    generate: dict[str, object]
+    interactive: bool
+    source: str
+
+    def config(self, **changes: object) -> GenerateConfig:
+        """The profile's `GenerateConfig`, with `changes` on top."""
+        return GenerateConfig(**(self.generate | changes))
+
+    @property
+    def preset(self) -> str:
+        return INTERACTIVE_PRESET if self.interactive else EVALUATION_PRESET
+
+
+# Every command's sampler defaults, in one place (CLI flags, chat, the server, the demo, the
+# evaluations read them from here).
+PROFILES: dict[str, Profile] = {
+    "chat": Profile(
+        dict(steps=128, gen_length=128, block_length=32),
+        True,
+        "the reference chat.py (ML-GSAI/LLaDA): 128 tokens in blocks of 32, one per step",
+    ),
+    "generate": Profile(dict(steps=128, gen_length=128, block_length=32), True, "as chat"),
+    "serve": Profile(
+        dict(steps=64, gen_length=64, block_length=32),
+        True,
+        "ours: one step per token in blocks of 32; a request's max_tokens sets the canvas",
+    ),
+    "demo": Profile(
+        dict(steps=32, gen_length=64, block_length=32),
+        True,
+        "the reference app.py (ML-GSAI/LLaDA): 64 tokens, 32 steps, blocks of 32",
+    ),
+    "tasks": Profile(
+        dict(steps=32, gen_length=32, block_length=32),
+        False,
+        "ours: the generated tasks' answers are short (one block of 32, one token per step)",
+    ),
+    "reverse": Profile(
+        dict(steps=28, gen_length=28, block_length=28, logits_eos_inf=True),
+        False,
+        "the reference eval_reverse.py (ML-GSAI/LLaDA): 28 tokens, 28 steps, EOS forbidden",
+    ),
+    "harness": Profile(
+        dict(steps=1024, gen_length=1024, block_length=1024),
+        False,
+        "the reference eval_llada.py (ML-GSAI/LLaDA): 1024 tokens, 1024 steps, one block",
+    ),
+}
+
+
+def profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def coerce_setting(cls: type, name: str, value: object) -> object:
+    """`value` for the field `name` of the settings dataclass `cls` (GenerateConfig,
+    DecodeConfig, BlockDecodeConfig, ...): from a string (CLI flags, chat's /set, lm-eval's
+    model_args), a JSON value or a UI number (a whole float for an int field). One ValueError
+    that names the field and the kind it takes; the dataclass then checks the range."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        fields = sorted(f for f in hints if not f.startswith("_"))
+        raise ValueError(f"unknown setting {name!r}; one of {', '.join(fields)}")
+    hint = hints[name]
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    optional = type(None) in typing.get_args(hint)
+    kind = kinds[0]
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        if kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
+        return text
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if kind is int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    return value
+
+
 def default_preset(block_diffusion: bool, interactive: bool, name: str = "") -> str:
     """The preset a command uses when none is named. LLaDA-8B and LLaDA-MoE: 'fast' for
     interactive commands, 'reference' for evaluation. LLaDA 2.x (block_diffusion): the authors'
