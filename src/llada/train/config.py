@@ -56,7 +56,12 @@ class TrainConfig:
     save_every: write a checkpoint every this many steps (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
     log_every: write metrics every this many steps (and print them when there is no progress
-        bar); validations and checkpoints are printed as they happen.
+        bar): the loss, aux loss and gradient norm averaged over the steps since the previous
+        line, the tokens trained on, tokens per second and MFU. A line is also written at each
+        validation and checkpoint; validations and checkpoints are printed as they happen.
+    peak_flops: the peak FLOP/s of one process's device for the MFU figure; empty: a GPU's
+        datasheet bfloat16 peak where known, else measured by one large matmul in the training
+        dtype at the start (any CPU).
     seed: seeds the initialisation, the data order, the masking and the dropout.
     resume: continue from the latest checkpoint in out_dir, exactly (losses, weights and
         random draws as without the interruption); metrics after that checkpoint are dropped.
@@ -120,6 +125,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     router_aux_loss: RouterAuxLoss = "config"
     block_length: int | None = None
+    peak_flops: float | None = None
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -157,6 +163,10 @@ class TrainConfig:
                     "block_length sets the block-diffusion objective, and autoregressive training "
                     "has none: drop one of --block-length and --autoregressive"
                 )
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(
+                f"peak_flops must be > 0 (FLOP/s, e.g. 989e12), got {self.peak_flops!r}"
+            )
         if self.router_aux_loss not in ("config", "on", "per-layer", "off"):
             raise ValueError(
                 "router_aux_loss must be 'config', 'on', 'per-layer' or 'off', got "

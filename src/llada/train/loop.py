@@ -65,6 +65,7 @@ from .data import (
     split_token_file,
 )
 from .lora import adapter_state, add_lora, merged_state_dict
+from .throughput import Interval, peak_flops, sequence_flops
 from .parallel import (
     Distributed,
     all_reduce_sum,
@@ -92,7 +93,16 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "train
 # nothing, see llada.model.llada2).
 _DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
 _APPLIED_DROPOUT_KEYS = {DENSE.name: _DROPOUT_KEYS}
-BOARD_KEYS = ("loss", "aux_loss", "lr", "grad_norm", "val_loss", "val_bits_per_token")
+BOARD_KEYS = (
+    "loss",
+    "aux_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "val_loss",
+    "val_bits_per_token",
+)
 # The families trained by block diffusion (both objectives), with their default block length:
 # LLaDA 2.x as inclusionAI/dFactory trains it (tasks/train_llada2_bd.py, block_size 32).
 BLOCK_DIFFUSION_DEFAULTS: dict[str, int] = {LLADA2.name: 32}
@@ -592,6 +602,7 @@ class Trainer:
             prompt_lengths = prompt_lengths.to(self.env.device)
         elif crop is not None:
             x0 = maybe_crop(x0, crop)
+        self._batch_shape = tuple(x0.shape)  # (B, L) as trained, for the throughput figures
         autocast = torch.autocast(
             self.env.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
         )
@@ -620,7 +631,7 @@ class Trainer:
         lr = learning_rate(config, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, total_aux, targets = 0.0, 0.0, 0
+        total_loss, total_aux, targets, tokens, flops = 0.0, 0.0, 0, 0, 0.0
         for micro in range(config.grad_accum):
             indices = self.order.micro_batch(
                 step, micro, env.rank, env.world_size, self.items_per_micro_batch, config.grad_accum
@@ -643,13 +654,18 @@ class Trainer:
             if out.aux_loss is not None:
                 total_aux += float(out.aux_loss.detach())
             targets += out.num_targets
+            rows, length = self._batch_shape
+            tokens += rows * length
+            # Block diffusion runs the network on [x_t ; x_0]: twice the text.
+            seen = length * (2 if self.block_length is not None else 1)
+            flops += rows * sequence_flops(self.base_model.config, seen)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable, config.grad_clip if config.grad_clip > 0 else float("inf")
         )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        summed = all_reduce_sum([total_loss, float(targets), total_aux], env)
+        summed = all_reduce_sum([total_loss, float(targets), total_aux, float(tokens), flops], env)
         loss = summed[0] / (config.grad_accum * env.world_size)
         aux = summed[2] / (config.grad_accum * env.world_size)
         grad_norm = float(grad_norm)
@@ -674,6 +690,8 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "targets": summed[1],
+            "tokens": summed[3],
+            "flops": summed[4],
         }
         if self.aux_loss_coef is not None:
             # Reported apart: "loss" stays the LLaDA loss, comparable with the validation -ELBO.
@@ -769,17 +787,40 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
         from tqdm import tqdm
 
         bar = tqdm(total=config.max_steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    peak = None
+    if env.is_main:
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        peak, source = peak_flops(env.device, dtype, config.peak_flops)
+        say(f"MFU against a peak of {peak / 1e12:.4g} TFLOP/s per process ({source})")
     started = time.perf_counter()
     last: dict[str, float] = {"loss": float("nan")}
+    interval = Interval()
     checkpoint = None
     try:
         while trainer.step < config.max_steps:
+            step_started = time.perf_counter()
             last = trainer.train_step()
+            interval.add(last, time.perf_counter() - step_started)
             step = trainer.step
-            record: dict[str, Any] = dict(last, elapsed=time.perf_counter() - started)
+            evaluate = config.eval_every and step % config.eval_every == 0
+            save = config.save_every and step % config.save_every == 0
+            final = step == config.max_steps
+            # A line closes the interval at every checkpoint too, so that a resumed run's lines
+            # cover the same steps as an uninterrupted run's.
+            if not (step % config.log_every == 0 or evaluate or save or final):
+                if bar is not None:
+                    bar.update(1)
+                continue
+            record: dict[str, Any] = {
+                "step": step,
+                "lr": last["lr"],
+                **interval.summary(peak, env.world_size),
+                "elapsed": time.perf_counter() - started,
+            }
+            interval = Interval()
             if bar is None and step % config.log_every == 0:
-                say(f"step {step}: loss {last['loss']:.4f}, lr {last['lr']:.2e}")
-            if config.eval_every and step % config.eval_every == 0 or step == config.max_steps:
+                say(_console_line(record))
+            if evaluate or final:
                 evaluation = trainer.evaluate()
                 if evaluation is not None:
                     trainer.val_history.append(evaluation)
@@ -788,9 +829,7 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
                         f"step {step}: validation {evaluation['val_bits_per_token']:.4f} "
                         f"bits/token ({evaluation['val_loss']:.4f} nats)"
                     )
-            if metrics is not None and (
-                step % config.log_every == 0 or "val_loss" in record or step == config.max_steps
-            ):
+            if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if board is not None:
@@ -799,8 +838,11 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
                         board.add_scalar(key, record[key], step)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-            if config.save_every and step % config.save_every == 0 or step == config.max_steps:
+                postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
+                if "tokens_per_s" in record:
+                    postfix["tok/s"] = f"{record['tokens_per_s']:.3g}"
+                bar.set_postfix(postfix)
+            if save or final:
                 checkpoint = trainer.save()
                 if checkpoint is not None:
                     say(f"checkpoint: {checkpoint}")
@@ -821,6 +863,16 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
         checkpoint=checkpoint,
         is_main=env.is_main,
     )
+
+
+def _console_line(record: dict[str, Any]) -> str:
+    """step N: loss (the mean over the steps since the last line), lr, tokens/s, MFU."""
+    line = f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}"
+    if "tokens_per_s" in record:
+        line += f", {record['tokens_per_s']:.4g} tokens/s"
+    if "mfu" in record:
+        line += f", MFU {100 * record['mfu']:.2f}%"
+    return line
 
 
 def _tensorboard(out_dir: Path, step: int):
