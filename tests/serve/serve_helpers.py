@@ -1,9 +1,8 @@
 """Helpers of the server tests: a live uvicorn server on a free loopback port, the library's own
-answer to compare with, and reading /metrics."""
+answer to compare with, and reading /metrics (with prometheus_client's parser)."""
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
@@ -12,6 +11,7 @@ from contextlib import contextmanager
 
 import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from llada.sampling.config import GenerateConfig
 from llada.sampling.fast import sample
@@ -48,10 +48,33 @@ def live_server(app) -> Iterator[str]:
 
 
 def metrics(url: str) -> dict[str, float]:
+    """The server's metrics as {'name{labels}': value} (`llada.serve.metrics.parse_metrics`)."""
+    return parse_metrics(_scrape(url))
+
+
+Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def samples(text: str) -> dict[Series, float]:
+    """Prometheus text -> {(sample name, sorted (label, value) pairs): value}, read with
+    prometheus_client's parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(url: str) -> dict[Series, float]:
+    """GET /metrics of the server at `url`, as `samples`."""
+    return samples(_scrape(url))
+
+
+def _scrape(url: str) -> str:
     response = httpx.get(f"{url}/metrics", timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    return parse_metrics(response.text)
+    return response.text
 
 
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.02) -> float:
@@ -75,12 +98,6 @@ def library_answer(
     end = next((i for i, t in enumerate(answer) if t in stops), len(answer))
     answer = answer[: min(end, max_tokens)]
     return tokenizer.decode(answer, skip_special_tokens=True), len(answer)
-
-
-SAMPLE_LINE = re.compile(
-    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\})? (-?[0-9.e+-]+|[+-]Inf|NaN)$'
-)
 
 
 def slow_down(model: torch.nn.Module, seconds: float):

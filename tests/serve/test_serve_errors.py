@@ -1,5 +1,5 @@
 """Bad requests get clear 4xx answers with OpenAI-style error bodies and the server keeps
-serving; how request fields become sampler settings; the metrics text format; the CLI."""
+serving; how request fields become sampler settings; the CLI (/metrics: test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from serve_helpers import SAMPLE_LINE
 
 from llada.api import load
 from llada.sampling.config import PRESETS, GenerateConfig
 from llada.serve.batcher import _hold_back
 from llada.serve.config import ServeConfig
-from llada.serve.metrics import Metrics, parse_metrics
 from llada.serve.schemas import (
     ChatCompletionRequest,
     RequestError,
@@ -174,48 +172,6 @@ def test_unknown_routes_and_methods_answer_in_json(client):
     response = client.get(CHAT, headers=AUTH)
     assert response.status_code == 405 and "error" in response.json()
     _still_serves(client)
-
-
-def test_metrics_are_prometheus_text_and_count_requests(client):
-    before = parse_metrics(client.get("/metrics").text)
-    client.post(CHAT, json=_chat(n=3), headers=AUTH)
-    _still_serves(client)
-    response = client.get("/metrics")
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    text = response.text
-    for line in text.splitlines():
-        assert line.startswith(("# HELP ", "# TYPE ")) or SAMPLE_LINE.match(line), line
-    after = parse_metrics(text)
-    bad = f'llada_requests_total{{endpoint="{CHAT}",status="400"}}'
-    good = f'llada_requests_total{{endpoint="{CHAT}",status="200"}}'
-    assert after[bad] - before.get(bad, 0) == 1
-    assert after[good] - before.get(good, 0) == 1
-    for name in (
-        "llada_queue_depth",
-        "llada_batch_size_count",
-        "llada_forward_passes_total",
-        "llada_completion_tokens_total",
-        f'llada_request_duration_seconds_sum{{endpoint="{CHAT}"}}',
-    ):
-        assert name in after
-    assert after["llada_forward_passes_total"] > before["llada_forward_passes_total"]
-
-
-def test_metrics_render_counters_gauges_and_histograms():
-    metrics = Metrics(batch_size_buckets=(1, 4))
-    for size in (1, 3, 3, 9):
-        metrics.observe_batch_size(size)
-    metrics.inc("llada_rejected_total", reason='a "quoted"\nreason')
-    metrics.set("llada_queue_depth", 2)
-    samples = parse_metrics(metrics.render())
-    assert samples['llada_batch_size_bucket{le="1"}'] == 1
-    assert samples['llada_batch_size_bucket{le="4"}'] == 3
-    assert samples['llada_batch_size_bucket{le="+Inf"}'] == 4 == samples["llada_batch_size_count"]
-    assert samples["llada_batch_size_sum"] == 16
-    assert samples["llada_queue_depth"] == 2
-    assert samples['llada_rejected_total{reason="a \\"quoted\\"\\nreason"}'] == 1
-    for line in metrics.render().splitlines():
-        assert line.startswith("#") or SAMPLE_LINE.match(line), line
 
 
 def _sampling(**fields):

@@ -39,7 +39,7 @@ def server(chat_checkpoint):
 
 def _batches_over_one(url: str) -> float:
     m = metrics(url)
-    return m["llada_batch_size_count"] - m['llada_batch_size_bucket{le="1"}']
+    return m["llada_batch_size_count"] - m['llada_batch_size_bucket{le="1.0"}']
 
 
 def test_parallel_clients_share_batches_and_get_their_own_answers(server):

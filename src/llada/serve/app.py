@@ -28,7 +28,7 @@ from pathlib import Path
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
@@ -44,7 +44,7 @@ from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
 from .config import ServeConfig, host_name
 from .lockstep import Lockstep
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import Metrics
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -66,6 +66,10 @@ SERVE_SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
 CLOSE = {"Connection": "close"}
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+# Where the metrics middleware leaves a request's arrival time (time.perf_counter()) in the
+# request's state, for the time-to-first-chunk metric.
+ARRIVED = "llada_arrived"
 
 # Status of a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
@@ -147,6 +151,7 @@ class _RequestMetrics:
             endpoint = "other"
         status = [500]
         started = time.perf_counter()
+        scope.setdefault("state", {})[ARRIVED] = started
 
         async def record_status(message) -> None:
             if message["type"] == "http.response.start":
@@ -503,6 +508,7 @@ async def _stream(
     finish reason per choice, the usage if asked, and `data: [DONE]`."""
     tokens = [0] * len(jobs)
     open_jobs = set(range(len(jobs)))
+    arrived = request.scope.get("state", {}).get(ARRIVED)  # None: no first chunk to time
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         if reply.chat:
@@ -519,6 +525,10 @@ async def _stream(
                 yield _sse({"error": {**error, "code": code}})
                 break
             tokens[index] = update.completion_tokens
+            if arrived is not None and (update.text or update.finished):
+                elapsed = time.perf_counter() - arrived
+                state.metrics.observe("llada_time_to_first_chunk_seconds", elapsed)
+                arrived = None
             if update.text:
                 yield _sse(reply.chunk(index, update.text))
             if update.finished:
@@ -629,8 +639,9 @@ def create_app(
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+    async def metrics(request: Request) -> Response:
+        body, content_type = state.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 

@@ -108,6 +108,7 @@ class Job:
     final_tokens: int = 0  # answer positions known to be final when last looked at
     sent: str = ""  # text sent so far
     done: bool = False  # no more updates will be sent
+    enqueued_at: float = 0.0  # time.monotonic() when submitted (the queue-wait metric)
 
     @property
     def key(self) -> tuple:
@@ -238,6 +239,9 @@ class Batcher:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
             if not self._waiting and not self._running:
                 self._progress_at = time.monotonic()  # idle time is no stall
+            now = time.monotonic()
+            for job in jobs:
+                job.enqueued_at = now
             self._waiting.extend(jobs)
             self.metrics.set("llada_queue_depth", len(self._waiting))
             self._cond.notify_all()
@@ -310,6 +314,9 @@ class Batcher:
         self.metrics.observe_batch_size(len(batch))
         self.metrics.inc("llada_prompt_tokens_total", sum(len(job.prompt) for job in batch))
         self.metrics.set("llada_running_rows", len(batch))
+        now = time.monotonic()
+        for job in batch:
+            self.metrics.observe("llada_queue_wait_seconds", now - job.enqueued_at)
         started = time.perf_counter()
         forward_passes = 0
         event = None
@@ -320,6 +327,7 @@ class Batcher:
         limit = step_limit(config, decode)
         block_family = isinstance(decode, BlockDecodeConfig)
         steps = 0
+        ended_at: list[int | None] = [None] * len(batch)  # the step each row's answer ended
         progress = (config.gen_length * len(batch), 0)  # (masked answer positions, finished)
 
         def abandoned() -> set[int]:
@@ -382,6 +390,9 @@ class Batcher:
                         final = blocks * config.block_length
                     if final > job.final_tokens:
                         self._advance(job, answers[row, :final].tolist(), finished)
+                for row, job in enumerate(batch):
+                    if ended_at[row] is None and (job.done or job.cancelled.is_set()):
+                        ended_at[row] = steps
                 wanted = sum(not job.done for job in batch)
                 self.metrics.set("llada_running_rows", wanted)
                 if self._stopping:
@@ -393,6 +404,8 @@ class Batcher:
         finally:
             events.close()
             self.metrics.inc("llada_batch_seconds_total", time.perf_counter() - started)
+            for ended in ended_at:
+                self.metrics.observe("llada_row_denoise_steps", steps if ended is None else ended)
         for row, job in enumerate(batch):  # the sampler ended; nothing may be left hanging
             if not job.done and not job.cancelled.is_set() and event is not None:
                 self._advance(job, event.tokens[row, width:].tolist(), True)
