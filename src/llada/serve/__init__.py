@@ -1,8 +1,9 @@
 """`llada serve`: an OpenAI-compatible HTTP server with request batching.
 
 config.py (the server's settings), schemas.py (request bodies -> sampler settings), batcher.py
-(the scheduler thread that batches requests into shared sampler calls), metrics.py (Prometheus
-text), app.py (the FastAPI app; imports fastapi, so it is imported only when serving).
+(the scheduler thread that batches requests into shared sampler calls), metrics.py (/metrics,
+kept by prometheus_client), app.py (the FastAPI app; imports fastapi, so it is imported only
+when serving).
 """
 
 from __future__ import annotations
