@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_folder: str | os.PathLike | None,
     keep: int,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` (rank 0 only) and keep the newest `keep` checkpoints up to it.
 
@@ -83,6 +85,8 @@ def save_checkpoint(
     pointer = root / "latest.partial"
 
     def add_trainer_state(staging: Path) -> None:
+        if add_files is not None:
+            add_files(staging)
         torch.save(trainer_state, staging / TRAINER_STATE)
 
     try:

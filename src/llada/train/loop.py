@@ -64,7 +64,13 @@ from .data import (
     TokenFile,
     split_token_file,
 )
-from .lora import adapter_state, add_lora, merged_state_dict
+from .lora import (
+    adapter_state,
+    add_lora,
+    base_model_reference,
+    merged_state_dict,
+    save_peft_adapter,
+)
 from .throughput import Interval, peak_flops, sequence_flops
 from .parallel import (
     Distributed,
@@ -737,8 +743,15 @@ class Trainer:
                 "val_history": self.val_history,
                 "rng": _rng_state(self.env.device),
             }
+            add_files = None
             if self.config.lora_rank:
                 state["adapter"] = adapter_state(model_state)
+                full_state = model_state
+
+                def add_files(staging: Path) -> None:
+                    base = base_model_reference(self.config.model)
+                    save_peft_adapter(staging, self.base_model, full_state, base)
+
                 model_state = merged_state_dict(
                     model_state, self.config.lora_rank, self.config.lora_alpha
                 )
@@ -751,6 +764,7 @@ class Trainer:
                     state,
                     self.tokenizer_folder,
                     self.config.keep_checkpoints,
+                    add_files,
                 )
             except CheckpointWriteError as error:
                 failure = error
