@@ -31,6 +31,7 @@ from llada.serve.app import create_app  # noqa: E402
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
+LEAVES_AT = 3  # the step of its call at which a client leaves (the scheduler test)
 
 
 def _value(scraped: dict, name: str, **labels: str) -> float:
@@ -119,9 +120,9 @@ def test_openmetrics_is_served_when_asked_for(chat_checkpoint):
     assert plain.headers["content-type"] == CONTENT_TYPE
 
 
-def _stream_chat(url: str, body: dict) -> tuple[str, dict]:
-    """(answer text, usage) of a streamed chat request (its usage chunk asked for)."""
-    text, usage = "", None
+def _stream_chat(url: str, body: dict) -> tuple[int, dict]:
+    """(chunks with answer text, usage) of a streamed chat request (its usage asked for)."""
+    chunks, usage = 0, None
     request = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{url}{CHAT}", json=request, timeout=60) as response:
         assert response.status_code == 200
@@ -129,11 +130,10 @@ def _stream_chat(url: str, body: dict) -> tuple[str, dict]:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data: ") :])
-            for choice in chunk["choices"]:
-                text += choice["delta"].get("content") or ""
+            chunks += any(choice["delta"].get("content") for choice in chunk["choices"])
             usage = chunk.get("usage") or usage
     assert usage is not None
-    return text, usage
+    return chunks, usage
 
 
 def test_live_scrapes_follow_the_requests(chat_checkpoint):
@@ -154,7 +154,10 @@ def test_live_scrapes_follow_the_requests(chat_checkpoint):
         plain = httpx.post(f"{url}{CHAT}", json={"messages": MESSAGES, "max_tokens": 8}, timeout=60)
         assert plain.status_code == 200
         after_plain = after_rows(1)
-        _, stream_usage = _stream_chat(url, {"messages": MESSAGES, "max_tokens": 8})
+        # A long answer in small blocks, with no early stop: its text comes in several chunks.
+        long = {"max_tokens": 64, "block_length": 8, "preset": "fastdllm-dual"}
+        chunks, stream_usage = _stream_chat(url, {"messages": MESSAGES, **long})
+        assert chunks >= 2
         after_stream = after_rows(1)
         prompts = ["To be, or not to be", "What is 2 + 3?"]
         text = httpx.post(
@@ -185,7 +188,8 @@ def test_live_scrapes_follow_the_requests(chat_checkpoint):
     assert _delta(start, end, "llada_requests_total", endpoint=CHAT, status="400") == 1
     assert _delta(start, end, "llada_requests_total", endpoint=COMPLETIONS, status="200") == 1
 
-    # Time to the first chunk: the streamed request only, and within its whole latency.
+    # Time to the first chunk: the streamed request only (its first chunk only), and within
+    # its whole latency.
     ttft = "llada_time_to_first_chunk_seconds"
     assert _delta(start, after_plain, f"{ttft}_count") == 0
     assert _delta(after_plain, after_stream, f"{ttft}_count") == 1
@@ -229,8 +233,9 @@ def test_live_scrapes_follow_the_requests(chat_checkpoint):
 
 def test_queue_wait_and_steps_per_row_seen_from_the_scheduler(chat_checkpoint, monkeypatch):
     """The scheduler with a clock that moves 5 s at each sampler call: two jobs with equal
-    settings run first (waited 0 s), the third runs next (waited 5 s). Each row's steps are
-    the events its call had yielded when its last update was sent."""
+    settings run first (waited 0 s), the third runs next (waited 5 s). A row's steps are the
+    events its call had yielded when its last update was sent, or when its client left (the
+    first job's, at the third step)."""
     clock = [100.0]
     fake_time = SimpleNamespace(
         monotonic=lambda: clock[0],
@@ -249,6 +254,8 @@ def test_queue_wait_and_steps_per_row_seen_from_the_scheduler(chat_checkpoint, m
             for event in events:
                 in_call[0] += 1
                 in_all[0] += 1
+                if in_call[0] == LEAVES_AT and in_all[0] == LEAVES_AT:
+                    jobs[0].cancelled.set()  # the client of the first job leaves
                 yield event
 
         return counted()
@@ -268,11 +275,12 @@ def test_queue_wait_and_steps_per_row_seen_from_the_scheduler(chat_checkpoint, m
 
         return Job([5 + index, 9, 11], config, PRESETS[preset], sink, max_tokens)
 
-    # The first job's answer is complete after its first block: it leaves its call early.
-    jobs = [job(0, "reference", 4), job(1, "reference", 16), job(2, "fast", 16)]
+    # The reference preset completes an answer block by block (8 steps each): the second job's
+    # answer ends at step 8 or 16, after the first job's client left.
+    jobs = [job(0, "reference", 16), job(1, "reference", 16), job(2, "fast", 16)]
     batcher.submit(jobs)  # all three queued at once, at 100 s
     try:
-        wait_until(lambda: len(ended_at) == 3)
+        wait_until(lambda: len(ended_at) == 2)
         wait_until(lambda: metrics.get("llada_row_denoise_steps_count") == 3)
     finally:
         batcher.stop()
@@ -282,7 +290,7 @@ def test_queue_wait_and_steps_per_row_seen_from_the_scheduler(chat_checkpoint, m
     assert metrics.get("llada_queue_wait_seconds_bucket", le="0.001") == 2
     assert metrics.get("llada_queue_wait_seconds_bucket", le="2.5") == 2
     assert metrics.get("llada_queue_wait_seconds_bucket", le="5.0") == 3
-    assert metrics.get("llada_row_denoise_steps_sum") == sum(ended_at.values())
+    assert 0 not in ended_at and ended_at[1] >= 8 > LEAVES_AT
+    assert metrics.get("llada_row_denoise_steps_sum") == LEAVES_AT + sum(ended_at.values())
     assert metrics.get("llada_denoise_steps_total") == in_all[0]
-    # The early row left at the end of its first block (8 of the 16 steps) at the latest.
-    assert 0 < ended_at[0] <= 8
+    assert metrics.get("llada_rows_cancelled_total", where="running") == 1
