@@ -2,7 +2,9 @@
 
 The reference-compatible entry points keep the names and arguments of the published code:
 `load_model`, `generate`, `get_log_likelihood`. Submodules are imported on first use, so that
-`import llada` (and `llada --help`) stays fast.
+`import llada` (and `llada --help`) stays fast. For the same reason `import llada` does not
+register llada's models with transformers (importing transformers takes seconds): `import
+llada.hf`, or call `llada.register_with_transformers()`, before `AutoModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _EXPORTS = {
     "LikelihoodConfig": "llada.likelihood",
     "load_tokenizer": "llada.tokenizer",
     "render_chat": "llada.tokenizer",
+    "register_with_transformers": "llada.hf",
+    "generation_defaults": "llada.generation_config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -104,6 +104,7 @@ MOE_SPECIAL_TOKENS = (
     ROLE_END_TOKEN,
 )
 _FAMILY_SPECIAL_TOKENS = {LLADA_8B_FAMILY: SPECIAL_TOKENS, LLADA_MOE_FAMILY: MOE_SPECIAL_TOKENS}
+_FAMILY_MASK_TOKEN = {LLADA_8B_FAMILY: MASK_TOKEN, LLADA_MOE_FAMILY: MOE_MASK_TOKEN}
 
 
 def load_tokenizer(path: str | os.PathLike | Any) -> PreTrainedTokenizerBase:
@@ -464,8 +465,9 @@ def train_tokenizer(
     family: "llada-8b" (LLaDA's `<|mdm_mask|>`, headers and `<|eot_id|>`, `SPECIAL_TOKENS`) or
     "llada-moe" (LLaDA-MoE's `<|mask|>`, `<role>`, `</role>` and `<|role_end|>`,
     `MOE_SPECIAL_TOKENS`); the special tokens get ids 0..5. Writes tokenizer.json and
-    tokenizer_config.json (the official layout) to output_dir. With no texts, the result is a
-    pure byte tokenizer (256 byte tokens plus the special tokens).
+    tokenizer_config.json (the official layout) to output_dir; tokenizer_config.json names the
+    bos, eos, pad (= eos, as LLaDA pads) and mask tokens, so `AutoTokenizer` gives `mask_token`.
+    With no texts, the result is a pure byte tokenizer (256 byte tokens plus the special tokens).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -512,6 +514,7 @@ def train_tokenizer(
         "chat_template": BUILTIN_CHAT_TEMPLATES[family],
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
+        "mask_token": _FAMILY_MASK_TOKEN[family],
         "model_max_length": 1000000000000000019884624838656,
         "pad_token": EOS_TOKEN,
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -208,16 +208,39 @@ def test_saved_config_keeps_official_and_unknown_keys(tmp_path):
     model = load_model(folder)
     out = save_pretrained(model, tmp_path / "resaved")
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    # auto_map is written only with the remote-code files it names (see the next test).
     missing = set(tiny_config_json()) - set(saved)
-    assert not missing, missing
+    assert missing == {"auto_map"}, missing
     assert saved["my_custom_key"] == 7
     assert saved["model_type"] == "llada"
-    assert saved["auto_map"] == data["auto_map"]
     assert saved["architectures"] == ["LLaDAModelLM"]
     for key, value in tiny_config_json().items():
-        assert saved[key] == value, key
+        if key != "auto_map":
+            assert saved[key] == value, key
     generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
     assert generation["eos_token_id"] == data["eos_token_id"]
+
+
+def test_auto_map_is_written_only_with_the_remote_code_it_names(tmp_path):
+    # Without configuration_llada.py and modeling_llada.py next to it, an auto_map makes
+    # transformers ask "run custom code? [y/N]" on every load; with them, it is what lets the
+    # official remote code load the folder.
+    model = load_model(TINY)
+    names = sorted({v.split(".")[0] for v in tiny_config_json()["auto_map"].values()})
+    assert names == ["configuration_llada", "modeling_llada"]
+    official = copy_tiny(tmp_path / "official")
+    partial = copy_tiny(tmp_path / "partial")
+    for name in names:
+        (official / f"{name}.py").write_text("# official remote code\n", encoding="utf-8")
+    (partial / "modeling_llada.py").write_text("# official remote code\n", encoding="utf-8")
+    with_code = save_pretrained(model, tmp_path / "with-code", copy_from=official)
+    saved = json.loads((with_code / "config.json").read_text(encoding="utf-8"))
+    assert saved["auto_map"] == tiny_config_json()["auto_map"]
+    half = save_pretrained(model, tmp_path / "half", copy_from=partial)
+    assert "auto_map" not in json.loads((half / "config.json").read_text(encoding="utf-8"))
+    # Resaving the folder over itself keeps the files, so the auto_map stays.
+    again = save_pretrained(load_model(with_code), with_code)
+    assert "auto_map" in json.loads((again / "config.json").read_text(encoding="utf-8"))
 
 
 def test_saving_into_an_existing_folder_keeps_other_files(tiny_model, tmp_path):

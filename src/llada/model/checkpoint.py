@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..generation_config import SAMPLER_KEY, read_generation_config, sampler_settings
 from ..tokens import SpecialTokens, resolve_special_tokens
 from .config import LLaDAConfig
 from .families import DENSE, Family, detect_family, family_of, from_hf_name, to_hf_name
@@ -430,7 +431,8 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder, a shipped model name, or a Hugging Face hub id -> a local folder.
 
     Shipped models are found from any working directory, by name (`llada-tiny-instruct`) or
-    as the README writes them (`models/llada-tiny-instruct`). Something that looks like a
+    as the README writes them (`models/llada-tiny-instruct`), in a source checkout and in an
+    installed wheel (`_shipped_root`). Something that looks like a
     local path and does not exist is reported as such, never looked up on the hub.
     """
     text = os.fspath(path_or_hub_id)
@@ -474,7 +476,11 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
 
 
 def _shipped_root() -> Path:
-    return Path(__file__).resolve().parents[3] / "models"
+    """The folder of the shipped models: models/ of a source checkout (an editable install
+    too), else llada/shipped_models of an installed wheel (setup.py puts them there)."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parents[1] / "models"
+    return checkout if checkout.is_dir() else package / "shipped_models"
 
 
 def _shipped_model(text: str) -> Path | None:
@@ -644,6 +650,7 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
     copy_from: str | os.PathLike | None = None,
     add_files: Callable[[Path], None] | None = None,
+    generation: object | None = None,
 ) -> Path:
     """Write `model` as an official checkpoint folder, atomically.
 
@@ -655,6 +662,14 @@ def save_pretrained(
         dict gathered from a sharded model; `model` then only supplies config and token ids.
     copy_from: another folder whose non-weight files (tokenizer, ...) are copied in too.
     add_files: called with the staging folder to write more files into the same atomic swap.
+    generation: the sampler settings the folder should ask for (a `GenerateConfig` or a dict of
+        its fields), written to generation_config.json under `"llada"`
+        (`llada.generation_config`). None keeps the settings of the folder saved from
+        (copy_from, else the folder itself, else the model's own checkpoint folder), if any.
+
+    config.json keeps the official `auto_map` only when the remote-code files it names
+    (modeling_*.py, configuration_*.py) are in the saved folder: without them, transformers
+    would stop at an interactive "run custom code? [y/N]" prompt on every load, and then fail.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -712,15 +727,13 @@ def save_pretrained(
             _write_json(
                 staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
+        config_json = model.config.to_hf_dict(torch_dtype=_DTYPE_NAMES.get(target_dtype))
+        _write_json(staging / CONFIG_FILE, _without_missing_remote_code(config_json, staging))
+        sources = (copy_from, folder, getattr(model, "checkpoint_folder", None))
         _write_json(
-            staging / CONFIG_FILE,
-            model.config.to_hf_dict(torch_dtype=_DTYPE_NAMES.get(target_dtype)),
+            staging / GENERATION_CONFIG_FILE,
+            _generation_config(model, [Path(s) for s in sources if s is not None], generation),
         )
-        tokens = model.special_tokens
-        generation = {"_from_model_config": True, "eos_token_id": model.config.eos_token_id}
-        if tokens is not None and tokens.bos_id is not None:
-            generation["bos_token_id"] = tokens.bos_id
-        _write_json(staging / GENERATION_CONFIG_FILE, generation)
         if add_files is not None:
             add_files(staging)
         _swap_in(staging, folder)
@@ -728,6 +741,61 @@ def save_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _without_missing_remote_code(config_json: dict, folder: Path) -> dict:
+    """config.json without `auto_map` when `folder` lacks a module file that it names.
+
+    An `auto_map` entry is "module.Class" (or "repo--module.Class"); transformers imports
+    `folder/module.py` for it. The official files are third-party code that llada does not ship,
+    so a folder saved here usually has none: transformers would then ask whether to run custom
+    code that is not there, and fail after a timeout.
+    """
+    auto_map = config_json.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return config_json
+    references = [
+        item
+        for value in auto_map.values()
+        for item in (value if isinstance(value, list) else [value])
+    ]
+    modules = {
+        str(reference).split("--")[-1].rpartition(".")[0]
+        for reference in references
+        if reference is not None
+    }
+    if all(module and (folder / f"{module}.py").is_file() for module in modules):
+        return config_json
+    return {key: value for key, value in config_json.items() if key != "auto_map"}
+
+
+def _generation_config(model: torch.nn.Module, sources: list[Path], generation: object) -> dict:
+    """generation_config.json for a saved model: the special token ids of the model and its
+    sampler settings under `"llada"` (`llada.generation_config`).
+
+    The first source folder that has a generation_config.json gives the other keys (kept as
+    they are) and, when `generation` is None, the sampler settings.
+    """
+    data: dict = {}
+    for source in sources:
+        if (source / GENERATION_CONFIG_FILE).is_file():
+            # A broken file is replaced, not carried over.
+            with contextlib.suppress(ValueError):
+                data = read_generation_config(source)
+            break
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
+        data.pop(key, None)
+    data["_from_model_config"] = True
+    tokens = model.special_tokens
+    data["eos_token_id"] = model.config.eos_token_id
+    if tokens is not None:
+        data["pad_token_id"] = tokens.pad_id
+        data["mask_token_id"] = tokens.mask_id
+        if tokens.bos_id is not None:
+            data["bos_token_id"] = tokens.bos_id
+    if generation is not None:
+        data[SAMPLER_KEY] = sampler_settings(generation)
+    return data
 
 
 def _write_json(path: Path, data: dict) -> None:
