@@ -121,9 +121,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     harness.add_argument(
         "--batch-size", type=int, default=None, help="Monte Carlo samples per draw (batch_size)"
     )
-    harness.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
     harness.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps (default: auto)",
+    )
+    harness.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16"
     )
     harness.add_argument(
         "--apply-chat-template",
@@ -216,8 +220,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     from ..eval.tasks import ALL_TASKS, build_task_sets, evaluate_tasks
 
     config = dataclass_from_args(GenerateConfig, args)
-    check_device(args.device)
-    check_dtype(args.dtype)
+    args.device = check_device(args.device)
+    args.dtype = check_dtype(args.dtype)
     wanted = args.tasks.split(",") if args.tasks else list(ALL_TASKS)
     unknown = sorted(set(wanted) - set(ALL_TASKS))
     if unknown:
@@ -323,7 +327,7 @@ def lm_eval_arguments(args: argparse.Namespace) -> dict:
     model_args.update(user_args)
     if args.model is not None:
         model_args.setdefault("pretrained", args.model)
-    if args.dtype is not None:
+    if check_dtype(args.dtype) is not None:
         model_args["dtype"] = args.dtype
     if args.batch_size is not None:
         model_args["batch_size"] = args.batch_size
@@ -334,7 +338,7 @@ def lm_eval_arguments(args: argparse.Namespace) -> dict:
         "model_args": model_args,
         "tasks": tasks,
         "num_fewshot": num_fewshot,
-        "device": args.device,
+        "device": None if args.device == "auto" else args.device,  # None: the model's choice
         "limit": int(args.limit) if args.limit and args.limit >= 1 else args.limit,
         "gen_kwargs": gen_kwargs or None,
         "apply_chat_template": bool(chat),
@@ -362,9 +366,9 @@ def run_lm_eval(args: argparse.Namespace) -> int:
             settings = ",".join(f"{k}={v}" for k, v in preset.model_args().items())
             print(f"{name:<36}{preset.task:<30}shots={shots:<8}{settings}")
         return 0
+    args.device = check_device(args.device)
+    args.dtype = check_dtype(args.dtype)
     kwargs = lm_eval_arguments(args)
-    check_device(args.device)
-    check_dtype(args.dtype)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -464,8 +468,8 @@ def run_reverse(args: argparse.Namespace) -> int:
     from ..eval.reverse import DIRECTIONS, corpus_pairs_json, evaluate_reversal, load_pairs
 
     config = dataclass_from_args(GenerateConfig, args)
-    check_device(args.device)
-    check_dtype(args.dtype)
+    args.device = check_device(args.device)
+    args.dtype = check_dtype(args.dtype)
     for name in ("count", "batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

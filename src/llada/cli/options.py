@@ -174,20 +174,36 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="checkpoint folder or hub id (default: the shipped model)"
     )
     parser.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)"
+        "--dtype",
+        default="auto",
+        help="auto (the checkpoint's) | float32 | bfloat16 | float16 (default: auto)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu: the first this torch can use) | cpu | cuda | "
+        "cuda:N | mps (default: auto)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="torch seed for temperature > 0 and random remasking"
     )
 
 
-def check_device(name: str | None, flag: str = "--device") -> None:
-    """Refuse a device this torch cannot use, in one line that names the flag and the fix
-    (torch's own errors are tracebacks from deep inside the first tensor move)."""
+def check_device(name: str | None, flag: str = "--device") -> str | None:
+    """The device to use for `name`: "auto" becomes cuda, else mps, else cpu (the first this
+    torch can use); any other name is returned as given, or refused in one line that names the
+    flag and the fix when this torch cannot use it (torch's own errors are tracebacks from deep
+    inside the first tensor move)."""
     if name is None:
-        return
+        return None
     import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
 
     build = f"torch {torch.__version__}"
     try:
@@ -197,7 +213,7 @@ def check_device(name: str | None, flag: str = "--device") -> None:
             f"{flag} {name}: not a device name; use cpu, cuda, cuda:N or mps"
         ) from None
     if device.type == "cpu":
-        return
+        return name
     if device.type == "cuda":
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
             raise ValueError(
@@ -215,30 +231,35 @@ def check_device(name: str | None, flag: str = "--device") -> None:
                 f"{flag} {name}: this machine has {count} CUDA device(s), "
                 f"cuda:0 to cuda:{count - 1}"
             )
-        return
+        return name
     if device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(
                 f"{flag} {name}: MPS is not available here ({build}; it needs Apple silicon "
                 f"and a macOS build of torch); use {flag} cpu"
             )
-        return
+        return name
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
         raise ValueError(
             f"{flag} {name}: this torch cannot use {device.type!r} devices ({build}); use {flag} cpu or cuda"
         )
+    return name
 
 
-def check_dtype(name: str | None, flag: str = "--dtype") -> None:
-    """Refuse an unknown dtype name before the model is read, naming the flag."""
+def check_dtype(name: str | None, flag: str = "--dtype") -> str | None:
+    """The dtype name to load with: None for "auto" (the checkpoint's own); an unknown name is
+    refused before the model is read, naming the flag."""
+    if name is None or name == "auto":
+        return None
     from ..model.checkpoint import _parse_dtype
 
     try:
         _parse_dtype(name)
     except ValueError as error:
         raise ValueError(f"{flag} {name}: {error}") from None
+    return name
 
 
 def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
@@ -262,8 +283,8 @@ def load_from_args(args: argparse.Namespace):
 
     from ..api import load
 
-    check_device(args.device)
-    check_dtype(args.dtype)
+    args.device = check_device(args.device)
+    args.dtype = check_dtype(args.dtype)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "tensor_parallel", False):
         return _load_tensor_parallel(args)

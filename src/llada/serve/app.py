@@ -39,7 +39,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 
 from ..api import default_decode
 from ..inputs import context_of
-from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
+from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig, profile
 from ..tokenizer import encode_chat
 from .batcher import Batcher, Job, QueueFull, ServerStopping, Update
 from .config import ServeConfig, host_name
@@ -56,10 +56,6 @@ from .schemas import (
 )
 
 logger = logging.getLogger(__name__)
-
-# The server's sampler defaults: answers of 64 tokens in blocks of 32, one step per token (the
-# 'fast' preset's threshold rule usually needs fewer).
-SERVE_SAMPLER_DEFAULTS = {"steps": 64, "gen_length": 64, "block_length": 32}
 
 # Errors sent before the body has been read to its end close the connection: the rest of the
 # body must not be taken as the next request, nor keep the connection open.
@@ -564,7 +560,7 @@ def create_app(
     if preset is None:
         preset = default_decode(model)
     config = config or ServeConfig()
-    sampler = sampler or GenerateConfig(**SERVE_SAMPLER_DEFAULTS)
+    sampler = sampler or profile("serve").config()
     folder = getattr(model, "checkpoint_folder", None)
     name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
     state = _State(model, tokenizer, config, sampler, preset, name, lockstep)
