@@ -1,7 +1,18 @@
-"""The `llada` model of lm-evaluation-harness (importing this module registers it).
+"""The `llada` model of lm-evaluation-harness.
 
-    lm_eval --model llada ...            (after `import llada.eval.lm_eval`)
+    python -m llada.eval --model llada --model_args pretrained=PATH --tasks ... --batch_size 8
+    lm_eval --model llada ...    (lm-eval releases that read `lm_eval.models` entry points)
     llada eval lm-eval --tasks ... --model-args pretrained=PATH
+
+Importing this module registers `llada` beside lm-eval's built-in models (`register`); the
+package also declares it as an `lm_eval.models` entry point (pyproject.toml), the plugin
+mechanism of lm-eval after 0.4.13 (EleutherAI/lm-evaluation-harness pull request 4013), which
+needs no import. `python -m llada.eval` is lm-eval's own command line with the model
+registered, for lm-eval <= 0.4.13, which reads no entry points.
+
+Batch sizes: lm-eval's `--batch_size` (`simple_evaluate(batch_size=...)`) is requests per batch,
+as for lm-eval's other models (`request_batch_size`); the model arg `batch_size` is the
+reference's Monte Carlo mini-batch (masked copies per stratified draw), so both may be given.
 
 It is the reference `eval_llada.py` (ML-GSAI/LLaDA) made batched, data-parallel and complete:
 
@@ -62,7 +73,6 @@ import torch.nn.functional as F
 
 try:
     from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "llada.eval.lm_eval needs lm-evaluation-harness: pip install 'llada-kit[eval]' "
@@ -118,8 +128,9 @@ class HarnessSettings:
     Defaults are the reference eval_llada.py's (ML-GSAI/LLaDA) unless said otherwise.
 
     mc_num: Monte Carlo samples per likelihood (128 in the paper; 1 for single-token answers).
-    batch_size: samples per stratified draw (the reference's MC mini-batch; lm-eval's
-        --batch_size sets it). mc_num must be a multiple of it (or smaller: one draw of mc_num).
+    batch_size: samples per stratified draw (the reference's MC mini-batch, its model arg
+        batch_size); mc_num must be a multiple of it (or smaller: one draw of mc_num). Not
+        lm-eval's --batch_size, which is requests per batch (`LLaDAEvalLM`).
     cfg: classifier-free guidance scale for likelihoods and generation (0 = off).
     is_check_greedy: also report whether greedy one-token-at-a-time decoding reproduces the
         answer (lm-eval's is_greedy, used by e.g. LAMBADA's acc); costs one forward per token.
@@ -145,7 +156,8 @@ class HarnessSettings:
     threshold, editing_threshold, max_post_steps, minimal_topk, num_to_transfer, top_k, top_p,
         eos_early_stop: LLaDA 2.x only, the `BlockDecodeConfig` fields they name, over the
         preset's values (None: the preset's).
-    gen_batch_size: generation requests per batch (left-padded).
+    gen_batch_size: generation requests per batch (left-padded); None: lm-eval's batch size
+        (`request_batch_size`) when it gives one, else 8.
     token_budget: most tokens (rows x length, both CFG halves) in one likelihood forward; the
         masked copies of several requests share a forward up to it (ours; the reference runs
         one request's batch_size copies at a time).
@@ -176,7 +188,7 @@ class HarnessSettings:
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     preset: str | None = None
-    gen_batch_size: int = 8
+    gen_batch_size: int | None = None
     token_budget: int = 32768
     seed: int = 1234
     rolling_stride: int | None = None
@@ -192,8 +204,8 @@ class HarnessSettings:
     eos_early_stop: bool | None = None
 
     def __post_init__(self) -> None:
-        require_positive_ints(self, "mc_num", "batch_size", "gen_batch_size", "token_budget")
-        for name in ("max_length", "rolling_stride", "steps", "block_length"):
+        require_positive_ints(self, "mc_num", "batch_size", "token_budget")
+        for name in ("max_length", "rolling_stride", "steps", "block_length", "gen_batch_size"):
             if getattr(self, name) is not None:
                 require_positive_ints(self, name)
         if self.batch_size < self.mc_num and self.mc_num % self.batch_size:
@@ -482,13 +494,37 @@ def _init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), resolved
 
 
-@register_model("llada")
+def parse_request_batch_size(value: Any) -> int | None:
+    """lm-eval's batch size as requests per batch: a positive integer, or None for 'auto' /
+    'auto:N' / None (no cap on requests: likelihood forwards are bounded by token_budget
+    alone, generation batches by gen_batch_size or 8)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "auto" or text.startswith("auto:"):
+        return None
+    if isinstance(value, bool) or not text.isdigit() or int(text) <= 0:
+        raise ValueError(
+            f"batch size (lm-eval's --batch_size: requests per batch) must be a positive "
+            f"integer or auto, got {value!r}"
+        )
+    return int(text)
+
+
 class LLaDAEvalLM(LM):
     """LLaDA (any checkpoint `llada.api.load` reads) as an lm-evaluation-harness model.
 
     model_args: pretrained (checkpoint folder or hub id; default: the shipped model),
     dtype (float32 | bfloat16; default: the checkpoint's), device (default: cuda when
     available), and every field of `HarnessSettings`.
+
+    request_batch_size: requests per batch, which lm-eval's `--batch_size` (or
+    `simple_evaluate(batch_size=...)`) sets through `create_from_arg_string` /
+    `create_from_arg_obj`: at most this many requests have their masked copies in one
+    likelihood forward (which also holds at most token_budget tokens) and in one forward of
+    the greedy check, and it is the generation batch unless gen_batch_size is given. 'auto' or
+    None: no cap on requests. Scores do not depend on it beyond float rounding (each request
+    draws its masks from its own seed).
     """
 
     def __init__(
@@ -498,6 +534,7 @@ class LLaDAEvalLM(LM):
         device: str | None = None,
         model_path: str | None = None,
         max_batch_size: int | None = None,
+        request_batch_size: int | str | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
@@ -505,12 +542,18 @@ class LLaDAEvalLM(LM):
         known = {f.name for f in fields(HarnessSettings)}
         unknown = sorted(set(settings) - known)
         if unknown:
-            accepted = sorted(known | {"pretrained", "model_path", "dtype", "device"})
+            accepted = sorted(
+                known | {"pretrained", "model_path", "dtype", "device", "request_batch_size"}
+            )
             raise TypeError(f"unknown llada model_args {unknown}; accepted: {accepted}")
-        if settings.get("batch_size") == "auto":  # lm-eval's automatic batch size
-            logger.warning("batch_size=auto is not supported; using the MC mini-batch default")
-            settings.pop("batch_size")
+        if settings.get("batch_size") == "auto":
+            raise ValueError(
+                "model arg batch_size is the Monte Carlo samples per stratified draw (an "
+                "integer, default 32); for lm-eval's automatic batch size pass --batch_size auto"
+            )
+        self.request_batch_size = parse_request_batch_size(request_batch_size)
         self.settings = HarnessSettings.from_model_args(settings)
+        self.generation_batch_size = self.settings.gen_batch_size or self.request_batch_size or 8
         self._rank, self._world_size, self._device = _init_distributed(device)
         self.accelerator = (
             _Accelerator(self._rank, self._world_size, self._device)
@@ -536,6 +579,37 @@ class LLaDAEvalLM(LM):
         stride = self.settings.rolling_stride or max(1, self.max_length // 2)
         self.rolling_stride = min(stride, self.max_length)
         self._warned: set[str] = set()
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> LLaDAEvalLM:
+        """lm-eval's way in: the model args plus lm-eval's own options (batch_size,
+        max_batch_size, device). lm-eval's batch_size becomes `request_batch_size`, so it
+        never collides with the model arg batch_size (the Monte Carlo mini-batch). A device
+        given in the model args wins over lm-eval's --device; lm-eval's default (cuda:0) on a
+        machine without CUDA becomes cpu."""
+        args = dict(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "batch_size" in extra:
+            args["request_batch_size"] = extra.pop("batch_size")
+        device = extra.pop("device", None)
+        if device is not None and "device" not in args:
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                logger.warning("device %s: no CUDA device here; running on cpu", device)
+                device = "cpu"
+            args["device"] = device
+        args.update(extra)
+        return cls(**args)
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> LLaDAEvalLM:
+        """`create_from_arg_obj` for lm-eval's 'key=value,key=value' model args."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- distributed primitives (lm-eval >= 0.4.12) --------------------------------------------
     @property
@@ -730,13 +804,34 @@ class LLaDAEvalLM(LM):
             if totals.units_left[unit.request] == 0:
                 totals.done(1)
 
+    def _score_first_units(
+        self, pending: list[_Unit], limit: int, cap: int | None, totals: _Accumulator
+    ) -> list[_Unit]:
+        """Scores the longest run of `pending` that fits one forward (at most `limit` rows,
+        at least one unit; units of at most `cap` requests) and returns the rest."""
+        take, rows, requests = 0, 0, set()
+        while take < len(pending):
+            unit = pending[take]
+            new_request = unit.request not in requests
+            if take and (
+                rows + unit.size > limit
+                or (new_request and cap is not None and len(requests) >= cap)
+            ):
+                break
+            rows += unit.size
+            requests.add(unit.request)
+            take += 1
+        self._score_units(pending[:take], totals)
+        return pending[take:]
+
     def elbo_scores(
         self,
         pairs: Sequence[tuple[list[int], list[int]]],
         progress: Callable[[int], None] | None = None,
     ) -> list[float]:
         """Monte Carlo ELBO estimates of log p(answer | prompt) for (prompt, answer) id lists;
-        masked copies of requests with the same total length share forward passes."""
+        masked copies of requests with the same total length share forward passes (at most
+        token_budget tokens and `request_batch_size` requests in one)."""
         if any(not answer for _, answer in pairs):
             raise ValueError("an answer is empty: there is nothing to score")
         draws = len(self.settings.likelihood_config().batch_sizes())
@@ -749,25 +844,20 @@ class LLaDAEvalLM(LM):
         by_length: dict[int, list[int]] = defaultdict(list)
         for i, (prompt, answer) in enumerate(pairs):
             by_length[len(prompt) + len(answer)].append(i)
+        cap = self.request_batch_size
         for length in sorted(by_length, reverse=True):
             limit = self._rows_per_forward(length)
             pending: list[_Unit] = []
-            rows = 0
             for i in by_length[length]:
-                new = self._draw_units(i, *pairs[i])
-                pending += new
-                rows += sum(u.size for u in new)
-                while rows >= limit:
-                    take, taken = 0, 0
-                    while take < len(pending) and (
-                        take == 0 or taken + pending[take].size <= limit
-                    ):
-                        taken += pending[take].size
-                        take += 1
-                    self._score_units(pending[:take], totals)
-                    pending, rows = pending[take:], rows - taken
-            if pending:
-                self._score_units(pending, totals)
+                pending += self._draw_units(i, *pairs[i])
+                # Forward once a full batch waits: limit rows, or more than cap requests.
+                while pending and (
+                    sum(u.size for u in pending) >= limit
+                    or (cap is not None and len({u.request for u in pending}) > cap)
+                ):
+                    pending = self._score_first_units(pending, limit, cap, totals)
+            while pending:
+                pending = self._score_first_units(pending, limit, cap, totals)
         return [-loss / n for loss, n in zip(totals.loss, totals.samples, strict=True)]
 
     @torch.no_grad()
@@ -783,7 +873,7 @@ class LLaDAEvalLM(LM):
             groups[(len(prompt), len(answer))].append(i)
         for (prompt_length, answer_length), members in groups.items():
             length = prompt_length + answer_length
-            limit = self._rows_per_forward(length)
+            limit = min(self._rows_per_forward(length), self.request_batch_size or len(members))
             for start in range(0, len(members), limit):
                 chunk = members[start : start + limit]
                 x = torch.full((len(chunk), length), mask_id, dtype=torch.long)
@@ -917,7 +1007,7 @@ class LLaDAEvalLM(LM):
         with self._progress(len(requests), "llada generate_until") as bar:
             for config, items in jobs.items():
                 items.sort(key=lambda item: -len(item[1]))
-                size = self.settings.gen_batch_size
+                size = self.generation_batch_size
                 for start in range(0, len(items), size):
                     chunk = items[start : start + size]
                     ids, attention_mask = left_pad([p for _, p, _, _ in chunk], self.tokens.pad_id)
@@ -945,3 +1035,40 @@ class LLaDAEvalLM(LM):
         text = cut_at_stops(self.tokenizer.decode(answer, skip_special_tokens=False), until)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+MODEL_NAME = "llada"
+# The class as lm-eval names a lazy model ("module:attribute"); pyproject.toml's entry point
+# in the group lm_eval.models has this value.
+MODEL_TARGET = f"{LLaDAEvalLM.__module__}:{LLaDAEvalLM.__qualname__}"
+
+
+def register() -> None:
+    """Adds `llada` to lm-eval's model registry, beside lm-eval's built-in models; idempotent.
+
+    lm-eval >= 0.4.9 fills its registry lazily: `get_model` imports `lm_eval.models`, which
+    lists the built-in models, only while the registry is empty, so a model registered before
+    that import is the only one the process would ever see (`hf`, `dummy`, ... unknown).
+    Importing `lm_eval.models` first keeps them. An entry that already names this class (a
+    second call, or the entry-point placeholder of lm-eval releases that read
+    `lm_eval.models` entry points) is left as it is; another model of that name is an error.
+    """
+    import lm_eval.models  # noqa: F401 - the built-in models first (see above)
+    from lm_eval.api.registry import MODEL_REGISTRY, register_model
+
+    current = dict(MODEL_REGISTRY.items()).get(MODEL_NAME)
+    if current is None:
+        register_model(MODEL_NAME)(LLaDAEvalLM)
+        return
+    if isinstance(current, type):
+        target = f"{current.__module__}:{current.__qualname__}"
+    else:  # a lazy placeholder: "module:attribute", or an entry point whose value is that
+        target = str(getattr(current, "value", current))
+    if target.replace(" ", "") != MODEL_TARGET:
+        raise ValueError(
+            f"lm-eval already has a model named '{MODEL_NAME}' ({target}); uninstall the "
+            f"package that registers it to use {MODEL_TARGET}"
+        )
+
+
+register()
