@@ -46,6 +46,32 @@ def test_the_lm_eval_plugin_is_declared():
     assert entry_points == {"llada": "llada.eval.lm_eval:LLaDAEvalLM"}
 
 
+def test_llada_models_lists_the_shipped_models_and_prints_one_folder(capsys):
+    from llada.cli.main import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == SHIPPED
+    for name, line in zip(SHIPPED, lines, strict=True):
+        assert str(ROOT / "models" / name) in line
+        assert line.endswith("(default)") == (name == "llada-tiny-instruct")
+    assert main(["models", "llada-tiny-base"]) == 0
+    assert capsys.readouterr().out.strip() == str(ROOT / "models" / "llada-tiny-base")
+    assert main(["models", "llada-huge"]) == 2
+    error = capsys.readouterr().err
+    assert f"no shipped model 'llada-huge'; shipped: {', '.join(SHIPPED)}" in error
+
+
+def test_llada_models_without_any_says_how_to_get_them(tmp_path, monkeypatch, capsys):
+    from llada.cli.main import main
+    from llada.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_shipped_root", lambda: tmp_path / "none")
+    assert main(["models"]) == 2
+    error = capsys.readouterr().err
+    assert "this install has no shipped models" in error and "--model" in error
+
+
 SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "LICENSE", "README.md", "src", "models")
 
 INSTALLED = """
@@ -64,6 +90,9 @@ for name in sys.argv[2:]:
     assert resolve_checkpoint(f"models/{name}") == folder
 folder, is_random = resolve_model_path(None)
 assert (folder.name, is_random) == ("llada-tiny-instruct", False), (folder, is_random)
+from llada.cli.main import main
+
+assert main(["models", "llada-tiny-base"]) == 0
 try:
     resolve_checkpoint("models/no-such-model")
 except FileNotFoundError as error:
@@ -122,5 +151,7 @@ def test_a_built_wheel_carries_the_shipped_models_and_finds_them_installed(tmp_p
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (missing,) = [line for line in done.stdout.splitlines() if line.startswith("MISSING")]
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(site / "llada" / "shipped_models" / "llada-tiny-base")  # llada models
+    (missing,) = [line for line in lines if line.startswith("MISSING")]
     assert f"(shipped models: {', '.join(SHIPPED)})" in missing

@@ -11,7 +11,7 @@ import sys
 import traceback
 import warnings
 
-from . import chat, data, demo, eval, export, generate, serve, train
+from . import chat, data, demo, eval, export, generate, models, serve, train
 
 THREADS_HELP = (
     "CPU threads for torch (torch.set_num_threads); default: torch's own choice, one per core. "
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(subparsers)
     export.add_parser(subparsers)
     eval.add_parser(subparsers)
+    models.add_parser(subparsers)
     for leaf in _leaf_parsers(parser):
         if leaf is not parser:
             _add_global_options(leaf, top=False)
