@@ -44,9 +44,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     GenerationConfig,
-    PreTrainedConfig,
     PreTrainedModel,
 )
+
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -263,6 +267,11 @@ class LLaDAForMaskedDiffusion(PreTrainedModel):
         decode = default_decode(self.model, interactive=False)
         ids = input_ids.to(self.model.device)
         mask = None if attention_mask is None else attention_mask.to(self.model.device)
+        if mask is not None and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(
+                "the prompts are right-padded; LLaDA writes the answer after the prompt, so pad "
+                "on the left (tokenizer.padding_side = 'left')"
+            )
         out = sample(self.model, ids, mask, config, decode).tokens
         answer = out[:, ids.shape[1] :]
         stop = torch.zeros_like(answer, dtype=torch.bool)
