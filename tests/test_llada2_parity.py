@@ -203,7 +203,9 @@ def test_inspection_expects_every_official_tensor():
 
 def test_save_then_load_is_identical(model, tmp_path):
     folder = model.save_pretrained(tmp_path / "saved")
-    assert _raw_config(folder) == _raw_config()
+    # auto_map is written only with the remote-code files it names, which this folder lacks.
+    official = {k: v for k, v in _raw_config().items() if k != "auto_map"}
+    assert _raw_config(folder) == official
     saved, official = (
         load_file(folder / "model.safetensors"),
         load_file(LLADA2_TINY / "model.safetensors"),
