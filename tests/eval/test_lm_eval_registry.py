@@ -254,3 +254,12 @@ def test_lm_evals_own_command_line_runs_llada(chat_checkpoint, task_folder, in_p
                     task,
                     metric,
                 )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_lm_evals_default_device_falls_back_to_cpu_without_cuda(chat_checkpoint, caplog):
+    lm = LLaDAEvalLM.create_from_arg_obj(
+        {"pretrained": str(chat_checkpoint), **MODEL_ARGS}, {"device": "cuda:0"}
+    )
+    assert lm.device.type == "cpu"
+    assert "no CUDA device here; running on cpu" in caplog.text

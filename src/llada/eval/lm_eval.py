@@ -1046,7 +1046,7 @@ MODEL_TARGET = f"{LLaDAEvalLM.__module__}:{LLaDAEvalLM.__qualname__}"
 def register() -> None:
     """Adds `llada` to lm-eval's model registry, beside lm-eval's built-in models; idempotent.
 
-    lm-eval >= 0.4.9 fills its registry lazily: `get_model` imports `lm_eval.models`, which
+    lm-eval >= 0.4.10 fills its registry lazily: `get_model` imports `lm_eval.models`, which
     lists the built-in models, only while the registry is empty, so a model registered before
     that import is the only one the process would ever see (`hf`, `dummy`, ... unknown).
     Importing `lm_eval.models` first keeps them. An entry that already names this class (a
