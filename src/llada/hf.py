@@ -242,8 +242,10 @@ class LLaDAForMaskedDiffusion(PreTrainedModel):
 
         Settings: the folder's (`generation_defaults`), then what `generation_config` and the
         keyword arguments set, in transformers' names where they mean the same thing
-        (max_new_tokens -> gen_length, do_sample=False -> temperature 0, temperature) or in
-        `GenerateConfig`'s names (steps, block_length, cfg_scale, remasking, ...). Returns
+        (max_new_tokens -> gen_length, with steps and block_length following it unless set;
+        do_sample=False -> temperature 0, do_sample=True -> the given temperature, else the
+        folder's if above 0, else 1) or in `GenerateConfig`'s names (steps, block_length,
+        cfg_scale, remasking, ...). Returns
         (B, T + gen_length) ids; after the first EOS/EoT of an answer every id is EOS.
         """
         from .api import default_decode
@@ -378,18 +380,21 @@ def _sampler_settings(defaults: GenerationConfig, given: dict[str, Any]) -> dict
         settings["temperature"] = 0.0
     elif temperature is not None:
         settings["temperature"] = float(temperature)
+    elif do_sample and not settings.get("temperature"):
+        # Sampling without a temperature samples at 1, as in transformers.
+        settings["temperature"] = 1.0
     unknown = {
         key: value
         for key, value in given.items()
         if key not in _TOKEN_KEYS
         and not key.startswith("_")
-        and key not in ("transformers_version", "max_length", "min_length", "use_cache")
+        and key not in ("transformers_version", "use_cache")
         and value is not None
     }
     if unknown:
         raise ValueError(
             f"LLaDA is a masked diffusion model; its sampler has no {sorted(unknown)}. It takes "
-            f"max_new_tokens, do_sample, temperature and {', '.join(sorted(fields))}"
+            f"max_new_tokens, do_sample, temperature and {', '.join(sorted(fields - {'temperature'}))}"
         )
     return settings
 
