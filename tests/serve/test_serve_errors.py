@@ -174,19 +174,31 @@ def test_unknown_routes_and_methods_answer_in_json(client):
     _still_serves(client)
 
 
-def _sampling(**fields):
-    return resolve_sampling(SamplerFields(**fields), DEFAULTS, "fast", ServeConfig())
+def _sampling(room=None, **fields):
+    return resolve_sampling(SamplerFields(**fields), DEFAULTS, "fast", ServeConfig(), room=room)
+
+
+def test_without_max_tokens_the_answer_may_fill_the_context():
+    # No context known: the server's max_gen_length (512), one step per token.
+    s = _sampling()
+    assert (s.config.gen_length, s.config.block_length, s.config.steps, s.max_tokens) == (
+        512,
+        32,
+        512,
+        512,
+    )
+    # What the context leaves after the prompt, in whole blocks of 32 (the canvas must fit).
+    s = _sampling(room=100)
+    assert (s.config.gen_length, s.config.steps, s.max_tokens) == (96, 96, 96)
+    s = _sampling(room=20)  # less than a block: one block of what is left
+    assert (s.config.gen_length, s.config.block_length, s.max_tokens) == (20, 20, 20)
+    s = _sampling(room=5000)  # never beyond max_gen_length
+    assert s.config.gen_length == 512
+    assert _sampling(room=100, max_tokens=40).config.gen_length == 64  # max_tokens wins
 
 
 def test_max_tokens_sets_the_canvas_and_the_cut():
-    s = _sampling()
-    assert (s.config.gen_length, s.config.block_length, s.config.steps, s.max_tokens) == (
-        64,
-        32,
-        64,
-        64,
-    )
-    assert s.decode == PRESETS["fast"]
+    assert _sampling().decode == PRESETS["fast"]
     s = _sampling(max_tokens=40)  # rounded up to whole blocks, cut at 40
     assert (s.config.gen_length, s.config.block_length, s.config.steps, s.max_tokens) == (
         64,
@@ -257,8 +269,9 @@ def test_cli_registers_serve_without_importing_fastapi_or_torch():
     code = (
         "import sys; from llada.cli.main import build_parser; "
         "args = build_parser().parse_args(['serve', '--port', '0', '--max-queue', '3']); "
-        "print(args.run.__module__, args.port, args.max_queue, args.preset, args.gen_length, "
-        "args.block_length, args.steps, args.host, 'fastapi' in sys.modules, 'torch' in sys.modules)"
+        "from llada.cli.options import sampler_config; c = sampler_config(args); "
+        "print(args.run.__module__, args.port, args.max_queue, args.preset, c.gen_length, "
+        "c.block_length, c.steps, args.host, 'fastapi' in sys.modules, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [
@@ -266,7 +279,7 @@ def test_cli_registers_serve_without_importing_fastapi_or_torch():
         "0",
         "3",
         "None",  # the family's preset, chosen once the model is read
-        "64",
+        "64",  # the serve profile (steps per token and block; no checkpoint read yet)
         "32",
         "64",
         "127.0.0.1",

@@ -225,7 +225,7 @@ BF16_PAIR = [
 def _batched_answers(model, tokenizer, limits: ServeConfig, together: bool) -> list[str]:
     """The answers of BF16_PAIR from a scheduler, submitted in one call or one at a time."""
     defaults = GenerateConfig(steps=32, gen_length=32, block_length=32)
-    sampling = resolve_sampling(SamplerFields(), defaults, "fast", limits)
+    sampling = resolve_sampling(SamplerFields(max_tokens=32), defaults, "fast", limits)
     texts = dict.fromkeys(range(len(BF16_PAIR)), "")
 
     def job(index: int, question: str) -> Job:

@@ -17,6 +17,7 @@ import pytest
 from serve_helpers import library_answer, live_server
 
 from llada.api import generate_texts, load
+from llada.inputs import context_of
 from llada.sampling.config import GenerateConfig
 from llada.serve.app import create_app
 from llada.serve.config import ServeConfig
@@ -66,14 +67,18 @@ def test_chat_completion_equals_the_library_and_counts_tokens(served):
         reply = client.chat.completions.create(
             model=served["name"], messages=[{"role": "user", "content": prompt}]
         )
-        # The server's defaults: 64 tokens in blocks of 32, 64 steps, the 'fast' preset.
-        config = GenerateConfig(steps=64, gen_length=64, block_length=32)
+        # Without max_tokens: what the context leaves after the prompt in whole blocks of 32,
+        # up to the server's max_gen_length (512), one step per token, the 'fast' preset.
+        prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+        room = context_of(model)[0] - len(prompt_ids)
+        canvas = min(512, room // 32 * 32)
+        config = GenerateConfig(steps=canvas, gen_length=canvas, block_length=32)
         expected = generate_texts(model, tokenizer, [prompt], config, decode="fast")[0]
         assert len(reply.choices) == 1
         assert reply.choices[0].message.role == "assistant"
         assert reply.choices[0].message.content == expected
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
-        _, answer_tokens = library_answer(model, tokenizer, prompt_ids, config, "fast", 64)
+        _, answer_tokens = library_answer(model, tokenizer, prompt_ids, config, "fast", canvas)
         usage = reply.usage
         assert usage.prompt_tokens == len(prompt_ids)
         assert usage.completion_tokens == answer_tokens

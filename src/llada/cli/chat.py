@@ -10,9 +10,9 @@ from ..sampling.config import GenerateConfig, coerce_setting
 from .options import (
     add_model_arguments,
     add_sampler_arguments,
-    dataclass_from_args,
     decode_from_args,
     load_from_args,
+    sampler_config,
 )
 
 HELP = "commands: /reset (new conversation), /set NAME=VALUE (e.g. /set steps=64, /set preset=fast), /settings, /quit"
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import ChatSession
 
-    config = dataclass_from_args(GenerateConfig, args)
     model, tokenizer, _ = load_from_args(args)
+    config = sampler_config(args, model)
     torch.manual_seed(args.seed)
     session = ChatSession(model, tokenizer, config, decode=decode_from_args(args, model))
     interactive = sys.stdin.isatty()

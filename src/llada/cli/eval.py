@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..sampling.config import GenerateConfig
 from .options import (
     add_model_arguments,
     add_sampler_arguments,
     check_device,
     check_dtype,
-    dataclass_from_args,
     decode_from_args,
+    sampler_config,
 )
 
 
@@ -219,7 +218,6 @@ def run_tasks(args: argparse.Namespace) -> int:
     from ..api import load
     from ..eval.tasks import ALL_TASKS, build_task_sets, evaluate_tasks
 
-    config = dataclass_from_args(GenerateConfig, args)
     args.device = check_device(args.device)
     args.dtype = check_dtype(args.dtype)
     wanted = args.tasks.split(",") if args.tasks else list(ALL_TASKS)
@@ -236,6 +234,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         if e.task in wanted
     ]
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    config = sampler_config(args, model)
     decode = decode_from_args(args, model)
     torch.manual_seed(args.seed)
     results = evaluate_tasks(
@@ -467,7 +466,6 @@ def run_reverse(args: argparse.Namespace) -> int:
     from ..api import load
     from ..eval.reverse import DIRECTIONS, corpus_pairs_json, evaluate_reversal, load_pairs
 
-    config = dataclass_from_args(GenerateConfig, args)
     args.device = check_device(args.device)
     args.dtype = check_dtype(args.dtype)
     for name in ("count", "batch_size"):
@@ -498,6 +496,7 @@ def run_reverse(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
     style = args.style or ("reference" if args.data else "english")
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    config = sampler_config(args, model)
     decode = decode_from_args(args, model)
     directions = DIRECTIONS if args.type == "both" else (args.type,)
     results = {}

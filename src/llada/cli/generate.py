@@ -7,14 +7,13 @@ import json
 import os
 import sys
 
-from ..sampling.config import GenerateConfig
 from .options import (
     add_model_arguments,
     add_sampler_arguments,
     add_tensor_parallel_argument,
-    dataclass_from_args,
     decode_from_args,
     load_from_args,
+    sampler_config,
 )
 
 
@@ -170,7 +169,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import generate_texts
 
-    config = dataclass_from_args(GenerateConfig, args)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     prompts = _read_prompts(args)
@@ -179,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("no prompts: pass them as arguments, with --file, or on standard input")
     model, tokenizer, _ = load_from_args(args)
+    config = sampler_config(args, model)
     decode = decode_from_args(args, model)
     from tqdm import tqdm
 

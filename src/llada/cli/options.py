@@ -86,12 +86,38 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, profile_name: str) -> None:
     """--preset, the LLaDA 2.x flags and the `GenerateConfig` flags, with the defaults of the
-    profile `profile_name` (`llada.sampling.config.PROFILES`)."""
+    profile `profile_name` (`llada.sampling.config.PROFILES`); see `sampler_config`."""
     chosen = profile(profile_name)
     add_preset_argument(parser, chosen.preset)
     add_dataclass_arguments(
-        parser, GenerateConfig, f"sampler ({chosen.source})", defaults=chosen.generate
+        parser,
+        GenerateConfig,
+        f"sampler (defaults: the checkpoint's generation_config.json, else {chosen.source})",
+        defaults=chosen.generate,
+        suppress_defaults=True,
     )
+    parser.set_defaults(sampler_profile=profile_name)
+
+
+def given_sampler_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The `GenerateConfig` flags the user gave (the others are None)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in fields(GenerateConfig)
+        if getattr(args, f.name) is not None
+    }
+
+
+def sampler_config(args: argparse.Namespace, model=None) -> GenerateConfig:
+    """The command's sampler settings: its profile's defaults, then the model folder's
+    generation_config.json ("llada" settings written by `save_pretrained`), then the flags the
+    user gave. Without a model: the profile's and the flags'."""
+    from ..generation_config import generation_defaults
+
+    chosen = profile(args.sampler_profile)
+    folder = getattr(model, "checkpoint_folder", None)
+    stored = generation_defaults(folder) if folder is not None else {}
+    return chosen.config(**(stored | given_sampler_flags(args)))
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, default: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..sampling.config import GenerateConfig
+from ..generation_config import generation_defaults
 from ..serve.config import ServeConfig
 from .options import (
     add_dataclass_arguments,
@@ -15,7 +15,9 @@ from .options import (
     add_tensor_parallel_argument,
     dataclass_from_args,
     decode_from_args,
+    given_sampler_flags,
     load_from_args,
+    sampler_config,
 )
 
 
@@ -59,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     elif os.environ.get("LLADA_API_KEY"):
         args.api_key = os.environ["LLADA_API_KEY"]
     config = dataclass_from_args(ServeConfig, args)
-    sampler = dataclass_from_args(GenerateConfig, args)
     # Under torchrun with --tensor-parallel only rank 0 serves; the others follow its sampler
     # calls (llada.serve.lockstep).
     follower = args.tensor_parallel and os.environ.get("RANK", "0") != "0"
@@ -87,18 +88,38 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     torch.manual_seed(args.seed)
+    sampler = sampler_config(args, model)
     decode = decode_from_args(args, model)
-    app = create_app(model, tokenizer, config, sampler, preset=decode, lockstep=lockstep)
+    # A request without max_tokens gets --gen-length when it was given (or the checkpoint's
+    # generation_config.json names one), else what the model's context allows.
+    folder = getattr(model, "checkpoint_folder", None)
+    stored = generation_defaults(folder) if folder is not None else {}
+    named = "gen_length" in given_sampler_flags(args) or "gen_length" in stored
+    app = create_app(
+        model,
+        tokenizer,
+        config,
+        sampler,
+        preset=decode,
+        lockstep=lockstep,
+        default_max_tokens=sampler.gen_length if named else None,
+    )
     shown_preset = decode if isinstance(decode, str) else args.preset or "custom"
     name = app.state.llada.model_name
     port = sock.getsockname()[1]
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
 
+    budget = (
+        f"{sampler.gen_length} tokens"
+        if named
+        else f"up to the context, at most {config.max_gen_length} tokens"
+    )
+
     def listening() -> None:
         print(
             f"llada serve: model {name!r} on http://{shown_host}:{port}/v1 "
-            f"(preset {shown_preset}, gen_length {sampler.gen_length}, block_length "
-            f"{sampler.block_length}, steps {sampler.steps})",
+            f"(preset {shown_preset}, answers without max_tokens: {budget}, block_length "
+            f"{sampler.block_length}, steps per token {sampler.steps / sampler.gen_length:g})",
             file=sys.stderr,
             flush=True,
         )

@@ -478,6 +478,7 @@ def coerce_setting(cls: type, name: str, value: object) -> object:
     DecodeConfig, BlockDecodeConfig, ...): from a string (CLI flags, chat's /set, lm-eval's
     model_args), a JSON value or a UI number (a whole float for an int field). One ValueError
     that names the field and the kind it takes; the dataclass then checks the range."""
+    import types
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -485,9 +486,9 @@ def coerce_setting(cls: type, name: str, value: object) -> object:
         fields = sorted(f for f in hints if not f.startswith("_"))
         raise ValueError(f"unknown setting {name!r}; one of {', '.join(fields)}")
     hint = hints[name]
-    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
-    optional = type(None) in typing.get_args(hint)
-    kind = kinds[0]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    optional = union and type(None) in typing.get_args(hint)
+    kind = next(k for k in typing.get_args(hint) if k is not type(None)) if union else hint
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
         if value not in choices:

@@ -292,6 +292,15 @@ class _State:
         with self.tokenizer_lock:
             return encode_chat(self.tokenizer, messages)
 
+    def room(self, prompt_tokens: int) -> int | None:
+        """Answer tokens the model's context leaves after a prompt (None: no context known).
+        A LLaDA 2.x canvas may take up to a block more (its blocks count from the prompt's
+        first token), which is kept free."""
+        if self.max_sequence_length is None:
+            return None
+        margin = self.sampler.block_length if self.block else 0
+        return self.max_sequence_length - prompt_tokens - margin
+
     def check_prompt(self, ids: list[int], sampling: Sampling, param: str) -> None:
         if not ids:
             raise RequestError(400, "the prompt is empty", param)
@@ -547,6 +556,7 @@ def create_app(
     preset: str | DecodeConfig | BlockDecodeConfig | None = None,
     model_name: str | None = None,
     lockstep: Lockstep | None = None,
+    default_max_tokens: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model`.
 
@@ -556,6 +566,8 @@ def create_app(
     model_name: the id clients use (default: config.served_model_name, else the model
     folder's name). lockstep: rank 0's side of a tensor-parallel model (`Lockstep`): every
     sampler call is mirrored on the other ranks, which run `Lockstep.follow`.
+    default_max_tokens: the answer budget of a request that names no max_tokens; None: what
+    the model's context leaves after the prompt, up to config.max_gen_length.
     """
     if preset is None:
         preset = default_decode(model)
@@ -564,6 +576,7 @@ def create_app(
     folder = getattr(model, "checkpoint_folder", None)
     name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
     state = _State(model, tokenizer, config, sampler, preset, name, lockstep)
+    state.default_max_tokens = default_max_tokens
     # the defaults must be valid
     resolve_sampling(SamplerFields(), sampler, preset, config, block_diffusion=state.block)
 
@@ -663,23 +676,28 @@ def create_app(
         fields = parse_body(CompletionRequest, await _read_json(request, config.max_body_bytes))
         fields.check_unsupported()
         state.check_model(fields.model)
-        sampling = resolve_sampling(
-            fields, state.sampler, state.preset, config, block_diffusion=state.block
-        )
         prompts = fields.prompts()
         if len(prompts) > config.max_batch_size:
             raise RequestError(
                 400, f"at most {config.max_batch_size} prompts per request", "prompt"
             )
-        encoded = []
-        for prompt in prompts:
-            ids = (
-                prompt
-                if isinstance(prompt, list)
-                else await run_in_threadpool(state.encode_text, prompt)
-            )
+        encoded = [
+            prompt
+            if isinstance(prompt, list)
+            else await run_in_threadpool(state.encode_text, prompt)
+            for prompt in prompts
+        ]
+        sampling = resolve_sampling(
+            fields,
+            state.sampler,
+            state.preset,
+            config,
+            block_diffusion=state.block,
+            room=state.room(max(len(ids) for ids in encoded)),
+            default_length=state.default_max_tokens,
+        )
+        for ids in encoded:
             state.check_prompt(ids, sampling, "prompt")
-            encoded.append(ids)
         return await _respond(request, state, fields, encoded, sampling, chat=False)
 
     @v1.post("/chat/completions")
@@ -689,6 +707,7 @@ def create_app(
         fields.check_unsupported()
         state.check_model(fields.model)
         messages = fields.chat_messages()
+        ids = await run_in_threadpool(state.encode_messages, messages)
         sampling = resolve_sampling(
             fields,
             state.sampler,
@@ -696,8 +715,9 @@ def create_app(
             config,
             fields.max_completion_tokens,
             block_diffusion=state.block,
+            room=state.room(len(ids)),
+            default_length=state.default_max_tokens,
         )
-        ids = await run_in_threadpool(state.encode_messages, messages)
         state.check_prompt(ids, sampling, "messages")
         return await _respond(request, state, fields, [ids], sampling, chat=True)
 

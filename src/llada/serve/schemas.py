@@ -10,6 +10,9 @@ when not given). A LLaDA 2.x model takes its own presets and, instead of cfg_sca
 remasking, top_k, editing_threshold, max_post_steps, eos_early_stop and the OpenAI top_p (its
 sampler filters with them). How the answer length is chosen:
 
+- Without `max_tokens` (or `max_completion_tokens`) and `gen_length`, the answer may fill what
+  the model's context leaves after the prompt, in whole blocks, up to the server's
+  max_gen_length (the answer still ends at its EOS; the fast presets stop there).
 - `max_tokens` (or `max_completion_tokens`) caps the answer. The sampler's canvas is max_tokens
   rounded up to a multiple of block_length, and the answer is cut at max_tokens; when
   block_length is not given and max_tokens is smaller than the default block, the block is
@@ -401,15 +404,25 @@ def resolve_sampling(
     limits: ServeConfig,
     max_tokens: int | None = None,
     block_diffusion: bool = False,
+    room: int | None = None,
+    default_length: int | None = None,
 ) -> Sampling:
     """The sampler settings of a request: the server's defaults, overridden by the request
     (see the module docstring for how the answer length is chosen). preset: the server's
-    decoding, a preset name or a config; block_diffusion: the model is LLaDA 2.x."""
+    decoding, a preset name or a config; block_diffusion: the model is LLaDA 2.x; room: the
+    answer tokens the model's context leaves after the request's longest prompt (None:
+    unknown); default_length: the answer budget without max_tokens or gen_length (None: the
+    room, up to limits.max_gen_length)."""
     decode = _decoding(request, preset, limits, block_diffusion)
 
     max_tokens = max_tokens if max_tokens is not None else request.max_tokens
     param = "max_tokens" if max_tokens is not None else "gen_length"
-    wanted = max_tokens or request.gen_length or defaults.gen_length
+    wanted = (
+        max_tokens
+        or request.gen_length
+        or default_length
+        or _default_length(defaults, limits, room)
+    )
     if wanted > limits.max_gen_length:
         raise RequestError(
             400,
@@ -486,6 +499,16 @@ def resolve_sampling(
     except ValueError as error:
         raise RequestError(400, str(error), _field_named_in(str(error))) from None
     return Sampling(config, decode, min(wanted, gen_length))
+
+
+def _default_length(defaults: GenerateConfig, limits: ServeConfig, room: int | None) -> int:
+    """The answer budget of a request that names neither max_tokens nor gen_length, as OpenAI
+    servers do: what the model's context leaves after the prompt, in whole blocks (the canvas
+    must fit), up to the server's max_gen_length. A prompt that leaves no room gets one token
+    (the context check then says what is wrong)."""
+    limit = limits.max_gen_length if room is None else min(limits.max_gen_length, room)
+    block = defaults.block_length
+    return max(1, limit // block * block if limit >= block else limit)
 
 
 def _field_named_in(message: str) -> str | None:
