@@ -313,3 +313,24 @@ def test_opencompass_request_bodies_are_served(client, extra):
         "stop",
         "length",
     )
+
+
+def test_bookkeeping_fields_of_openai_clients_are_accepted_and_named(client):
+    """store, parallel_tool_calls, service_tier, user, metadata: sent by OpenAI clients, no
+    effect on the answer here: served, with the same answer, and named in a header; fields
+    that would change the answer (tools, response_format) stay refused."""
+    plain = client.post(CHAT, json=GOOD, headers=AUTH)
+    assert plain.status_code == 200 and "x-llada-ignored-fields" not in plain.headers
+    extra = {"store": False, "parallel_tool_calls": True, "service_tier": "auto", "user": "u1"}
+    noted = client.post(CHAT, json={**GOOD, **extra}, headers=AUTH)
+    assert noted.status_code == 200, noted.text
+    assert (
+        noted.headers["x-llada-ignored-fields"] == "user, store, parallel_tool_calls, service_tier"
+    )
+    assert noted.json()["choices"] == plain.json()["choices"]
+    streamed = client.post(CHAT, json={**GOOD, "store": True, "stream": True}, headers=AUTH)
+    assert streamed.headers["x-llada-ignored-fields"] == "store"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for field, value in (("tools", [tool]), ("response_format", {"type": "json_object"})):
+        refused = client.post(CHAT, json={**GOOD, field: value}, headers=AUTH)
+        assert refused.status_code == 400, field

@@ -464,12 +464,16 @@ async def _respond(
     queue: asyncio.Queue = asyncio.Queue()
     jobs = state.make_jobs(prompts, sampling, fields, queue)
     reply = _Reply(chat, state.model_name, len(jobs), sum(len(p) for p in prompts))
+    ignored = fields.ignored_fields()
+    notes = {"X-LLaDA-Ignored-Fields": ", ".join(ignored)} if ignored else {}
+    if ignored:
+        logger.info("request fields accepted without effect: %s", ", ".join(ignored))
     if fields.stream:
         stream = _stream(request, state, jobs, queue, reply, fields.include_usage)
         return StreamingResponse(
             stream,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **notes},
         )
     texts = [""] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
@@ -498,7 +502,7 @@ async def _respond(
         watcher.cancel()
         for index in open_jobs:
             state.batcher.cancel(jobs[index])
-    return JSONResponse(reply.whole(texts, reasons, tokens))
+    return JSONResponse(reply.whole(texts, reasons, tokens), headers=notes)
 
 
 async def _stream(

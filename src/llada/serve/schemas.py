@@ -101,6 +101,12 @@ class SamplerFields(_Body):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Sent by OpenAI clients and SDK defaults; they change nothing in the answer here, so they
+    # are accepted and named in the X-LLaDA-Ignored-Fields response header (`ignored_fields`).
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
     # LLaDA's sampler, as extra body fields.
     preset: str | None = None
     steps: int | None = Field(default=None, ge=1)
@@ -126,6 +132,15 @@ class SamplerFields(_Body):
             raise RequestError(400, "logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError(400, "stream_options needs stream=true", "stream_options")
+
+    def ignored_fields(self) -> list[str]:
+        """The fields this request set that the server accepts but does not use (no effect on
+        the answer): OpenAI's bookkeeping fields."""
+        return [
+            name
+            for name in ("user", "store", "parallel_tool_calls", "service_tier", "metadata")
+            if getattr(self, name) is not None
+        ]
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = self.stop
