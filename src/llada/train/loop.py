@@ -45,15 +45,20 @@ from ..tokenizer import copy_tokenizer_files, load_tokenizer
 from ..tokens import resolve_special_tokens
 from .activation_checkpointing import apply_activation_checkpointing
 from .checkpointing import (
+    SHARDED_FORMAT,
     BrokenCheckpoint,
     CheckpointWriteError,
     checkpoint_problem,
     checkpoint_step,
     checkpoints_dir,
+    is_sharded,
     latest_checkpoint,
     list_checkpoints,
+    load_shards,
     load_trainer_state,
+    prepare_shards,
     save_checkpoint,
+    save_shards,
 )
 from .config import TrainConfig
 from .data import (
@@ -65,23 +70,24 @@ from .data import (
     split_token_file,
 )
 from .lora import (
-    adapter_state,
     add_lora,
     base_model_reference,
     merged_state_dict,
     save_peft_adapter,
 )
-from .throughput import Interval, peak_flops, sequence_flops
 from .parallel import (
     Distributed,
     all_reduce_sum,
     barrier,
-    full_state_dicts,
+    full_model_state,
     init_distributed,
     load_optimizer_state,
+    load_sharded_state,
+    sharded_state,
     shutdown,
     wrap_model,
 )
+from .throughput import Interval, peak_flops, sequence_flops
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +316,18 @@ class Trainer:
         self._build_data()
         self._build_optimizer()
         if state is not None:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            if is_sharded(state):
+                template = sharded_state(self.model, self.optimizer)
+                try:
+                    load_shards(self.resume_from, template, self.env.enabled)
+                except BrokenCheckpoint as error:
+                    raise BrokenCheckpoint(
+                        f"cannot resume from {self.resume_from}: {error}. "
+                        f"{self._fallback(self.resume_from)}"
+                    ) from None
+                load_sharded_state(self.model, self.optimizer, template)
+            else:  # a checkpoint of an earlier llada: the whole optimizer state in one file
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.step = int(state["step"])
             self.val_history = list(state.get("val_history", []))
             _set_rng_state(state.get("rng"), self.env.device)
@@ -426,7 +443,7 @@ class Trainer:
         self.block_length = self._block_length(family_of(model))
         if config.lora_rank:
             model = add_lora(model, config.lora_rank, config.lora_alpha)
-            if state is not None:
+            if state is not None and "adapter" in state:  # an earlier llada's checkpoint
                 adapters = state["adapter"]
                 _, unexpected = model.load_state_dict(adapters, strict=False)
                 if unexpected or len(adapters) != sum(
@@ -733,19 +750,39 @@ class Trainer:
     # Saving -----------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)
-        folder, failure = None, None
-        if self.env.is_main:
+        """Write checkpoint `self.step` (see llada.train.checkpointing for its contents): every
+        process writes its shards of the model and optimizer state, rank 0 the official folder
+        from the model state gathered on it, and the rest. Every process raises
+        CheckpointWriteError when any part fails; the previous checkpoints stay as they were."""
+        env = self.env
+        shards, failure = None, None
+        if env.is_main:
+            try:
+                shards = prepare_shards(self.out_dir, self.step)
+            except CheckpointWriteError as error:
+                failure = error
+        self._agree(failure)
+        try:
+            save_shards(
+                self.out_dir, self.step, sharded_state(self.model, self.optimizer), env.enabled
+            )
+        except CheckpointWriteError as error:
+            failure = error
+        self._agree(failure)
+        # Gathered on rank 0 for the official folder. Avoidable for models too large for one
+        # process: each rank could gather and write whole tensors of its own safetensors files.
+        model_state = full_model_state(self.model)
+        folder = None
+        if env.is_main:
             state: dict[str, Any] = {
+                "format": SHARDED_FORMAT,
                 "step": self.step,
-                "optimizer": optimizer_state,
                 "config": json.dumps(self.config.to_dict()),
                 "val_history": self.val_history,
-                "rng": _rng_state(self.env.device),
+                "rng": _rng_state(env.device),
             }
             add_files = None
             if self.config.lora_rank:
-                state["adapter"] = adapter_state(model_state)
                 full_state = model_state
 
                 def add_files(staging: Path) -> None:
@@ -765,16 +802,21 @@ class Trainer:
                     self.tokenizer_folder,
                     self.config.keep_checkpoints,
                     add_files,
+                    shards=shards,
                 )
             except CheckpointWriteError as error:
                 failure = error
-        # Every process learns whether the save worked (no one waits on a failed main).
+        self._agree(failure)
+        return folder
+
+    def _agree(self, failure: CheckpointWriteError | None) -> None:
+        """Every process learns whether a part of the save failed anywhere (no one waits on a
+        failed process) and raises then: the failure's own message where it happened."""
         failed = all_reduce_sum([float(failure is not None)], self.env)[0]
         if failure is not None:
             raise failure
         if failed:
-            raise CheckpointWriteError(f"the main process could not save step {self.step}")
-        return folder
+            raise CheckpointWriteError(f"another process could not save step {self.step}")
 
 
 def train(config: TrainConfig, progress: bool = True, say: Say | None = None) -> TrainResult:

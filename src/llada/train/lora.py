@@ -90,9 +90,7 @@ def base_model_reference(model: str) -> str | None:
     return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
-def merge_peft_adapter(
-    base: torch.nn.Module, adapter_folder: str | os.PathLike
-) -> torch.nn.Module:
+def merge_peft_adapter(base: torch.nn.Module, adapter_folder: str | os.PathLike) -> torch.nn.Module:
     """`base` with the peft adapter of `adapter_folder` merged in by peft itself
     (PeftModel.from_pretrained, then merge_and_unload): the plain model, merged weights."""
     try:

@@ -1,5 +1,6 @@
 """Distribution, applied from outside the model: process group setup, DDP or FSDP2 wrapping,
-and full (unsharded) state dicts for checkpoints.
+the sharded state dicts of the trainer's checkpoints (each process holds its own part) and the
+full (unsharded) model state of the official folder.
 
 The same code runs as one plain process or under `torchrun --nproc_per_node N`: gloo on CPU,
 NCCL on GPU.
@@ -66,6 +67,40 @@ def wrap_model(model: nn.Module, mode: str, env: Distributed) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """{"model", "optimizer"}: this process's part of the model and optimizer state (FSDP2:
+    DTensor shards; DDP or one process: whole tensors, which torch.distributed.checkpoint writes
+    once), under the unwrapped model's names. A fresh optimizer gets its state created first
+    (by torch, with a zero-lr step), so that the dict is a template to load into."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_sharded_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, dict]
+) -> None:
+    """Put a `sharded_state` dict (filled by torch.distributed.checkpoint.load) in place."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An unsharded CPU copy of the model state, complete on rank 0 (FSDP2 gathers it there:
+    the official folder is written by rank 0 alone)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
