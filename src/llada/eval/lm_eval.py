@@ -90,7 +90,10 @@ from ..sampling.config import (
     BlockDecodeConfig,
     GenerateConfig,
     check_block_options,
+    coerce_setting,
+    coerce_value,
     decode_preset,
+    profile,
 )
 from ..settings import require_non_negative_numbers, require_positive_ints
 
@@ -98,9 +101,10 @@ logger = logging.getLogger(__name__)
 
 PREFIX_CHOICES = ("bos", "eos", "none")
 PAIR_SPLIT_CHOICES = ("auto", "reference", "separate")
-# The reference eval_llada.py's sampler defaults (LLaDA-8B, LLaDA-MoE).
-REFERENCE_STEPS = 1024
-REFERENCE_BLOCK_LENGTH = 1024
+# The reference eval_llada.py's sampler defaults (LLaDA-8B, LLaDA-MoE): the harness profile.
+_HARNESS = profile("harness").config()
+REFERENCE_STEPS = _HARNESS.steps
+REFERENCE_BLOCK_LENGTH = _HARNESS.block_length
 # The LLaDA 2.x block sampler's options a model arg may set over its preset's.
 BLOCK_OPTIONS = (
     "threshold",
@@ -181,7 +185,7 @@ class HarnessSettings:
     is_check_greedy: bool = True
     max_length: int | None = None
     steps: int | None = None
-    gen_length: int = 1024
+    gen_length: int = _HARNESS.gen_length
     block_length: int | None = None
     temperature: float | None = None
     remasking: str = "low_confidence"
@@ -320,48 +324,9 @@ class HarnessSettings:
 
     @classmethod
     def from_model_args(cls, args: dict[str, Any]) -> HarnessSettings:
-        """Settings from lm-eval's parsed model_args (strings, numbers or booleans)."""
-        hints = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for name, value in args.items():
-            hint = str(hints[name])
-            if value is None or (isinstance(value, str) and value.lower() == "none"):
-                values[name] = None
-            elif hint.startswith("bool"):
-                values[name] = _as_bool(name, value)
-            elif hint.startswith("int"):
-                values[name] = _as_number(name, value, int)
-            elif hint.startswith("float"):
-                values[name] = _as_number(name, value, float)
-            else:
-                values[name] = str(value)
-        return cls(**values)
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-        return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def _as_number(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value) if not isinstance(value, (int, float)) else value
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if kind is int:
-        if float(number) != int(number):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return int(number)
-    return float(number)
+        """Settings from lm-eval's parsed model_args (strings, numbers or booleans), through
+        the one coercion of every command (`llada.sampling.config.coerce_setting`)."""
+        return cls(**{name: coerce_setting(cls, name, value) for name, value in args.items()})
 
 
 def request_seed(seed: int, prompt: Sequence[int], answer: Sequence[int]) -> int:
@@ -407,7 +372,7 @@ def answer_generation(
     """
     if max_gen_toks is None:
         return config, config.gen_length
-    keep = _as_number("max_gen_toks", max_gen_toks, int)
+    keep = coerce_value("max_gen_toks", max_gen_toks, int)
     if keep <= 0:
         raise ValueError(f"max_gen_toks must be a positive integer, got {max_gen_toks!r}")
     blocks = math.ceil(keep / config.block_length)

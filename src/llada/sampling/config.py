@@ -489,6 +489,14 @@ def coerce_setting(cls: type, name: str, value: object) -> object:
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     optional = union and type(None) in typing.get_args(hint)
     kind = next(k for k in typing.get_args(hint) if k is not type(None)) if union else hint
+    return coerce_value(name, value, kind, optional)
+
+
+def coerce_value(name: str, value: object, kind: object, optional: bool = False) -> object:
+    """`value` as `kind` (bool, int, float, str or a Literal), the rules of `coerce_setting`;
+    optional: None (or "none"/"null"/"") is allowed."""
+    import typing
+
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -521,7 +529,11 @@ def coerce_setting(cls: type, name: str, value: object) -> object:
     if kind is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # lm-eval parses "1" to 1
+            return bool(value)
         raise ValueError(f"{name} must be true or false, got {value!r}")
+    if kind is str:
+        return str(value)
     if kind is int:
         if (
             isinstance(value, bool)
