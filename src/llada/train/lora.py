@@ -7,8 +7,8 @@ fine-tune that leaves the routing as trained). A checkpoint holds the merged wei
 (W + B A * alpha / r) in the official layout, so any LLaDA loader reads it; the adapters in
 peft's own format beside them (adapter_config.json, adapter_model.safetensors: what
 `PeftModel.save_pretrained` writes), so that `PeftModel.from_pretrained(base, checkpoint)` on
-the base model gives the trained model; and the adapter tensors in the trainer state, so that a
-resumed run rebuilds exactly the same model from the unchanged base weights.
+the base model gives the trained model; and the adapter tensors in the sharded trainer state, so
+that a resumed run rebuilds exactly the same model from the unchanged base weights.
 """
 
 from __future__ import annotations
@@ -98,10 +98,6 @@ def merge_peft_adapter(base: torch.nn.Module, adapter_folder: str | os.PathLike)
     except ImportError:
         raise ImportError("merging LoRA adapters needs peft: pip install peft") from None
     return PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
-
-
-def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor for name, tensor in state.items() if ".lora_" in name}
 
 
 def merged_state_dict(
