@@ -66,6 +66,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     data.set_defaults(run=run_make_sft)
 
+    prefs = commands.add_parser(
+        "make-preferences",
+        help="write preference pairs from a model's own answers on the generated tasks",
+        description="Answer SFT questions of the generated tasks with the model, several times "
+        "each (temperature 1 by default), and write a JSONL record per question it got wrong at "
+        'least once: {"prompt", "chosen": the correct answer, "rejected": its wrong answer, '
+        '"task"}, the input of llada train --objective vrpo / dpo.',
+    )
+    prefs.add_argument("--out", required=True, help="JSONL file of preference pairs")
+    prefs.add_argument(
+        "--per-task", type=int, default=100, help="questions per task (default: 100)"
+    )
+    prefs.add_argument(
+        "--tasks", default="arithmetic,copy,reverse,sort", help="comma-separated synthetic tasks"
+    )
+    prefs.add_argument("--samples", type=int, default=4, help="answers per question (default: 4)")
+    prefs.add_argument("--batch-size", type=int, default=32)
+    add_model_arguments(prefs)
+    add_sampler_arguments(prefs, "preferences")
+    prefs.set_defaults(run=run_make_preferences)
+
     local = commands.add_parser(
         "make-harness-tasks",
         help="write lm-eval tasks over the shipped models' data (perplexity, choice, generation)",
@@ -274,6 +295,42 @@ def run_make_sft(args: argparse.Namespace) -> int:
     if args.val_out:
         write_chat_jsonl(sets.evaluation, args.val_out)
         print(f"{len(sets.evaluation)} evaluation records written to {args.val_out}")
+    return 0
+
+
+def run_make_preferences(args: argparse.Namespace) -> int:
+    from ..api import load
+    from ..eval.preferences import make_preferences, write_preferences
+    from ..eval.tasks import SYNTHETIC_TASKS, build_task_sets
+
+    wanted = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(wanted) - set(SYNTHETIC_TASKS))
+    if unknown or not wanted:
+        raise ValueError(f"--tasks {args.tasks}: choose from {', '.join(SYNTHETIC_TASKS)}")
+    for name in ("per_task", "samples", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    args.device = check_device(args.device)
+    args.dtype = check_dtype(args.dtype)
+    # SFT questions (never the held-out evaluation ones), the first per_task of each task.
+    sft = build_task_sets(None, eval_per_task=1, sft_per_task=dict.fromkeys(wanted, args.per_task))
+    model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
+    config = sampler_config(args, model)
+    pairs, stats = make_preferences(
+        model,
+        tokenizer,
+        sft.sft,
+        config,
+        samples=args.samples,
+        decode=decode_from_args(args, model),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    path = write_preferences(pairs, args.out)
+    print(
+        f"{stats.pairs} preference pairs written to {path} ({stats.questions} questions, "
+        f"{stats.all_correct} answered right every time)"
+    )
     return 0
 
 

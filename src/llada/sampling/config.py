@@ -454,6 +454,11 @@ PROFILES: dict[str, Profile] = {
         False,
         "ours: the generated tasks' answers are short (one block of 32, one token per step)",
     ),
+    "preferences": Profile(
+        dict(steps=32, gen_length=32, block_length=32, temperature=1.0),
+        False,
+        "the tasks profile sampled at temperature 1, so that repeated answers differ",
+    ),
     "reverse": Profile(
         dict(steps=28, gen_length=28, block_length=28, logits_eos_inf=True),
         False,
