@@ -43,6 +43,7 @@ _EXPORTS = {
     "render_chat": "llada.tokenizer",
     "register_with_transformers": "llada.hf",
     "generation_defaults": "llada.generation_config",
+    "quantize": "llada.quantization",
 }
 
 __all__ = sorted(_EXPORTS)

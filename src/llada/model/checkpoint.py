@@ -551,7 +551,17 @@ def load_model(
     refused with one line naming the file before anything is allocated.
     """
     device = torch.device(device)
-    plan = inspect_checkpoint(path_or_hub_id, dtype=dtype, device=device)
+    folder = resolve_checkpoint(path_or_hub_id)
+    quantized = _quantized(folder)
+    if quantized is not None:
+        # A folder written from a quantized model (llada.quantize): llada's own format.
+        from ..quantization import load_quantized
+
+        raw_config, entry = quantized
+        return load_quantized(
+            folder, raw_config, entry, _parse_dtype(dtype), device, attn_implementation
+        )
+    plan = inspect_checkpoint(folder, dtype=dtype, device=device)
     target_dtype = _parse_dtype(dtype)
 
     family = plan.family
@@ -576,6 +586,22 @@ def load_model(
     model.special_tokens = plan.special_tokens
     model.checkpoint_folder = plan.folder
     return model.eval()
+
+
+def _quantized(folder: Path) -> tuple[dict, dict] | None:
+    """(config.json, its checked "quantization" entry) for a quantized folder, else None."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    raw_config = _read_json_object(config_path, "config.json")
+    if "quantization" not in raw_config:
+        return None
+    from ..quantization import quantization_entry
+
+    try:
+        return raw_config, quantization_entry(raw_config, config_path)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 @contextlib.contextmanager
@@ -675,15 +701,22 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     target_dtype = _parse_dtype(dtype) or model.dtype
     limit = _parse_size(max_shard_size)
+    # A quantized model (llada.quantize) is written in llada's own quantized format instead.
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None and (state_dict is not None or target_dtype != model.dtype):
+        raise ValueError(
+            "a quantized model is saved as it is: drop dtype and state_dict, or save the "
+            "float model"
+        )
 
-    if state_dict is None:
+    if state_dict is None and quantization is None:
         state_dict = {name: p.detach() for name, p in model.named_parameters()}
         # Persistent buffers are weights of the checkpoint too (LLaDA-MoE's expert_bias).
         persistent = model.state_dict(keep_vars=True).keys()
         state_dict.update(
             (name, b.detach()) for name, b in model.named_buffers() if name in persistent
         )
-    state = family_of(model).to_official(state_dict)
+    state = {} if quantization is not None else family_of(model).to_official(state_dict)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     total = 0
@@ -711,6 +744,11 @@ def save_pretrained(
                 copy = shutil.copytree if item.is_dir() else shutil.copy2
                 copy(item, staging / item.name)
         weight_map: dict[str, str] = {}
+        if quantization is not None:
+            from ..quantization import write_quantized_weights
+
+            write_quantized_weights(model, staging)
+            shards = []
         for i, shard in enumerate(shards):
             file_name = (
                 SINGLE_FILE
@@ -728,6 +766,8 @@ def save_pretrained(
                 staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
         config_json = model.config.to_hf_dict(torch_dtype=_DTYPE_NAMES.get(target_dtype))
+        if quantization is not None:
+            config_json["quantization"] = dict(quantization)
         _write_json(staging / CONFIG_FILE, _without_missing_remote_code(config_json, staging))
         sources = (copy_from, folder, getattr(model, "checkpoint_folder", None))
         _write_json(
