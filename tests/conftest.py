@@ -3,7 +3,9 @@ models with a real tokenizer."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,45 @@ def reference_cases(mode: str) -> list[dict]:
     with open(REFERENCE / "cases.json", encoding="utf-8") as f:
         cases = json.load(f)
     return [c for c in cases if c["request"]["mode"] == mode]
+
+
+# The device of the reference-vector logits tests (test_reference_parity.py, test_moe_parity.py,
+# test_llada2_parity.py): LLADA_TEST_DEVICE=cuda runs them on a GPU (bench/device_check.sh does);
+# the CPU by default. The sampled-token cases stay on the CPU: the reference's draws come from
+# the CPU generator, and a GPU's differ.
+PARITY_DEVICE = torch.device(os.environ.get("LLADA_TEST_DEVICE", "cpu"))
+PARITY_DTYPES = ("float32", "bfloat16")
+
+
+def parity_model(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """`model` on PARITY_DEVICE in `dtype`: the fixture itself when it is already there (CPU,
+    float32), else a copy, so that the shared fixture stays as the other tests expect it."""
+    if PARITY_DEVICE.type == "cpu" and dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(PARITY_DEVICE, getattr(torch, dtype))
+
+
+def assert_logits_match(logits: torch.Tensor, expected: dict, dtype: str) -> None:
+    """Logits against the reference vectors (computed in float32 by the published code).
+
+    float32: within 1e-4 (about 8x the largest difference seen on CPUs) and the same argmax.
+    bfloat16 (8 significant bits): the relative Frobenius error of the whole tensor under 0.25
+    (seen on a CPU: 0.02-0.06 for dense and LLaDA-MoE, up to 0.13 for LLaDA 2.x, whose routing
+    flips where two experts' scores tie within bfloat16's precision), and the same argmax wherever
+    the reference's top two logits are more than 0.5 apart. A wrong forward misses both by far.
+    """
+    got = logits.detach().float().cpu()
+    want = torch.tensor(expected["logits"])
+    assert list(got.shape) == expected["shape"]
+    if dtype == "float32":
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert got.argmax(-1).tolist() == expected["argmax"]
+        return
+    relative = ((got - want).norm() / want.norm()).item()
+    assert relative < 0.25, f"bfloat16 logits: relative error {relative:.3f}"
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.5
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llada
-from conftest import REFERENCE
+from conftest import PARITY_DEVICE, PARITY_DTYPES, REFERENCE, assert_logits_match, parity_model
 from llada.model.llada_moe import LLaDAMoEModel
 from llada.sampling.config import GenerateConfig
 from llada.sampling.fast import sample
@@ -48,21 +48,22 @@ def test_the_family_is_detected_despite_model_type_llada(moe_models):
         assert model.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", _cases("logits"), ids=lambda c: c["name"])
-def test_logits_match_reference(moe_models, case, implementation):
-    model = moe_models[case["model"]]
+def test_logits_match_reference(moe_models, case, implementation, dtype):
+    model = parity_model(moe_models[case["model"]], dtype)
     request = case["request"]
-    mask = torch.tensor(request["attention_mask"]) if "attention_mask" in request else None
+    mask = request.get("attention_mask")
+    mask = None if mask is None else torch.tensor(mask, device=PARITY_DEVICE)
+    ids = torch.tensor(request["input_ids"], device=PARITY_DEVICE)
     model.attn_implementation = implementation
     try:
         with torch.no_grad():
-            logits = model(torch.tensor(request["input_ids"]), attention_mask=mask).logits
+            logits = model(ids, attention_mask=mask).logits
     finally:
         model.attn_implementation = "sdpa"
-    assert list(logits.shape) == case["expected"]["shape"]
-    torch.testing.assert_close(logits, torch.tensor(case["expected"]["logits"]), atol=1e-4, rtol=0)
-    assert logits.argmax(-1).tolist() == case["expected"]["argmax"]
+    assert_logits_match(logits, case["expected"], dtype)
 
 
 @pytest.mark.parametrize("case", _cases("generate"), ids=lambda c: c["name"])

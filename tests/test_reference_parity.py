@@ -6,26 +6,33 @@ import pytest
 import torch
 
 import llada
-from conftest import reference_cases
+from conftest import (
+    PARITY_DEVICE,
+    PARITY_DTYPES,
+    assert_logits_match,
+    parity_model,
+    reference_cases,
+)
 
 
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", reference_cases("logits"), ids=lambda c: c["name"])
-def test_logits_match_reference(tiny_model, case, implementation):
+def test_logits_match_reference(tiny_model, case, implementation, dtype):
+    model = parity_model(tiny_model, dtype)
     request = case["request"]
-    input_ids = torch.tensor(request["input_ids"])
+    input_ids = torch.tensor(request["input_ids"], device=PARITY_DEVICE)
     attention_mask = (
-        torch.tensor(request["attention_mask"]) if "attention_mask" in request else None
+        torch.tensor(request["attention_mask"], device=PARITY_DEVICE)
+        if "attention_mask" in request
+        else None
     )
-    tiny_model.attn_implementation = implementation
+    model.attn_implementation = implementation
     try:
-        logits = tiny_model(input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids, attention_mask=attention_mask).logits
     finally:
-        tiny_model.attn_implementation = "sdpa"
-    expected = torch.tensor(case["expected"]["logits"])
-    assert list(logits.shape) == case["expected"]["shape"]
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    assert logits.argmax(-1).tolist() == case["expected"]["argmax"]
+        model.attn_implementation = "sdpa"
+    assert_logits_match(logits, case["expected"], dtype)
 
 
 def _arguments(request: dict) -> dict:
