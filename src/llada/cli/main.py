@@ -11,7 +11,7 @@ import sys
 import traceback
 import warnings
 
-from . import chat, data, demo, eval, export, generate, models, serve, train
+from . import chat, data, demo, eval, export, generate, models, rl, serve, train
 
 THREADS_HELP = (
     "CPU threads for torch (torch.set_num_threads); default: torch's own choice, one per core. "
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(subparsers)
     demo.add_parser(subparsers)
     train.add_parser(subparsers)
+    rl.add_parser(subparsers)
     data.add_parser(subparsers)
     export.add_parser(subparsers)
     eval.add_parser(subparsers)

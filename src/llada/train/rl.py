@@ -1,0 +1,729 @@
+"""Reinforcement learning with checkable rewards: group-relative policy optimisation (GRPO) of a
+masked diffusion model, as diffu-GRPO does (Zhao et al. 2025, "d1: Scaling Reasoning in
+Diffusion Large Language Models via Reinforcement Learning", arXiv 2504.12216; the GRPO
+objective of Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300).
+
+One step:
+1. Rollouts. `prompts_per_step` questions of the generated tasks (`llada.eval.tasks`; never one
+   of their evaluation questions), each answered `group_size` times by the batched fast sampler
+   (`llada.sampling.fast.sample`, the `decode` preset) at `temperature`.
+2. Rewards. 'tasks': 1.0 for an exact match with the task's answer (`is_correct`), else 0.0;
+   or a user function named 'module:function', called as fn(prompt, reply, example) -> float.
+3. Advantages, group-relative: A = (r - mean) / (std + eps) within each question's group
+   (`group_advantages`), so no value network is needed.
+4. `inner_updates` optimizer steps on the clipped objective with a KL penalty to the reference
+   (the starting checkpoint, frozen, in the same process), per sequence
+   (1/|o|) sum_t [min(rho_t A, clip(rho_t, 1 - clip, 1 + clip) A) - beta_kl KL_t], averaged
+   over sequences and maximised (`clipped_objective`). rho is the ratio against the policy
+   that made the rollouts (1 in the first inner update); KL_t is the k3 estimate
+   exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), as GRPO.
+
+A masked diffusion model has no cheap exact log p(answer | prompt); `estimator` chooses how
+the policy's log-probabilities are estimated:
+- 'one-step' (default; d1's estimator, §3.2 of the d1 paper): the whole answer is masked, each
+  real prompt token is masked with probability `prompt_masking` (0.15 in d1), and one forward
+  gives a per-token log-probability of every answer token. Tokens through the answer's first
+  stop token count, as d1's completion mask does. Policy, rollout policy and reference read
+  the same masked input, a new one per inner update (d1's random prompt masking).
+- 'elbo': the Monte Carlo ELBO of `llada.likelihood` (LLaDA paper Eq. 6; the 1/p_mask
+  weighted masked-token log-probabilities of `llada.diffusion.stratified_masking` draws, prompt
+  never masked) over the whole answer window (EOS padding included, as SFT trains it), with
+  `mc_num` draws shared by policy, rollout policy and reference (the shared noise of VRPO, Zhu
+  et al. 2025, "LLaDA 1.5", arXiv 2505.19223). It bounds a sequence's log-probability, not a
+  token's, so the ratio is the sequence-level one normalised by the answer length,
+  exp((elbo - elbo_old) / L) (GSPO, Zheng et al. 2025, arXiv 2507.18071), and the KL term is
+  on the same per-token means.
+
+Checkpoints are official model folders (float32 weights, `llada.load_model` reads them) with
+`trainer_state.pt` (step, optimizer, settings), written atomically by
+`llada.train.checkpointing.save_checkpoint`. Every random draw of a step (questions, rollouts,
+masks) comes from seeds of (seed, step), so `resume` continues exactly as the run would have.
+
+Scope: one process; full fine-tuning (no LoRA); dense LLaDA and LLaDA-MoE (LLaDA 2.x's block
+diffusion has no one-step estimate here and is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion import stratified_masking
+from ..eval.tasks import EVAL_SEED, SYNTHETIC_TASKS, Example, is_correct, synthetic_examples
+from ..model.checkpoint import load_model
+from ..sampling.config import PRESETS, GenerateConfig
+from ..sampling.fast import sample
+from ..settings import require_positive_ints
+from ..tokenizer import copy_tokenizer_files, encode_chat, left_pad, load_tokenizer
+from .checkpointing import (
+    BrokenCheckpoint,
+    checkpoint_problem,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    save_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+Estimator = Literal["one-step", "elbo"]
+Say = Callable[[str], None]
+
+# GRPO's epsilon in the advantage's denominator (a group with equal rewards gets A = 0).
+ADVANTAGE_EPS = 1e-4
+# Evaluation questions of each task that training never asks (`llada eval tasks` asks the
+# first --per-task of them; 200 by default).
+HELD_OUT_PER_TASK = 1000
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Settings of one reinforcement-learning run (GRPO with checkable rewards).
+
+    model: the checkpoint to start from (folder or shipped name); it is also the frozen
+        reference of the KL penalty.
+    out_dir: run folder: checkpoints/ and metrics.jsonl.
+    tasks: comma-separated generated tasks whose questions are asked (arithmetic, copy,
+        reverse, sort); evaluation questions of `llada eval tasks` are never asked.
+    reward: 'tasks' (1 for an exact match with the task's answer, else 0) or 'module:function',
+        a function (prompt, reply, example) -> float, imported by that path.
+    group_size: answers sampled per question (G); advantages are relative within the group.
+    prompts_per_step: questions per step; a step samples prompts_per_step * group_size answers.
+    steps: optimizer rollout steps in total (each with inner_updates optimizer updates).
+    inner_updates: optimizer updates per batch of rollouts (d1's mu); with more than one, the
+        importance ratio against the rollout policy and its clipping take effect.
+    lr: AdamW learning rate (constant).
+    weight_decay: AdamW weight decay of matrices.
+    grad_clip: clip the gradient norm to this; 0 turns clipping off.
+    beta_kl: weight of the KL penalty to the reference model.
+    clip: the ratio is clipped to [1 - clip, 1 + clip].
+    estimator: 'one-step' (d1: answer masked, prompt masked with prompt_masking, one forward,
+        per-token log-probs) or 'elbo' (Monte Carlo ELBO of the answer, mc_num draws).
+    prompt_masking: 'one-step': probability of masking each prompt token (d1: 0.15).
+    mc_num: 'elbo': masked draws per answer.
+    temperature: sampling temperature of the rollouts (> 0, so that a group's answers differ).
+    decode: decoding preset of the rollouts (e.g. 'fast', 'reference').
+    gen_length: answer tokens per rollout.
+    block_length: block length of the rollout sampler.
+    sampler_steps: steps of the rollout sampler (its schedule; 'fast' takes what it needs).
+    seed: seeds the questions, the rollouts and the masks of every step.
+    save_every: write a checkpoint every this many steps (0: only at the end).
+    keep_checkpoints: how many recent checkpoints to keep.
+    resume: continue the run in out_dir from its latest checkpoint, exactly.
+    overwrite: start a new run in an out_dir that holds one, deleting it.
+    """
+
+    model: str = "llada-tiny-instruct"
+    out_dir: str = "runs/rl"
+    tasks: str = "arithmetic,copy,reverse,sort"
+    reward: str = "tasks"
+    group_size: int = 8
+    prompts_per_step: int = 8
+    steps: int = 100
+    inner_updates: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta_kl: float = 0.04
+    clip: float = 0.2
+    estimator: Estimator = "one-step"
+    prompt_masking: float = 0.15
+    mc_num: int = 4
+    temperature: float = 1.0
+    decode: str = "fast"
+    gen_length: int = 32
+    block_length: int = 32
+    sampler_steps: int = 32
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        require_positive_ints(
+            self, "group_size", "prompts_per_step", "steps", "inner_updates", "mc_num",
+            "keep_checkpoints",
+        )  # fmt: skip
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be at least 2 (advantages compare answers within a group), "
+                f"got {self.group_size}"
+            )
+        if not self.model:
+            raise ValueError("model is required: the checkpoint to start from (--model)")
+        self.task_list()
+        if self.reward != "tasks" and self.reward.count(":") != 1:
+            raise ValueError(
+                f"reward must be 'tasks' or 'module:function' (e.g. mypkg.rewards:score), "
+                f"got {self.reward!r}"
+            )
+        if self.estimator not in ("one-step", "elbo"):
+            raise ValueError(f"estimator must be 'one-step' or 'elbo', got {self.estimator!r}")
+        if self.decode not in PRESETS:
+            raise ValueError(f"decode must be one of {sorted(PRESETS)}, got {self.decode!r}")
+        for name, low, high in (
+            ("lr", 0.0, math.inf),
+            ("temperature", 0.0, 10.0),
+        ):
+            value = getattr(self, name)
+            if not low < value <= high:
+                raise ValueError(f"{name} must be in ({low:g}, {high:g}], got {value!r}")
+        for name in ("weight_decay", "grad_clip", "beta_kl", "clip", "save_every"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.prompt_masking < 1:
+            raise ValueError(f"prompt_masking must be in [0, 1), got {self.prompt_masking!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--overwrite starts the run over and --resume continues it: pass one")
+        self.sampler_config()
+
+    def task_list(self) -> list[str]:
+        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in SYNTHETIC_TASKS]
+        if not names or unknown:
+            raise ValueError(
+                f"tasks must name generated tasks among {', '.join(SYNTHETIC_TASKS)}, got "
+                f"{self.tasks!r}"
+            )
+        return names
+
+    def sampler_config(self) -> GenerateConfig:
+        return GenerateConfig(
+            steps=self.sampler_steps,
+            gen_length=self.gen_length,
+            block_length=self.block_length,
+            temperature=self.temperature,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RL settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class RewardError(RuntimeError):
+    """The reward function failed or returned something that is not a finite number; the
+    message names the function and the run's last good checkpoint."""
+
+
+# Rewards -----------------------------------------------------------------------------------
+
+RewardFunction = Callable[[str, str, Example], float]
+
+
+def task_reward(prompt: str, reply: str, example: Example) -> float:
+    """1.0 when the reply matches the task's answer exactly (after trimming), else 0.0."""
+    return float(is_correct(example, reply))
+
+
+def load_reward(name: str) -> tuple[str, RewardFunction]:
+    """(display name, function) for RLConfig.reward: 'tasks' or 'module:function'."""
+    if name == "tasks":
+        return "tasks (exact match)", task_reward
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"reward {name!r}: cannot import module {module_name!r} ({error})"
+        ) from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward {name!r}: module {module_name!r} has no function {attribute!r}")
+    return name, function
+
+
+def score(
+    reward: RewardFunction, name: str, examples: Sequence[Example], replies: Sequence[str]
+) -> torch.Tensor:
+    """Rewards (N,) float32 of the replies; RewardError naming `name` when the function raises
+    or returns anything but a finite number."""
+    values = []
+    for example, reply in zip(examples, replies, strict=True):
+        try:
+            value = reward(example.prompt, reply, example)
+        except Exception as error:
+            raise RewardError(
+                f"reward function {name} raised {type(error).__name__}: {error} (prompt "
+                f"{example.prompt!r}, reply {reply!r})"
+            ) from error
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise RewardError(
+                f"reward function {name} returned {value!r} for prompt {example.prompt!r}; it "
+                "must return a finite float"
+            )
+        values.append(float(value))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# The objective -----------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
+    """GRPO's advantages: rewards (P, G), one row per question, standardised within the row,
+    (r - mean) / (std + eps), with the sample standard deviation (n - 1), as TRL's GRPO
+    trainer and d1 compute it."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def clipped_objective(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    clip: float,
+    beta_kl: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss (to minimise) and its parts.
+
+    log_probs, old_log_probs, ref_log_probs, weights: (B, T) per answer token (weights 1 on the
+    tokens that count, 0 elsewhere); advantages (B,). Per sequence,
+    J = sum_t w_t [min(rho_t A, clip(rho_t, 1 - clip, 1 + clip) A) - beta_kl KL_t] / sum_t w_t
+    with rho = exp(log_probs - old_log_probs) and KL the k3 estimate
+    exp(ref - logp) - (ref - logp) - 1 (>= 0, 0 where policy and reference agree); the loss is
+    -mean over sequences of J. ref_log_probs None: no KL term.
+    """
+    ratio = torch.exp(log_probs - old_log_probs)
+    advantage = advantages[:, None]
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * advantage
+    per_token = torch.minimum(unclipped, clipped)
+    if ref_log_probs is not None and beta_kl > 0:
+        delta = ref_log_probs - log_probs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token - beta_kl * kl
+    else:
+        kl = torch.zeros_like(log_probs)
+    counts = weights.sum(dim=1).clamp(min=1)
+    per_sequence = (per_token * weights).sum(dim=1) / counts
+    loss = -per_sequence.mean()
+    with torch.no_grad():
+        total = weights.sum().clamp(min=1)
+        was_clipped = ((ratio - 1).abs() > clip) & (weights > 0)
+        stats = {
+            "kl": float(((kl * weights).sum(dim=1) / counts).mean()),
+            "clip_fraction": float(was_clipped.sum() / total),
+        }
+    return loss, stats
+
+
+# Log-probability estimators ------------------------------------------------------------------
+
+
+def answer_weights(answers: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """(B, T) float: 1 on the answer tokens through the first stop token (EOS/EoT), 0 after it,
+    as d1's completion mask (the rest is the padding early stop wrote, not sampled)."""
+    is_stop = torch.isin(answers, torch.tensor(list(stop_ids), device=answers.device))
+    before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stops strictly before each token
+    return (before == 0).float()
+
+
+def one_step_inputs(
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    mask_id: int,
+    prompt_masking: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """d1's one-step input: sequences (B, Lp + T) with the answer (from prompt_length on)
+    masked and every real prompt token (attention_mask 1) masked with probability
+    prompt_masking."""
+    noisy = sequences.clone()
+    draws = torch.rand(sequences.shape, generator=generator, device=sequences.device)
+    masked_prompt = (draws < prompt_masking) & attention_mask.bool()
+    masked_prompt[:, prompt_length:] = False
+    noisy[masked_prompt] = mask_id
+    noisy[:, prompt_length:] = mask_id
+    return noisy
+
+
+def one_step_log_probs(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+) -> torch.Tensor:
+    """(B, T): log p(answer token t | noisy) of every answer token, from one forward of the
+    masked input (d1's per-token estimate)."""
+    logits = model(noisy, attention_mask=attention_mask).logits[:, prompt_length:]
+    targets = sequences[:, prompt_length:]
+    return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+
+
+def elbo_inputs(
+    sequences: torch.Tensor, prompt_length: int, mask_id: int, mc_num: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mc_num masked copies of each row for the ELBO: (noisy (mc_num, B, L), p_mask
+    (mc_num, B, L)), each row's answer masked by `stratified_masking` (the likelihood's draws,
+    from the global generator)."""
+    prompt_index = torch.arange(sequences.shape[1], device=sequences.device) < prompt_length
+    noisy, p_mask = [], []
+    for row in sequences:
+        x, p = stratified_masking(row[None].repeat(mc_num, 1), prompt_index, mask_id)
+        noisy.append(x)
+        p_mask.append(p)
+    return torch.stack(noisy, dim=1), torch.stack(p_mask, dim=1)
+
+
+def elbo_log_probs(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    p_mask: torch.Tensor,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    mask_id: int,
+) -> torch.Tensor:
+    """(B, 1): the Monte Carlo ELBO of each answer per answer token,
+    mean over draws of sum over masked answer tokens of log p(token) / p_mask, divided by the
+    answer length T (llada.likelihood's estimate, normalised)."""
+    draws, batch, length = noisy.shape
+    flat = noisy.reshape(draws * batch, length)
+    logits = model(flat, attention_mask=attention_mask.repeat(draws, 1)).logits
+    targets = sequences.repeat(draws, 1)
+    token = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    is_masked = flat == mask_id
+    is_masked[:, :prompt_length] = False
+    weighted = torch.where(is_masked, token / p_mask.reshape(draws * batch, length), 0.0)
+    elbo = weighted.sum(dim=1).reshape(draws, batch).mean(dim=0)
+    return (elbo / (length - prompt_length))[:, None]
+
+
+# The run -----------------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    """A 62-bit seed that depends on every part (so neighbouring steps are unrelated)."""
+    return random.Random(":".join(map(str, parts))).getrandbits(62)
+
+
+def step_examples(config: RLConfig, step: int, held_out: set[str]) -> list[Example]:
+    """The questions of one step: a pure function of (seed, step); never a held-out one."""
+    rng = random.Random(f"rl:{config.seed}:{step}")
+    tasks = config.task_list()
+    chosen = []
+    while len(chosen) < config.prompts_per_step:
+        example = SYNTHETIC_TASKS[rng.choice(tasks)](rng)
+        if example.prompt not in held_out:
+            chosen.append(example)
+    return chosen
+
+
+def held_out_prompts(tasks: Sequence[str]) -> set[str]:
+    return {
+        e.prompt for task in tasks for e in synthetic_examples(task, HELD_OUT_PER_TASK, EVAL_SEED)
+    }
+
+
+@dataclass
+class RLResult:
+    step: int
+    checkpoint: Path | None
+    metrics: list[dict[str, float]]
+
+
+class RLTrainer:
+    """The policy, its frozen reference, the optimizer and the step of one run."""
+
+    def __init__(self, config: RLConfig, say: Say | None = None) -> None:
+        self.config = config
+        self.say: Say = say or logger.info
+        self.out_dir = Path(config.out_dir)
+        self.step = 0
+        state, source = self._resume_point()
+        self.reward_name, self.reward = load_reward(config.reward)
+        reference = load_model(config.model, dtype=torch.float32)
+        if getattr(reference, "block_diffusion", False):
+            raise ValueError(
+                f"{config.model} is a LLaDA 2.x (block diffusion) model: `llada rl` trains dense "
+                "LLaDA and LLaDA-MoE models only"
+            )
+        self.tokenizer_folder = self.out_dir / "tokenizer"
+        copy_tokenizer_files(reference.checkpoint_folder, self.tokenizer_folder)
+        self.tokenizer = load_tokenizer(self.tokenizer_folder)
+        self.policy = (
+            load_model(source, dtype=torch.float32) if source else copy.deepcopy(reference)
+        )
+        self.special_tokens = reference.special_tokens
+        self.policy.special_tokens = reference.special_tokens
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        self.reference = reference.eval()
+        # Eval mode throughout: no dropout, so the ratio of the first inner update is exactly 1.
+        self.policy.eval()
+        for parameter in self.policy.parameters():
+            parameter.requires_grad_(True)
+        decay = [p for p in self.policy.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.policy.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+        )
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.say(f"resumed from step {self.step} ({source})")
+        self.held_out = held_out_prompts(config.task_list())
+
+    def _resume_point(self) -> tuple[dict[str, Any] | None, Path | None]:
+        config, out_dir = self.config, self.out_dir
+        found = latest_checkpoint(out_dir)
+        if not config.resume:
+            metrics = out_dir / "metrics.jsonl"
+            if found is not None or metrics.exists():
+                if not config.overwrite:
+                    raise ValueError(
+                        f"{out_dir} already holds a run: pass --resume to continue it, "
+                        "--overwrite to start it over, or a new --out-dir"
+                    )
+                shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+                metrics.unlink(missing_ok=True)
+            return None, None
+        if found is None:
+            self.say(f"warning: --resume: no checkpoint in {out_dir} yet, starting from scratch")
+            return None, None
+        problem = checkpoint_problem(found)
+        if problem is not None:
+            raise BrokenCheckpoint(f"cannot resume from {found}: {problem}")
+        state = load_trainer_state(found)
+        saved = json.loads(state.get("config", "{}"))
+        if saved.get("model") != config.model:
+            raise ValueError(
+                f"--resume: the run in {out_dir} started from {saved.get('model')!r}, not "
+                f"{config.model!r}; pass --model {saved.get('model')} (it is the KL reference)"
+            )
+        self._truncate_metrics(int(state["step"]))
+        return state, found
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # One step ---------------------------------------------------------------------------------
+
+    def rollouts(
+        self, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor, int, list[str], int]:
+        """(sequences (N, Lp + T), attention_mask (N, Lp + T), Lp, replies, forward passes) of
+        group_size answers to each example, N = len(examples) * group_size, grouped by
+        example."""
+        config, tokens = self.config, self.special_tokens
+        encoded = [
+            encode_chat(self.tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
+        ]
+        ids, prompt_mask = left_pad(encoded, tokens.pad_id)
+        ids = ids.repeat_interleave(config.group_size, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(config.group_size, dim=0)
+        # The sampler's random draws come from the global generator: seeded per step, inside a
+        # fork so that the caller's generator is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(config.seed, self.step, "rollout"))
+            out = sample(
+                self.policy, ids, prompt_mask, config.sampler_config(), PRESETS[config.decode]
+            )
+        prompt_length = ids.shape[1]
+        sequences = out.tokens
+        attention_mask = torch.cat(
+            [prompt_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1
+        )
+        replies = []
+        for row in sequences[:, prompt_length:].tolist():
+            for i, token in enumerate(row):
+                if token in tokens.stop_ids:
+                    row = row[:i]
+                    break
+            replies.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return sequences, attention_mask, prompt_length, replies, out.forward_passes
+
+    def _estimates(self, model, noisy, sequences, attention_mask, prompt_length, p_mask):
+        if self.config.estimator == "one-step":
+            return one_step_log_probs(model, noisy, sequences, attention_mask, prompt_length)
+        return elbo_log_probs(
+            model, noisy, p_mask, sequences, attention_mask, prompt_length,
+            self.special_tokens.mask_id,
+        )  # fmt: skip
+
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        started = time.perf_counter()
+        examples = step_examples(config, self.step, self.held_out)
+        sequences, attention_mask, prompt_length, replies, passes = self.rollouts(examples)
+        repeated = [e for e in examples for _ in range(config.group_size)]
+        try:
+            rewards = score(self.reward, self.reward_name, repeated, replies)
+        except RewardError as error:
+            good = latest_checkpoint(self.out_dir)
+            where = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+            raise RewardError(
+                f"{error}; stopped at step {self.step} before updating, {where}"
+            ) from error
+        advantages = group_advantages(
+            rewards.view(config.prompts_per_step, config.group_size)
+        ).view(-1)
+        mask_id = self.special_tokens.mask_id
+        if config.estimator == "one-step":
+            weights = answer_weights(sequences[:, prompt_length:], self.special_tokens.stop_ids)
+        else:
+            weights = torch.ones(sequences.shape[0], 1)
+        # The masked inputs of every inner update, and the rollout policy's and the
+        # reference's estimates on them, before any update.
+        batches = []
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for inner in range(config.inner_updates):
+                torch.manual_seed(_seed(config.seed, self.step, "masks", inner))
+                p_mask = None
+                if config.estimator == "one-step":
+                    noisy = one_step_inputs(
+                        sequences, attention_mask, prompt_length, mask_id, config.prompt_masking
+                    )
+                else:
+                    noisy, p_mask = elbo_inputs(sequences, prompt_length, mask_id, config.mc_num)
+                ref = None
+                if config.beta_kl > 0:
+                    ref = self._estimates(
+                        self.reference, noisy, sequences, attention_mask, prompt_length, p_mask
+                    )
+                old = None
+                if config.inner_updates > 1:
+                    old = self._estimates(
+                        self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
+                    )
+                batches.append((noisy, p_mask, ref, old))
+        losses, kls, clipped, norms = [], [], [], []
+        for noisy, p_mask, ref, old in batches:
+            log_probs = self._estimates(
+                self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
+            )
+            # One update per batch: the rollout policy is the policy itself (ratio 1).
+            old = log_probs.detach() if old is None else old
+            loss, stats = clipped_objective(
+                log_probs, old, ref, advantages, weights, config.clip, config.beta_kl
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.policy.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf
+            )
+            if not (torch.isfinite(loss.detach()) and torch.isfinite(norm)):
+                good = latest_checkpoint(self.out_dir)
+                raise RuntimeError(
+                    f"RL loss {float(loss.detach())} / gradient norm {float(norm)} at step {self.step}: "
+                    f"stopped before the update; the last good checkpoint is {good}. Resume "
+                    "with a lower --lr"
+                )
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            kls.append(stats["kl"])
+            clipped.append(stats["clip_fraction"])
+            norms.append(float(norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            "step": self.step,
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "loss": sum(losses) / len(losses),
+            "kl": sum(kls) / len(kls),
+            "clip_fraction": sum(clipped) / len(clipped),
+            "grad_norm": sum(norms) / len(norms),
+            "answer_tokens": float(weights.sum()) if config.estimator == "one-step" else 0.0,
+            "rollout_forward_passes": float(passes),
+            "seconds": time.perf_counter() - started,
+        }
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "config": json.dumps(self.config.to_dict()),
+            "objective": "rl-grpo",
+        }
+        model_state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        return save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.policy,
+            model_state,
+            state,
+            self.tokenizer_folder,
+            self.config.keep_checkpoints,
+        )
+
+
+def train_rl(config: RLConfig, progress: bool = False, say: Say | None = None) -> RLResult:
+    """Run (or resume) GRPO as configured; returns the final step, its checkpoint and the
+    metrics of the steps run here (also appended to out_dir/metrics.jsonl)."""
+    say = say or logger.info
+    trainer = RLTrainer(config, say)
+    trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = trainer.out_dir / "metrics.jsonl"
+    records: list[dict[str, float]] = []
+    folder = latest_checkpoint(trainer.out_dir) if config.resume else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=trainer.step, desc="rl", unit="step")
+    while trainer.step < config.steps:
+        record = trainer.train_step()
+        records.append(record)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        line = (
+            f"step {record['step']}: reward {record['reward']:.3f}, kl {record['kl']:.4f}, "
+            f"loss {record['loss']:.4f}, {record['seconds']:.1f} s"
+        )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        else:
+            say(line)
+        last = trainer.step == config.steps
+        if last or (config.save_every and trainer.step % config.save_every == 0):
+            folder = trainer.save()
+            say(f"checkpoint {folder}")
+    if bar is not None:
+        bar.close()
+    if folder is None:
+        done = list_checkpoints(trainer.out_dir)
+        folder = done[-1] if done else None
+    return RLResult(step=trainer.step, checkpoint=folder, metrics=records)
