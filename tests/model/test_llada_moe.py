@@ -153,7 +153,9 @@ def test_loaded_model_is_materialised_frozen_with_the_bias_as_a_buffer(opts_mode
 def test_save_then_load_is_identical(opts_model, tmp_path):
     saved = opts_model.save_pretrained(tmp_path / "saved", max_shard_size="200KB")
     assert (saved / "model.safetensors.index.json").is_file()
-    assert raw_config(saved) == raw_config(MOE_OPTS)
+    # auto_map is written only with the remote-code files it names, which this folder lacks.
+    official = {k: v for k, v in raw_config(MOE_OPTS).items() if k != "auto_map"}
+    assert raw_config(saved) == official
     reloaded = load_model(saved)
     assert type(reloaded) is LLaDAMoEModel
     original = opts_model.state_dict()
