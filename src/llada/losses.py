@@ -1,7 +1,9 @@
 """Training objectives: LLaDA pre-training and SFT losses (paper Eq. 3 and 5; ML-GSAI/LLaDA
 GUIDELINES.md), LLaDA 2.x's block-diffusion loss on the same masking (`block_diffusion_loss`),
-an autoregressive loss on the same network for equal-compute comparisons, and the routers'
-load-balancing loss of mixture-of-experts models (`load_balancing_loss`).
+an autoregressive loss on the same network for equal-compute comparisons, the routers'
+load-balancing loss of mixture-of-experts models (`load_balancing_loss`), and LLaDA 1.5's
+preference objective (VRPO: DPO on masked-diffusion ELBO estimates; `dpo_loss`, `elbo_draws`,
+`elbo_estimate`, `preference_loss`).
 
 The masking comes from `llada.diffusion`, the module the likelihood estimator uses too. The LM
 head runs only on the positions a loss reads (`logits_at`), and cross-entropy is taken in
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -255,3 +258,169 @@ def recording_router_logits(model: torch.nn.Module) -> Iterator[list[torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
+
+
+# Preference optimization ----------------------------------------------------------------------
+#
+# LLaDA 1.5 (Zhu et al. 2025, "LLaDA 1.5: Variance-Reduced Preference Optimization for Large
+# Language Diffusion Models", arXiv 2505.19223): DPO in which every log-likelihood is replaced by
+# the masked-diffusion ELBO  B(y | x) = E_t E_{y_t} [ (1/t) sum over masked answer tokens of
+# log p(y^i | x, y_t) ], estimated by Monte Carlo for the policy and for the frozen reference.
+# VRPO lowers the variance of the resulting preference score by (i) a larger budget n of draws
+# per ELBO, (ii) spending it on n distinct timesteps with one mask each, and (iii) antithetic
+# sampling: the policy's and the reference's estimates of the same answer use the same draws.
+
+Allocation = Literal["timesteps", "naive"]
+ALLOCATIONS = ("timesteps", "naive")
+
+
+@dataclass
+class PreferenceOutput(LossOutput):
+    """The DPO loss of a micro-batch of pairs (mean over pairs), and per pair its preference
+    score s = (B_pi(y_w) - B_ref(y_w)) - (B_pi(y_l) - B_ref(y_l)) (P,), detached."""
+
+    scores: torch.Tensor | None = None
+
+
+def preference_scores(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """(B_pi(y_w) - B_ref(y_w)) - (B_pi(y_l) - B_ref(y_l)), elementwise over pairs."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """The DPO loss (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), mean over pairs:
+    -log sigmoid(beta * [(B_pi(y_w) - B_ref(y_w)) - (B_pi(y_l) - B_ref(y_l))]).
+
+    The four arguments are (P,) log-likelihoods of the chosen (w) and rejected (l) answers, or,
+    for LLaDA 1.5's VRPO, their ELBO estimates (`elbo_estimate`). Computed in float32 with
+    `logsigmoid`, which stays finite for any score."""
+    scores = preference_scores(
+        policy_chosen.float(), policy_rejected.float(), ref_chosen.float(), ref_rejected.float()
+    )
+    return -F.logsigmoid(beta * scores).mean()
+
+
+def elbo_draws(
+    x0: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    budget: int,
+    allocation: Allocation = "timesteps",
+    *,
+    eps: float = PRETRAIN_EPS,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Monte Carlo draws of `budget` ELBO samples for each row of x0 (B, L) (prompt first,
+    answer after `prompt_lengths` (B,)): returns (is_masked (n, B, L) bool, p_mask (n, B)).
+
+    Draw j of row b masks each answer token independently with probability
+    p_mask[j, b] = (1 - eps) t + eps, t ~ U(0, 1) (LLaDA's forward process, as
+    `llada.diffusion.random_masking`; the prompt is never masked).
+    - 'timesteps' (LLaDA 1.5's optimal allocation of the budget): the n
+      draws have n independent timesteps, one mask each.
+    - 'naive': one timestep per row, shared by its n draws, n masks at it.
+    Both are unbiased for the same ELBO; the first has the lower variance (the paper's result,
+    measured in bench/vrpo_variance.py).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be 'timesteps' or 'naive', got {allocation!r}")
+    batch, length = x0.shape
+    timesteps = budget if allocation == "timesteps" else 1
+    t = torch.rand(timesteps, batch, device=x0.device, generator=generator)  # (n_t, B)
+    p_mask = ((1 - eps) * t + eps).expand(budget, batch)  # (n, B)
+    draws = torch.rand((budget, batch, length), device=x0.device, generator=generator)
+    is_answer = torch.arange(length, device=x0.device)[None, :] >= prompt_lengths[:, None]
+    is_masked = (draws < p_mask[:, :, None]) & is_answer[None]
+    return is_masked, p_mask.contiguous()
+
+
+def elbo_estimate(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    is_masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    mask_id: int,
+    *,
+    block_length: int | None = None,
+) -> torch.Tensor:
+    """The ELBO estimate of each row's answer given its prompt, (B,) in nats (summed over the
+    answer tokens): the mean over the n draws (`elbo_draws`: is_masked (n, B, L), p_mask (n, B))
+    of sum over masked tokens of log p(token | x_t) / p_mask. The same estimator as the
+    likelihood's (`llada.likelihood`), with the draws given, so two models can be scored on the
+    same draws. One forward of the n * B noisy copies; the LM head only at masked positions.
+    block_length: a LLaDA 2.x model's block-diffusion forward (`block_masked_logits`)."""
+    draws, batch, length = is_masked.shape
+    clean = x0[None].expand(draws, batch, length).reshape(draws * batch, length)
+    flat_masked = is_masked.reshape(draws * batch, length)
+    noisy = torch.where(flat_masked, mask_id, clean)
+    if block_length is not None:
+        logits = block_masked_logits(model, noisy, clean, flat_masked, block_length)
+    else:
+        logits = model(noisy, logits_at=flat_positions(flat_masked)).logits  # (N, V)
+    log_p = -F.cross_entropy(logits.float(), clean[flat_masked], reduction="none")  # (N,)
+    weights = p_mask.reshape(draws * batch, 1).expand(draws * batch, length)[flat_masked]
+    rows = flat_masked.nonzero()[:, 0]  # the (draw, row) of each masked token, row-major
+    per_draw = torch.zeros(draws * batch, device=x0.device, dtype=torch.float32)
+    per_draw = per_draw.index_add(0, rows, log_p / weights)
+    return per_draw.view(draws, batch).mean(0)
+
+
+def preference_loss(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    x0: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    mask_id: int,
+    *,
+    beta: float,
+    budget: int,
+    allocation: Allocation = "timesteps",
+    antithetic: bool = True,
+    eps: float = PRETRAIN_EPS,
+    block_length: int | None = None,
+    generator: torch.Generator | None = None,
+) -> PreferenceOutput:
+    """The DPO loss on ELBO estimates of P pairs: x0 (2P, L) holds the chosen answers in rows
+    [0, P) and the rejected ones in rows [P, 2P), each after its prompt (prompt_lengths (2P,)).
+
+    The policy's estimates carry the gradient; the reference's are taken without one. With
+    `antithetic` (LLaDA 1.5's antithetic sampling) the reference is scored on the policy's own
+    draws (same timesteps, same masks), so where the two models agree their estimates cancel
+    exactly; without it, the reference gets draws of its own from the same generator.
+    budget, allocation: `elbo_draws`. Plain DPO on ELBOs is budget n, allocation 'naive',
+    antithetic off; VRPO is 'timesteps' with antithetic on."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    if x0.shape[0] % 2:
+        raise ValueError(f"x0 must hold chosen then rejected rows (2P), got {x0.shape[0]} rows")
+    pairs = x0.shape[0] // 2
+    is_masked, p_mask = elbo_draws(
+        x0, prompt_lengths, budget, allocation, eps=eps, generator=generator
+    )
+    policy_elbo = elbo_estimate(policy, x0, is_masked, p_mask, mask_id, block_length=block_length)
+    if not antithetic:
+        is_masked, p_mask = elbo_draws(
+            x0, prompt_lengths, budget, allocation, eps=eps, generator=generator
+        )
+    with torch.no_grad():
+        ref_elbo = elbo_estimate(
+            reference, x0, is_masked, p_mask, mask_id, block_length=block_length
+        )
+    args = (policy_elbo[:pairs], policy_elbo[pairs:], ref_elbo[:pairs], ref_elbo[pairs:])
+    return PreferenceOutput(
+        loss=dpo_loss(*args, beta),
+        num_targets=int(is_masked.sum()),
+        scores=preference_scores(*args).detach(),
+    )

@@ -7,7 +7,10 @@ from typing import Any, Literal
 
 from ..settings import require_positive_ints
 
-Objective = Literal["pretrain", "sft"]
+Objective = Literal["pretrain", "sft", "vrpo", "dpo"]
+Allocation = Literal["timesteps", "naive"]
+# The objectives trained on preference pairs against a frozen reference model.
+PREFERENCE_OBJECTIVES = ("vrpo", "dpo")
 Schedule = Literal["cosine", "wsd", "constant"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 Precision = Literal["fp32", "bf16"]
@@ -18,16 +21,21 @@ RouterAuxLoss = Literal["config", "on", "per-layer", "off"]
 class TrainConfig:
     """Settings of one training run.
 
-    objective: 'pretrain' (masked diffusion on packed text) or 'sft' (chat records; the prompt
-        is never masked).
+    objective: 'pretrain' (masked diffusion on packed text), 'sft' (chat records; the prompt
+        is never masked), 'vrpo' (LLaDA 1.5's preference optimization, arXiv 2505.19223: DPO on
+        masked-diffusion ELBO estimates against the frozen starting model, with the variance
+        reductions below) or 'dpo' (the same on plain estimates: vrpo_allocation 'naive' and
+        vrpo_antithetic off whatever they say, the ablation baseline). Both read preference
+        pairs and need --model.
     autoregressive: train the same network as a causal next-token model instead, for
         masked-diffusion vs autoregressive comparisons at equal compute.
     model: a checkpoint folder to start from; empty for a new model from --model-config.
     model_config: JSON file with the config.json keys of a new model, of any family: dense
         LLaDA, LLaDA-MoE or LLaDA 2.x (told apart by `architectures` or the families' own keys).
     tokenizer: folder with the tokenizer files of a new model.
-    data: training data: a token file made by `llada data` (pretrain), or a JSONL file of chat
-        records with a 'messages' list (sft).
+    data: training data: a token file made by `llada data` (pretrain), a JSONL file of chat
+        records with a 'messages' list (sft), or of preference pairs (vrpo, dpo: 'prompt' text or
+        'messages' before the answer, 'chosen' and 'rejected' answer texts).
     val_data: held-out data of the same kind; empty: none (pretrain: the last val_fraction).
     val_fraction: share of a pretraining token file held out when val_data is empty.
     out_dir: run folder: checkpoints/, metrics.jsonl, loss.png, TensorBoard events.
@@ -59,6 +67,14 @@ class TrainConfig:
         bar): the loss, aux loss and gradient norm averaged over the steps since the previous
         line, the tokens trained on, tokens per second and MFU. A line is also written at each
         validation and checkpoint; validations and checkpoints are printed as they happen.
+    beta: vrpo, dpo: the DPO temperature on the preference score (0.1: a common DPO setting,
+        ours; LLaDA 1.5's own value is not restated here).
+    vrpo_budget: vrpo, dpo: Monte Carlo draws per ELBO estimate (policy and reference each;
+        LLaDA 1.5 reports 8 as its default budget, unverified here).
+    vrpo_allocation: vrpo: 'timesteps' spends the budget on n distinct timesteps with one mask
+        each (LLaDA 1.5's optimal allocation); 'naive' on one timestep with n masks.
+    vrpo_antithetic: vrpo: score the reference on the policy's own timesteps and masks
+        (LLaDA 1.5's antithetic sampling); off: independent draws for the reference.
     peak_flops: the peak FLOP/s of one process's device for the MFU figure; empty: a GPU's
         datasheet bfloat16 peak where known, else measured by one large matmul in the training
         dtype at the start (any CPU).
@@ -126,6 +142,10 @@ class TrainConfig:
     router_aux_loss: RouterAuxLoss = "config"
     block_length: int | None = None
     peak_flops: float | None = None
+    beta: float = 0.1
+    vrpo_budget: int = 8
+    vrpo_allocation: Allocation = "timesteps"
+    vrpo_antithetic: bool = True
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -154,8 +174,33 @@ class TrainConfig:
             raise ValueError(
                 "--overwrite starts the run over and --resume continues it: pass only one"
             )
-        if self.objective not in ("pretrain", "sft"):
-            raise ValueError(f"objective must be 'pretrain' or 'sft', got {self.objective!r}")
+        if self.objective not in ("pretrain", "sft") + PREFERENCE_OBJECTIVES:
+            raise ValueError(
+                f"objective must be 'pretrain', 'sft', 'vrpo' or 'dpo', got {self.objective!r}"
+            )
+        require_positive_ints(self, "vrpo_budget")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (the DPO temperature, e.g. 0.1), got {self.beta!r}")
+        if self.vrpo_allocation not in ("timesteps", "naive"):
+            raise ValueError(
+                f"vrpo_allocation must be 'timesteps' or 'naive', got {self.vrpo_allocation!r}"
+            )
+        if self.objective in PREFERENCE_OBJECTIVES:
+            if not self.model:
+                raise ValueError(
+                    f"--objective {self.objective} fine-tunes a checkpoint against itself (the "
+                    "frozen reference): pass --model FOLDER"
+                )
+            if self.autoregressive:
+                raise ValueError(
+                    f"--objective {self.objective} scores answers by the masked-diffusion ELBO; "
+                    "drop --autoregressive"
+                )
+            if self.group_by_length:
+                raise ValueError(
+                    "--group-by-length groups SFT records; preference pairs are not grouped: "
+                    "drop it"
+                )
         if self.block_length is not None:
             require_positive_ints(self, "block_length")
             if self.autoregressive:

@@ -1,5 +1,5 @@
 """Training data: tokenised, packed, memory-mapped text for pre-training; chat records for SFT;
-and a deterministic sample order that makes resume exact and any process count see the same
+preference pairs for VRPO/DPO; and a deterministic sample order that makes resume exact and any process count see the same
 global batches.
 
 A token file is `NAME.bin` (raw little-endian uint16 or uint32 ids, documents separated by EOS)
@@ -202,6 +202,108 @@ class ChatRecords:
         for row, record in enumerate(chosen):
             ids[row, : len(record.input_ids)] = torch.tensor(record.input_ids)
         prompt_lengths = torch.tensor([r.prompt_length for r in chosen], dtype=torch.long)
+        return {"input_ids": ids, "prompt_lengths": prompt_lengths}
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+class PreferencePairs:
+    """Preference pairs (LLaDA 1.5's VRPO, `llada train --objective vrpo`) from a JSONL file of
+    {"prompt": text, "chosen": text, "rejected": text} objects, or {"messages": [...], "chosen",
+    "rejected"} with the conversation before the answer ('prompt' is one user message). Other
+    keys (e.g. "task") are ignored.
+
+    The prompt and the answers are rendered as `ChatRecords` renders an SFT record: the prompt
+    through the chat template, each answer as its stripped text followed by EoT and EOS. A
+    micro-batch holds its pairs' chosen answers in rows [0, P) and their rejected ones in rows
+    [P, 2P), each after its prompt, all padded with EOS to the batch width (and to
+    `min_answer_tokens` answer tokens); as in SFT the padding belongs to the answer, and it is
+    scored, so both answers of a pair are scored over the same window.
+
+    Refused before training, with the file and line: a record without the keys, an empty
+    answer, a pair whose two answers tokenise the same, and a prompt plus answer longer than
+    seq_len (cutting it would change what is compared).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokenizer,
+        special_tokens,
+        seq_len: int,
+        min_answer_tokens: int = 0,
+    ) -> None:
+        self.seq_len = seq_len
+        self.pad_id = special_tokens.eos_id
+        self.min_answer_tokens = min_answer_tokens
+        end = [special_tokens.eot_id] if special_tokens.eot_id is not None else []
+        end.append(special_tokens.eos_id)
+        self.records: list[PreferencePair] = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not a JSON object ({error})") from None
+                self.records.append(self._pair(record, where, tokenizer, end))
+        if not self.records:
+            raise ValueError(f"{path} holds no preference pairs")
+
+    def _pair(self, record: object, where: str, tokenizer, end: list[int]) -> PreferencePair:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object with 'prompt', 'chosen', 'rejected'")
+        if isinstance(record.get("messages"), list) and record["messages"]:
+            messages = record["messages"]
+            if messages[-1].get("role") == "assistant":
+                raise ValueError(
+                    f"{where}: 'messages' is the conversation before the answer; put the answers "
+                    "in 'chosen' and 'rejected', not in a last assistant message"
+                )
+        elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
+            messages = [{"role": "user", "content": record["prompt"]}]
+        else:
+            raise ValueError(f"{where}: needs a non-empty 'prompt' text or 'messages' list")
+        answers = []
+        for key in ("chosen", "rejected"):
+            text = record.get(key)
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: '{key}' must be a non-empty answer text, got {text!r}")
+            answers.append(tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + end)
+        chosen, rejected = answers
+        if chosen == rejected:
+            raise ValueError(
+                f"{where}: 'chosen' and 'rejected' are the same answer; a pair must differ"
+            )
+        prompt = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        longest = len(prompt) + max(len(chosen), len(rejected), self.min_answer_tokens)
+        if longest > self.seq_len:
+            raise ValueError(
+                f"{where}: prompt ({len(prompt)} tokens) plus the longer answer is {longest} "
+                f"tokens > seq_len {self.seq_len}; raise --seq-len or drop the pair"
+            )
+        return PreferencePair(prompt, chosen, rejected)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        pairs = [self.records[i] for i in indices]
+        rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        width = max(
+            len(prompt) + max(len(answer), self.min_answer_tokens) for prompt, answer in rows
+        )
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for row, (prompt, answer) in enumerate(rows):
+            ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        prompt_lengths = torch.tensor([len(prompt) for prompt, _ in rows], dtype=torch.long)
         return {"input_ids": ids, "prompt_lengths": prompt_lengths}
 
 

@@ -1,4 +1,5 @@
-"""The trainer: one loop for pre-training and SFT, one process or many under torchrun.
+"""The trainer: one loop for pre-training, SFT and preference optimization (LLaDA 1.5's VRPO
+and plain DPO on ELBOs), one process or many under torchrun.
 
 Everything random is a pure function of (seed, step, sample slot): the data order
 (`SampleOrder`), the masks (a generator seeded per micro-batch), the 1% random-length crop and
@@ -32,6 +33,7 @@ from ..losses import (
     block_diffusion_loss,
     load_balancing_loss,
     maybe_crop,
+    preference_loss,
     pretraining_loss,
     recording_router_logits,
     sft_loss,
@@ -60,11 +62,12 @@ from .checkpointing import (
     save_checkpoint,
     save_shards,
 )
-from .config import TrainConfig
+from .config import PREFERENCE_OBJECTIVES, TrainConfig
 from .data import (
     ChatRecords,
     LengthGroups,
     PackedSequences,
+    PreferencePairs,
     SampleOrder,
     TokenFile,
     split_token_file,
@@ -114,6 +117,7 @@ BOARD_KEYS = (
     "mfu",
     "val_loss",
     "val_bits_per_token",
+    "val_preference_accuracy",
 )
 # The families trained by block diffusion (both objectives), with their default block length:
 # LLaDA 2.x as inclusionAI/dFactory trains it (tasks/train_llada2_bd.py, block_size 32).
@@ -465,6 +469,41 @@ class Trainer:
         if mode == "auto":
             mode = "fsdp" if self.env.enabled else "none"
         self.model = wrap_model(self.base_model, mode, self.env)
+        self.reference = self._reference_model() if self.preference else None
+
+    @property
+    def preference(self) -> bool:
+        return self.config.objective in PREFERENCE_OBJECTIVES
+
+    def _reference_model(self) -> torch.nn.Module:
+        """The frozen reference of VRPO/DPO: the starting checkpoint (--model), loaded again
+        and held in this process beside the policy (twice the weights, no gradients, no
+        optimizer state).
+
+        Why not precompute its ELBOs once: antithetic sampling scores the reference on the
+        policy's own draws, and the draws are fresh every step (a function of seed, step and
+        micro-batch); a table of reference estimates would need every future step's masks, as
+        many forwards as computing them on the way, and would tie the run to its batch size and
+        step count. A resumed run reloads the same --model, so the reference never changes.
+        Under torchrun every process holds the whole reference (it is not sharded)."""
+        config = self.config
+        reference = load_model(config.model, dtype=torch.float32)
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        allocation, antithetic = self._preference_draws()
+        self.say(
+            f"objective: {config.objective}, beta {config.beta:g}, {config.vrpo_budget} draws per "
+            f"ELBO ({'one per timestep' if allocation == 'timesteps' else 'one timestep'}, "
+            f"{'shared with' if antithetic else 'independent of'} the reference); reference: "
+            f"{config.model} (frozen, in this process)"
+        )
+        return reference.to(self.env.device).eval()
+
+    def _preference_draws(self) -> tuple[str, bool]:
+        """(allocation, antithetic) of the run: 'dpo' is the plain estimate."""
+        if self.config.objective == "dpo":
+            return "naive", False
+        return self.config.vrpo_allocation, self.config.vrpo_antithetic
 
     def _block_length(self, family: Family) -> int | None:
         """The block length of the run's block-diffusion loss; None for a family trained on the
@@ -537,7 +576,16 @@ class Trainer:
 
     def _build_data(self) -> None:
         config = self.config
-        if config.objective == "sft":
+        if self.preference:
+
+            def pairs(path: str) -> PreferencePairs:
+                return PreferencePairs(
+                    path, self.tokenizer, self.special_tokens, config.seq_len, config.answer_tokens
+                )
+
+            self.train_data = pairs(config.data)
+            self.val_data = pairs(config.val_data) if config.val_data else None
+        elif config.objective == "sft":
 
             def records(path: str) -> ChatRecords:
                 return ChatRecords(
@@ -630,6 +678,23 @@ class Trainer:
             self.env.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
         )
         with autocast:
+            if self.preference:
+                allocation, antithetic = self._preference_draws()
+                # Rows: 2P answers, each scored on vrpo_budget noisy copies.
+                self._batch_shape = (x0.shape[0] * config.vrpo_budget, x0.shape[1])
+                return preference_loss(
+                    self.model,
+                    self.reference,
+                    x0,
+                    prompt_lengths,
+                    self.special_tokens.mask_id,
+                    beta=config.beta,
+                    budget=config.vrpo_budget,
+                    allocation=allocation,
+                    antithetic=antithetic,
+                    block_length=self.block_length,
+                    generator=generator,
+                )
             if config.autoregressive:
                 return autoregressive_loss(self.model, x0, prompt_lengths)
             if self.block_length is not None:
@@ -681,7 +746,12 @@ class Trainer:
             tokens += rows * length
             # Block diffusion runs the network on [x_t ; x_0]: twice the text.
             seen = length * (2 if self.block_length is not None else 1)
-            flops += rows * sequence_flops(self.base_model.config, seen)
+            # Preference runs add the frozen reference's forward: a third of forward + backward.
+            flops += (
+                rows
+                * sequence_flops(self.base_model.config, seen)
+                * (4 / 3 if self.preference else 1)
+            )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable, config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -729,7 +799,7 @@ class Trainer:
             return None
         config, env = self.config, self.env
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, right, pairs = 0.0, 0, 0.0, 0.0
         span = len(self.val_data)
         needed = config.eval_batches * config.batch_size
         for batch_index in range(env.rank, config.eval_batches, env.world_size):
@@ -742,9 +812,16 @@ class Trainer:
             )
             total += float(out.loss)
             count += 1
+            if self.preference:
+                right += float((out.scores > 0).sum())
+                pairs += out.scores.numel()
         self.model.train()
-        total, count = all_reduce_sum([total, float(count)], env)
+        total, count, right, pairs = all_reduce_sum([total, float(count), right, pairs], env)
         nats = total / max(count, 1)
+        if self.preference:
+            # The DPO loss, and the share of pairs whose chosen answer the policy prefers over
+            # the reference more than the rejected one (score > 0).
+            return {"step": self.step, "val_loss": nats, "val_preference_accuracy": right / pairs}
         return {"step": self.step, "val_loss": nats, "val_bits_per_token": nats / math.log(2)}
 
     # Saving -----------------------------------------------------------------------------------
@@ -881,10 +958,16 @@ def train(config: TrainConfig, progress: bool = True, say: Say | None = None) ->
                 if evaluation is not None:
                     trainer.val_history.append(evaluation)
                     record.update(evaluation)
-                    say(
-                        f"step {step}: validation {evaluation['val_bits_per_token']:.4f} "
-                        f"bits/token ({evaluation['val_loss']:.4f} nats)"
-                    )
+                    if "val_bits_per_token" in evaluation:
+                        say(
+                            f"step {step}: validation {evaluation['val_bits_per_token']:.4f} "
+                            f"bits/token ({evaluation['val_loss']:.4f} nats)"
+                        )
+                    else:
+                        say(
+                            f"step {step}: validation DPO loss {evaluation['val_loss']:.4f}, "
+                            f"preference accuracy {evaluation['val_preference_accuracy']:.3f}"
+                        )
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
