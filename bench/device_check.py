@@ -259,9 +259,14 @@ def time_model(name, config, args, device, dtype, machine, deadline) -> dict:
                 if time.monotonic() > deadline:
                     report["skipped"].append(f"cuda graphs at batch {b} seq {s}: out of budget")
                     continue
-                graph = cuda_graph_step(model, inputs[(b, s)])
-                rows[(b, s)]["cuda_graphs_s"] = median_seconds(graph.replay, device, args.repeats)
-                del graph
+                try:
+                    graph = cuda_graph_step(model, inputs[(b, s)])
+                    rows[(b, s)]["cuda_graphs_s"] = median_seconds(
+                        graph.replay, device, args.repeats
+                    )
+                    del graph
+                except Exception as error:  # a failed capture is a finding, not the end
+                    report["skipped"].append(f"cuda graphs at batch {b} seq {s}: {error!r}"[:500])
                 torch.cuda.empty_cache()
         else:
             report["skipped"].append("cuda graphs: not a CUDA device")
@@ -282,13 +287,16 @@ def time_model(name, config, args, device, dtype, machine, deadline) -> dict:
                     report["skipped"].append(f"compiled at batch {b} seq {s}: out of budget")
                     continue
                 ids = inputs[(b, s)]
-                first = time.perf_counter()
-                model(ids)  # compiles this kind of call (or reuses the dynamic graph)
-                sync(device)
-                report["compile_s"][f"{b}x{s}"] = round(time.perf_counter() - first, 2)
-                rows[(b, s)]["compiled_s"] = median_seconds(
-                    partial(model, ids), device, args.repeats
-                )
+                try:
+                    first = time.perf_counter()
+                    model(ids)  # compiles this kind of call (or reuses the dynamic graph)
+                    sync(device)
+                    report["compile_s"][f"{b}x{s}"] = round(time.perf_counter() - first, 2)
+                    rows[(b, s)]["compiled_s"] = median_seconds(
+                        partial(model, ids), device, args.repeats
+                    )
+                except Exception as error:  # a failed compile is a finding, not the end
+                    report["skipped"].append(f"compiled at batch {b} seq {s}: {error!r}"[:500])
             del model.forward
     for row in rows.values():
         floor = max(row["weight_floor_s"], row["compute_floor_s"])
