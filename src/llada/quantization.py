@@ -55,16 +55,19 @@ _INSTALL = "install torchao (pip install 'torchao>=0.18') to use quantized weigh
 
 def _torchao():
     """Import torchao, quietly: it warns about its CUDA-only kernel libraries on a CPU build."""
-    library_logger = logging.getLogger("torchao")
-    level = library_logger.level
-    library_logger.setLevel(logging.ERROR)
+    # torch's pytree module also warns once per torchao enum that it registers.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
         import torchao.quantization as quantization
     except ImportError as error:
         raise ImportError(f"{_INSTALL} ({error})") from None
     finally:
-        library_logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return quantization
 
 
