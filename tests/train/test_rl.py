@@ -1,0 +1,299 @@
+"""GRPO with checkable rewards (llada.train.rl, `llada rl`): advantages, the estimators against
+direct computations, the clipped objective, the KL term, rewards, the CLI, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import textwrap
+
+import pytest
+import torch
+
+import llada
+from llada.cli.main import main
+from llada.likelihood import get_log_likelihood
+from llada.train.checkpointing import checkpoint_problem, latest_checkpoint, list_checkpoints
+from llada.train.rl import (
+    RLConfig,
+    answer_weights,
+    clipped_objective,
+    elbo_inputs,
+    elbo_log_probs,
+    group_advantages,
+    one_step_inputs,
+    one_step_log_probs,
+    train_rl,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(chat_checkpoint):
+    model = llada.load_model(chat_checkpoint, dtype=torch.float32)
+    return model
+
+
+def _batch(model, lengths=(5, 3), answer=4, seed=0):
+    """Left-padded prompts of `lengths` plus `answer` tokens: (sequences, attention_mask, Lp)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = model.special_tokens
+    prompt_length = max(lengths)
+    rows, masks = [], []
+    for n in lengths:
+        ids = torch.randint(10, 300, (n + answer,), generator=g)
+        pad = torch.full((prompt_length - n,), tokens.pad_id)
+        rows.append(torch.cat([pad, ids]))
+        masks.append(torch.cat([torch.zeros(prompt_length - n), torch.ones(n + answer)]))
+    return torch.stack(rows), torch.stack(masks).long(), prompt_length
+
+
+def test_group_advantages_match_a_direct_computation():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [0.2, 0.9, 0.4, 0.4, 0.0], [1.0] * 5])
+    got = group_advantages(rewards)
+    for row, out in zip(rewards.tolist(), got.tolist(), strict=True):
+        mean, std = statistics.mean(row), statistics.stdev(row)
+        expected = [(r - mean) / (std + 1e-4) for r in row]
+        assert out == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert got[2].abs().max() == 0  # equal rewards: no advantage
+
+
+def test_one_step_inputs_mask_the_answer_and_prompt_tokens_at_rate_p(tiny):
+    sequences, attention_mask, lp = _batch(tiny, lengths=(40, 25), answer=6)
+    mask_id = tiny.special_tokens.mask_id
+    noisy = one_step_inputs(
+        sequences, attention_mask, lp, mask_id, 0.15, torch.Generator().manual_seed(3)
+    )
+    assert (noisy[:, lp:] == mask_id).all()
+    draws = torch.rand(sequences.shape, generator=torch.Generator().manual_seed(3))
+    expected = (draws < 0.15) & attention_mask.bool()
+    expected[:, lp:] = False
+    prompt_masked = noisy[:, :lp] == mask_id
+    assert torch.equal(prompt_masked, expected[:, :lp])
+    assert not prompt_masked[attention_mask[:, :lp] == 0].any()  # padding stays padding
+    assert 0 < int(prompt_masked.sum()) < 65
+
+
+def test_one_step_log_probs_match_a_direct_computation(tiny):
+    sequences, attention_mask, lp = _batch(tiny)
+    mask_id = tiny.special_tokens.mask_id
+    noisy = one_step_inputs(
+        sequences, attention_mask, lp, mask_id, 0.5, torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        got = one_step_log_probs(tiny, noisy, sequences, attention_mask, lp)
+        assert got.shape == (2, 4)
+        for row in range(2):
+            real = attention_mask[row].bool()
+            # The row alone, without its padding: log_softmax of the answer positions.
+            logits = tiny(noisy[row][real][None]).logits[0]
+            answer_logits = logits[-4:]
+            expected = torch.log_softmax(answer_logits, -1).gather(-1, sequences[row, lp:, None])[
+                :, 0
+            ]
+            torch.testing.assert_close(got[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_elbo_matches_the_likelihood_estimator(tiny):
+    """Per answer token, the ELBO of a row equals llada.likelihood's estimate with the same
+    draws (same seed, one batch of mc_num copies) divided by the answer length."""
+    sequences, attention_mask, lp = _batch(tiny, lengths=(6,), answer=5)
+    mask_id = tiny.special_tokens.mask_id
+    torch.manual_seed(7)
+    noisy, p_mask = elbo_inputs(sequences, lp, mask_id, mc_num=4)
+    with torch.no_grad():
+        got = elbo_log_probs(tiny, noisy, p_mask, sequences, attention_mask, lp, mask_id)
+    torch.manual_seed(7)
+    expected = get_log_likelihood(
+        tiny, sequences[0, :lp], sequences[0, lp:], mc_num=4, batch_size=4
+    )
+    assert got.shape == (1, 1)
+    assert float(got[0, 0]) * 5 == pytest.approx(expected, rel=1e-5)
+
+
+def test_answer_weights_count_through_the_first_stop_token():
+    stop = (1, 9)
+    answers = torch.tensor([[5, 6, 1, 1, 1], [5, 9, 7, 1, 1], [4, 4, 4, 4, 4]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).float()
+    assert torch.equal(answer_weights(answers, stop), expected)
+
+
+def _grad(log_prob, old, advantage, clip=0.2):
+    x = torch.tensor([[log_prob]], requires_grad=True)
+    loss, _ = clipped_objective(
+        x, torch.tensor([[old]]), None, torch.tensor([advantage]), torch.ones(1, 1), clip, 0.0
+    )
+    loss.backward()
+    return float(x.grad)
+
+
+def test_clipped_objective_gradient_signs():
+    # Ratio 1: the loss falls by raising a positive-advantage answer's log-probability.
+    assert _grad(0.0, 0.0, 1.0) == pytest.approx(-1.0)
+    assert _grad(0.0, 0.0, -2.0) == pytest.approx(2.0)
+    # Ratio above 1 + clip with A > 0: clipped, no gradient; below 1 - clip: the unclipped
+    # term is the minimum, gradient -ratio * A.
+    assert _grad(0.5, 0.0, 1.0) == 0.0
+    assert _grad(-0.5, 0.0, 1.0) == pytest.approx(-torch.exp(torch.tensor(-0.5)).item())
+    # Ratio below 1 - clip with A < 0: clipped; above 1 + clip: gradient -ratio * A > 0.
+    assert _grad(-0.5, 0.0, -1.0) == 0.0
+    assert _grad(0.5, 0.0, -1.0) == pytest.approx(torch.exp(torch.tensor(0.5)).item())
+
+
+def test_kl_term_is_zero_when_policy_is_reference_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    log_probs = -torch.rand(3, 4, generator=g) * 3
+    weights = torch.ones(3, 4)
+    advantages = torch.tensor([1.0, -0.5, 0.2])
+    plain, _ = clipped_objective(log_probs, log_probs, None, advantages, weights, 0.2, 0.0)
+    same, stats = clipped_objective(log_probs, log_probs, log_probs, advantages, weights, 0.2, 0.5)
+    assert stats["kl"] == 0.0
+    assert float(same) == float(plain)
+    other = log_probs + 0.3 * torch.randn(3, 4, generator=g)
+    _, moved = clipped_objective(log_probs, log_probs, other, advantages, weights, 0.2, 0.5)
+    delta = other - log_probs
+    assert moved["kl"] == pytest.approx(float((torch.exp(delta) - delta - 1).mean()), rel=1e-5)
+
+
+# Runs on the tiny chat checkpoint ---------------------------------------------------------
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A user reward module on sys.path: `length` scores a reply by its length (so a group's
+    answers differ) and records every call; `fails_later` raises from the third step on."""
+    module = tmp_path / "user_rewards_rl.py"
+    module.write_text(
+        textwrap.dedent(
+            """
+            calls = []
+
+            def length(prompt, reply, example):
+                calls.append((prompt, reply, example))
+                return float(len(reply) % 5)
+
+            def fails_later(prompt, reply, example):
+                calls.append(prompt)
+                if len(calls) > 2 * 2 * 2:
+                    raise KeyError("no score for this reply")
+                return float(len(reply) % 3)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import user_rewards_rl
+
+    importlib.reload(user_rewards_rl)
+    return user_rewards_rl
+
+
+def _config(chat_checkpoint, out_dir, **changes):
+    settings = dict(
+        model=str(chat_checkpoint),
+        out_dir=str(out_dir),
+        tasks="arithmetic,sort",
+        reward="user_rewards_rl:length",
+        group_size=2,
+        prompts_per_step=2,
+        steps=3,
+        lr=1e-3,
+        gen_length=8,
+        block_length=8,
+        sampler_steps=8,
+    )
+    settings.update(changes)
+    return RLConfig(**settings)
+
+
+def test_user_reward_by_import_path(chat_checkpoint, tmp_path, reward_module):
+    result = train_rl(_config(chat_checkpoint, tmp_path / "run", steps=2))
+    calls = reward_module.calls
+    assert len(calls) == 2 * 2 * 2
+    # Each call gets the question's prompt, the reply and the example; the metrics' reward is
+    # the mean of what the function returned.
+    for prompt, reply, example in calls:
+        assert prompt == example.prompt and example.task in ("arithmetic", "sort")
+        assert isinstance(reply, str)
+    first = [float(len(r) % 5) for _, r, _ in calls[:4]]
+    assert result.metrics[0]["reward"] == pytest.approx(sum(first) / 4)
+    # Group members share their question.
+    assert calls[0][0] == calls[1][0] and calls[2][0] == calls[3][0]
+    # At step 1 the policy is the reference: the KL term is exactly zero.
+    assert result.metrics[0]["kl"] == 0.0
+
+
+def test_cli_runs_and_saves_a_loadable_checkpoint(chat_checkpoint, tmp_path, reward_module):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "--threads", "1", "rl", "--model", str(chat_checkpoint), "--out-dir", str(out),
+            "--tasks", "arithmetic", "--reward", "user_rewards_rl:length", "--group-size", "4",
+            "--prompts-per-step", "2", "--steps", "3", "--lr", "1e-3", "--gen-length", "8",
+            "--block-length", "8", "--sampler-steps", "8", "--inner-updates", "2",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    folder = latest_checkpoint(out)
+    assert folder is not None and folder.name == "step-0000003"
+    assert checkpoint_problem(folder) is None
+    trained = llada.load_model(folder, dtype=torch.float32)
+    start = llada.load_model(chat_checkpoint, dtype=torch.float32)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(trained.state_dict().values(), start.state_dict().values(), strict=True)
+    ]
+    assert any(moved)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    # A second run into the same folder is refused without --resume / --overwrite.
+    assert main(["rl", "--model", str(chat_checkpoint), "--out-dir", str(out)]) == 2
+
+
+def test_failing_reward_names_the_function_and_keeps_the_last_checkpoint(
+    chat_checkpoint, tmp_path, reward_module, capsys
+):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "rl", "--model", str(chat_checkpoint), "--out-dir", str(out), "--tasks", "sort",
+            "--reward", "user_rewards_rl:fails_later", "--group-size", "2",
+            "--prompts-per-step", "2", "--steps", "5", "--save-every", "1", "--gen-length",
+            "8", "--block-length", "8", "--sampler-steps", "8", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "user_rewards_rl:fails_later" in err and "KeyError" in err
+    assert "step-0000002" in err  # the last good checkpoint
+    assert [c.name for c in list_checkpoints(out)] == ["step-0000001", "step-0000002"]
+    assert checkpoint_problem(out / "checkpoints" / "step-0000002") is None
+    llada.load_model(out / "checkpoints" / "step-0000002")
+
+
+def test_bad_reward_path_is_one_clear_line(chat_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="module:function"):
+        RLConfig(model=str(chat_checkpoint), reward="no_colon_here")
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        train_rl(_config(chat_checkpoint, tmp_path / "run", reward="json:nope"))
+
+
+@pytest.mark.parametrize("estimator", ["one-step", "elbo"])
+def test_resume_is_exact(chat_checkpoint, tmp_path, reward_module, estimator):
+    kw = dict(estimator=estimator, inner_updates=2, mc_num=2)
+    # Every draw of a step comes from (seed, step): the global generator's state does not count.
+    torch.manual_seed(123)
+    whole = train_rl(_config(chat_checkpoint, tmp_path / "whole", steps=4, **kw))
+    torch.manual_seed(456)
+    train_rl(_config(chat_checkpoint, tmp_path / "parts", steps=2, **kw))
+    torch.manual_seed(789)
+    resumed = train_rl(_config(chat_checkpoint, tmp_path / "parts", steps=4, resume=True, **kw))
+    assert resumed.step == 4 and [r["step"] for r in resumed.metrics] == [3, 4]
+    for key in ("reward", "loss", "kl"):
+        assert [r[key] for r in resumed.metrics] == [r[key] for r in whole.metrics[2:]]
+    a = llada.load_model(whole.checkpoint, dtype=torch.float32).state_dict()
+    b = llada.load_model(resumed.checkpoint, dtype=torch.float32).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
