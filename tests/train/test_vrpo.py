@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,6 +213,33 @@ def test_vrpo_on_llada2_scores_by_block_diffusion(llada2_chat_checkpoint, tmp_pa
     train(config, progress=False, say=lines.append)
     assert "objective: block diffusion (LLaDA 2.x), block length 32" in lines
     assert _losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_vrpo_under_torchrun_follows_the_single_process_curve(chat_checkpoint, tmp_path, parallel):
+    """2 processes (gloo) at the same global batch as 1 process with 2x accumulation: the same
+    pairs and the same draws, so the same losses."""
+    pairs = _write_pairs(tmp_path / "pairs.jsonl")
+    single = _config(chat_checkpoint, pairs, tmp_path / "one", batch_size=1, grad_accum=2)
+    train(single, progress=False)
+    config_file = tmp_path / "two.json"
+    two = dict(single.to_dict(), out_dir=str(tmp_path / "two"), grad_accum=1, parallel=parallel)
+    config_file.write_text(json.dumps(two))
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "llada.cli.main", "train", "--no-progress", "--config", str(config_file),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize(
