@@ -165,12 +165,11 @@ def test_generate_on_a_terminal_says_it_reads_stdin(monkeypatch, capsys):
     one_error_line(capsys.readouterr().err)
 
 
-def test_more_steps_than_tokens_is_a_one_line_warning(monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", Stdin("", tty=False))
-    assert main(["generate", "--gen-length", "8", "--steps", "16", "--block-length", "8"]) == 2
-    warning, error = capsys.readouterr().err.strip().splitlines()
+def test_more_steps_than_tokens_is_a_one_line_warning(capsys):
+    args = ["generate", "--gen-length", "8", "--steps", "16", "--block-length", "8", "hi"]
+    assert main(args) == 0
+    (warning,) = capsys.readouterr().err.strip().splitlines()
     assert warning.startswith("llada: warning: steps (16) exceeds gen_length (8)")
-    assert error.startswith("llada: error: no prompts")
 
 
 @pytest.mark.slow
@@ -266,8 +265,8 @@ def test_chat_set_with_a_bad_value_says_what_it_expects(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Stdin("/set steps=abc\n/set temperature=warm\n"))
     assert main(["chat", "--model", str(INSTRUCT), *TINY, "--no-live"]) == 0
     assert capsys.readouterr().err.splitlines() == [
-        "error: /set steps: expected a whole number, got 'abc'",
-        "error: /set temperature: expected a number, got 'warm'",
+        "error: /set steps must be a whole number, got 'abc'",
+        "error: /set temperature must be a number, got 'warm'",
     ]
 
 

@@ -77,7 +77,7 @@ def _set(config: GenerateConfig, assignment: str) -> GenerateConfig:
     try:
         parsed = coerce_setting(GenerateConfig, name, value)
     except ValueError as error:
-        raise ValueError(f"/set {name}: {error}") from None
+        raise ValueError(f"/set {error}") from None
     return dataclasses.replace(config, **{name: parsed})
 
 
