@@ -44,6 +44,7 @@ _EXPORTS = {
     "register_with_transformers": "llada.hf",
     "generation_defaults": "llada.generation_config",
     "quantize": "llada.quantization",
+    "compile_model": "llada.compile",
 }
 
 __all__ = sorted(_EXPORTS)

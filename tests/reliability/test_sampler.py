@@ -274,7 +274,8 @@ def test_nonfinite_check_rides_on_the_one_sync_per_step(monkeypatch):
     config = GenerateConfig(steps=8, gen_length=8, block_length=8)
     decode = dataclasses.replace(PRESETS["fast"], early_stop=False)
     result = sample(make_random_model(seed=5), PROMPT, None, config, decode)
-    assert calls["tolist"] == result.steps
+    # One per step, and one per block (its mask counts, from which the schedule follows).
+    assert calls["tolist"] == result.steps + config.num_blocks
 
 
 def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

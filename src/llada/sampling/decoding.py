@@ -16,6 +16,8 @@ at each candidate position, and how confident is it (`propose`)? Which proposals
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..tokens import SpecialTokens
@@ -101,12 +103,16 @@ def _nan_last(confidence: torch.Tensor) -> torch.Tensor:
     return torch.where(confidence.isnan(), low, confidence)
 
 
-def commit_schedule(confidence: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """Top-`quota[row]` of each row's confidences (-inf = not a candidate), as the reference."""
+def commit_schedule(confidence: torch.Tensor, quota: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Top-`quota[row]` of each row's confidences (-inf = not a candidate), as the reference.
+
+    `topk` takes its k on the host: the fast loop passes the quota as Python ints (read once
+    per block), so a step reads nothing back here; a tensor quota is read back once per call."""
     confidence = _nan_last(confidence)
+    counts = quota.tolist() if isinstance(quota, torch.Tensor) else list(quota)
     commit = torch.zeros_like(confidence, dtype=torch.bool)
-    for row in range(confidence.shape[0]):
-        _, chosen = torch.topk(confidence[row], k=int(quota[row]))
+    for row, k in enumerate(counts):
+        _, chosen = torch.topk(confidence[row], k=k)
         commit[row, chosen] = True
     return commit
 

@@ -26,6 +26,7 @@ from ..inputs import (
     device_of,
     vocab_size_of,
 )
+from ..model.transformer import flat_positions
 from ..tokens import special_tokens_of
 from .config import (
     BLOCK_PRESETS,
@@ -46,7 +47,6 @@ from .decoding import (
     propose,
 )
 from .events import StepEvent
-from .reference import get_num_transfer_tokens
 from .sources import make_source
 
 
@@ -118,7 +118,19 @@ def _denoise(
     whole_batch: bool = True,
 ) -> Iterator[StepEvent]:
     """`denoise` for one batch (whole_batch=False: one group of a larger batch, whose answers
-    may all be fixed)."""
+    may all be fixed).
+
+    Host synchronisation (reads of tensor values back to the host; the forwards themselves hold
+    none). Once per block: each row's masks in the block (the schedule's quota follows on the
+    host) and the masks before it, in one read. Once per step, by design: one read at the end
+    of the step, of whether a row ended (rows then leave the batch: shapes change), whether the
+    logits are broken (raise), and how many masks are left in the block and before it (the loop
+    ends the block when none are left, and the next step's LM-head selection is sized from that
+    count with `nonzero_static`, so it reads nothing back); with `refresh`, the most commits in
+    a row rides along. Rarely: when masks are left before the block (the reference's fixed
+    steps can leave one, when its proposal is the mask itself) the next selection is sized by
+    a read-back; when rows end, selecting the rows that go on reads `ended`; `abandoned` and
+    events are host-side. Counters (forward passes, work) are Python ints from shapes."""
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
     vocab_size = vocab_size_of(model)
@@ -169,12 +181,16 @@ def _denoise(
     for block in range(config.num_blocks):
         block_start = prompt_length + block * config.block_length
         block_end = block_start + config.block_length
-        quota = get_num_transfer_tokens(
-            x[rows, block_start:block_end] == mask_id, config.steps_per_block
-        )
+        # The once-per-block read: each row's masks in the block, and the masks before it.
+        block_masks = (x[rows, block_start:block_end] == mask_id).sum(dim=-1)  # (R,)
+        reads = torch.cat([block_masks, _masks_left(x, rows, block_start, block_end, mask_id)])
+        *row_masks, masks_in_block, masks_before = reads.tolist()
+        # Each row's quota per step, the reference's linear schedule (`get_num_transfer_tokens`)
+        # computed on the host from the counts just read.
+        quota_rows = [schedule_quota(masks, config.steps_per_block) for masks in row_masks]
         step = 0
         while True:
-            if _block_done(x, rows, block_start, block_end, mask_id, decode, step, config):
+            if _block_done(masks_in_block, decode, step, config):
                 break
             if step >= step_limit:
                 # Every rule commits at least one candidate of each unfinished row per step,
@@ -191,7 +207,17 @@ def _denoise(
             is_masked = canvas[:, window.start : window.end] == mask_id
             candidate = is_masked & (span < block_end)[None, :]
             logits_at = torch.ones_like(candidate) if draws_all else candidate
-            logits = source.logits(canvas, window, logits_at)
+            if draws_all:
+                selected = logits_at.numel()
+            elif masks_before == 0:  # every window covers the block: its masks are the candidates
+                selected = masks_in_block
+            else:
+                selected = None  # sized by a read-back (rare; see the docstring)
+            if selected is None:
+                flat_at = flat_positions(logits_at)
+            else:
+                flat_at = torch.nonzero_static(logits_at.flatten(), size=selected).squeeze(1)
+            logits = source.logits(canvas, window, logits_at, flat_at)
             proposal, confidence, entropy = propose(
                 logits,
                 config,
@@ -203,8 +229,9 @@ def _denoise(
             nonfinite = has_nonfinite_logits(logits, confidence)
             dense_token = torch.full_like(candidate, mask_id, dtype=torch.long)
             dense_conf = torch.full(candidate.shape, -torch.inf, device=device)
-            dense_token[logits_at] = proposal
-            dense_conf[logits_at] = confidence.to(dense_conf.dtype)
+            # Scattered by flat positions: a boolean-mask assignment would read its size back.
+            dense_token.view(-1)[flat_at] = proposal
+            dense_conf.view(-1)[flat_at] = confidence.to(dense_conf.dtype)
             dense_conf = dense_conf.masked_fill(~candidate, -torch.inf)
             early_end = None
             if decode.eos_in_order:
@@ -214,20 +241,18 @@ def _denoise(
                 # threshold, but still candidates: a schedule's quota can always be met.
                 dense_conf = torch.where(early_end, dense_conf - 2, dense_conf)
             if decode.commit == "schedule":
-                commit = commit_schedule(dense_conf, quota[:, step])
+                commit = commit_schedule(dense_conf, [quota[step] for quota in quota_rows])
             elif decode.commit == "threshold":
                 commit = commit_threshold(dense_conf, decode.threshold)
             elif decode.commit == "factor":
                 commit = commit_factor(dense_conf, decode.factor)
             else:
                 dense_entropy = torch.full(candidate.shape, torch.inf, device=device)
-                dense_entropy[logits_at] = entropy
+                dense_entropy.view(-1)[flat_at] = entropy
                 if early_end is not None:  # last in line, and over any entropy bound
                     dense_entropy = torch.where(early_end, dense_entropy + 1e4, dense_entropy)
                 commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
             commit &= candidate
-            if decode.refresh:  # a host sync per step, only when the refresh rule needs it
-                source.note_commits(int(commit.sum(dim=-1).max()) if len(rows) else 0)
             updated = canvas[:, window.start : window.end]
             updated = torch.where(commit, dense_token, updated)
             x[rows, window.start : window.end] = updated
@@ -244,8 +269,19 @@ def _denoise(
             shown[rows, window.start : window.end] = torch.where(
                 candidate, dense_conf, torch.nan
             ).float()
-            # One host sync per step, for both questions (a row ended; the logits are broken).
-            any_ended, broken = torch.stack([ended.any(), nonfinite]).tolist()
+            # The one host sync of the step (see the docstring): masks are counted in the rows
+            # that go on.
+            live_rows = ~ended
+            step_reads = [
+                ended.any().long()[None],
+                nonfinite.long()[None],
+                _masks_left(x, rows, block_start, block_end, mask_id, live_rows),
+            ]
+            if decode.refresh:
+                step_reads.append(commit.sum(dim=-1).max()[None])
+            any_ended, broken, masks_in_block, masks_before, *most = torch.cat(step_reads).tolist()
+            if decode.refresh:
+                source.note_commits(most[0])
             if broken:
                 raise NonFiniteLogitsError(
                     nonfinite_logits_message(  # `step` already counts this step
@@ -257,12 +293,12 @@ def _denoise(
                 answer = x[done, prompt_length:]
                 x[done, prompt_length:] = answer.masked_fill(answer == mask_id, tokens.eos_id)
                 finished[done] = True
-                rows = rows[~ended]
-                quota = quota[~ended]
-                source.keep_rows(torch.nonzero(~ended).squeeze(-1))
-            if block == config.num_blocks - 1 and _block_done(
-                x, rows, block_start, block_end, mask_id, decode, step, config
-            ):
+                rows = rows[live_rows]
+                quota_rows = [
+                    q for q, gone in zip(quota_rows, ended.tolist(), strict=True) if not gone
+                ]
+                source.keep_rows(torch.nonzero(live_rows).squeeze(-1))
+            if block == config.num_blocks - 1 and _block_done(masks_in_block, decode, step, config):
                 finished[rows] = True
             yield StepEvent(
                 block=block,
@@ -449,16 +485,40 @@ def _least_passes(decode: DecodeConfig) -> int:
     return 2 if decode.source in ("prefix", "dual") else 1
 
 
-def _block_done(x, rows, block_start, block_end, mask_id, decode, step, config) -> bool:
+def schedule_quota(masks: int, steps: int) -> list[int]:
+    """Tokens to commit at each of `steps` steps for a block row with `masks` masks: what
+    `reference.get_num_transfer_tokens` gives for that row (n // s each, one more in the first
+    n % s steps), as Python ints."""
+    base, remainder = divmod(masks, steps)
+    return [base + (step < remainder) for step in range(steps)]
+
+
+def _masks_left(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    block_start: int,
+    block_end: int,
+    mask_id: int,
+    live: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(2,) int64 on the device: the masks in the block and before it, over the batch rows
+    `rows` (only those where `live`, if given)."""
+    masked = x[rows, :block_end] == mask_id  # (R, block_end)
+    if live is not None:
+        masked = masked & live[:, None]
+    return torch.stack([masked[:, block_start:].sum(), masked[:, :block_start].sum()])
+
+
+def _block_done(masks_in_block: int, decode, step: int, config) -> bool:
     """Whether the loop leaves this block: the schedule's steps are spent, or (except for the
-    reference's fixed step count) no masks are left in it."""
+    reference's fixed step count) no masks are left in it (of the rows still decoding)."""
     if decode.commit == "schedule" and step == config.steps_per_block:
         return True
     if decode.commit == "schedule" and decode.reference_numerics:
         return False
     if step < _least_passes(decode):
         return False
-    return not bool((x[rows, block_start:block_end] == mask_id).any())
+    return masks_in_block == 0
 
 
 @torch.no_grad()

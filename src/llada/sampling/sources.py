@@ -98,20 +98,31 @@ class LogitsSource:
                 rows = torch.cat([rows, rows + self.cache.batch_size // 2])
             self.cache.select_rows(rows)
 
-    def logits(self, x: torch.Tensor, window: Window, logits_at: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self,
+        x: torch.Tensor,
+        window: Window,
+        logits_at: torch.Tensor,
+        flat_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (N, V) at the positions `logits_at` (bool, B x window width) of the window of
-        x, in row-major order."""
+        x, in row-major order.
+
+        flat_at: the same selection as flat row-major positions (N,), when the caller has them
+        (the fast loop sizes them without a read-back); otherwise they are computed here, the
+        one read-back of the selection, outside the forward (the model's output shape must not
+        depend on tensor values)."""
+        if flat_at is None:
+            flat_at = flat_positions(logits_at)
         tokens = x[:, window.start : window.end]
         mask = self.attention_mask
         guided = self.cfg_scale > 0
         if guided:
             prompt = self.prompt_index[:, window.start : window.end]
             tokens = torch.cat([tokens, tokens.masked_fill(prompt, self.mask_id)])
-            logits_at = torch.cat([logits_at, logits_at])
+            # The unconditional rows follow the conditional ones: the same positions, B*T on.
+            flat_at = torch.cat([flat_at, flat_at + logits_at.numel()])
             mask = None if mask is None else torch.cat([mask, mask])
-        # The model takes flat positions (its output shape must not depend on tensor values):
-        # the one read-back of the selection happens here, outside the forward.
-        flat_at = flat_positions(logits_at)
         self.forward_passes += 1
         self.query_positions += tokens.numel()
         keys = x.shape[1] if (self.uses_cache and not window.fills_cache) else tokens.shape[1]
