@@ -263,7 +263,8 @@ def load_quantized(
     _torchao()
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    with safe_open(path, framework="pt", device="cpu") as handle:
+    # Read straight onto the device: int4's packed layout is the CUDA kernel's.
+    with safe_open(path, framework="pt", device=str(device)) as handle:
         metadata = handle.metadata() or {}
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
     try:
