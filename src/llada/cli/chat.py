@@ -9,6 +9,7 @@ import sys
 from ..sampling.config import GenerateConfig, coerce_setting
 from .options import (
     add_model_arguments,
+    add_runtime_arguments,
     add_sampler_arguments,
     decode_from_args,
     load_from_args,
@@ -64,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="show the denoising live (default: when the terminal is interactive)",
     )
     add_model_arguments(parser)
+    add_runtime_arguments(parser)
     add_sampler_arguments(parser, "chat")
     parser.set_defaults(run=run)
 

@@ -9,6 +9,7 @@ import sys
 
 from .options import (
     add_model_arguments,
+    add_runtime_arguments,
     add_sampler_arguments,
     add_tensor_parallel_argument,
     decode_from_args,
@@ -71,6 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(the output; for JSON input see --input-format jsonl)",
     )
     add_model_arguments(parser)
+    add_runtime_arguments(parser)
     add_tensor_parallel_argument(parser)
     add_sampler_arguments(parser, "generate")
     parser.set_defaults(run=run)

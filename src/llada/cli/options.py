@@ -288,6 +288,43 @@ def check_dtype(name: str | None, flag: str = "--dtype") -> str | None:
     return name
 
 
+QUANTIZE_MODES = ("int8-weight", "int8-dynamic", "int4-weight")  # llada.quantization.MODES
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --compile: applied to the loaded model, from outside it."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="quantize the weights after loading (torchao; `quant` extra): int8-weight and "
+        "int8-dynamic on CPU or GPU, int4-weight on CUDA (default: off; a folder saved "
+        "quantized loads quantized without it)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's forward (mode chosen per device; the first calls "
+        "are slow while it compiles)",
+    )
+
+
+def _apply_runtime(args: argparse.Namespace, model):
+    """The loaded model with --quantize and --compile applied (when the command has them)."""
+    mode = getattr(args, "quantize", None)
+    if mode is not None:
+        if getattr(args, "tensor_parallel", False):
+            raise ValueError("--quantize with --tensor-parallel is not supported yet; use one")
+        from ..quantization import quantize
+
+        model = quantize(model, mode)
+    if getattr(args, "compile", False):
+        from ..compile import compile_model
+
+        model = compile_model(model)
+    return model
+
+
 def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel",
@@ -313,7 +350,8 @@ def load_from_args(args: argparse.Namespace):
     args.dtype = check_dtype(args.dtype)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "tensor_parallel", False):
-        return _load_tensor_parallel(args)
+        model, tokenizer, is_random = _load_tensor_parallel(args)
+        return _apply_runtime(args, model), tokenizer, is_random
     if world_size > 1:
         raise ValueError(
             f"started by torchrun with {world_size} processes: pass --tensor-parallel to split "
@@ -327,7 +365,7 @@ def load_from_args(args: argparse.Namespace):
             "Pass --model PATH for a real one.",
             file=sys.stderr,
         )
-    return model, tokenizer, is_random
+    return _apply_runtime(args, model), tokenizer, is_random
 
 
 def _load_tensor_parallel(args: argparse.Namespace):

@@ -11,6 +11,7 @@ from ..serve.config import ServeConfig
 from .options import (
     add_dataclass_arguments,
     add_model_arguments,
+    add_runtime_arguments,
     add_sampler_arguments,
     add_tensor_parallel_argument,
     dataclass_from_args,
@@ -36,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "then cancels the rest and exits.",
     )
     add_model_arguments(parser)
+    add_runtime_arguments(parser)
     add_tensor_parallel_argument(parser)
     add_sampler_arguments(parser, "serve")
     add_dataclass_arguments(parser, ServeConfig, "server")
