@@ -297,3 +297,15 @@ def test_resume_is_exact(chat_checkpoint, tmp_path, reward_module, estimator):
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_moe_model_trains_and_llada2_is_refused(
+    moe_chat_checkpoint, llada2_chat_checkpoint, tmp_path, reward_module
+):
+    result = train_rl(_config(moe_chat_checkpoint, tmp_path / "moe", steps=2))
+    assert result.checkpoint is not None and result.metrics[0]["kl"] == 0.0
+    trained = llada.load_model(result.checkpoint, dtype=torch.float32).state_dict()
+    start = llada.load_model(moe_chat_checkpoint, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="LLaDA 2.x"):
+        train_rl(_config(llada2_chat_checkpoint, tmp_path / "llada2"))
