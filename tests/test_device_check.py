@@ -25,7 +25,6 @@ def report() -> dict:
             "2",
             "--seqs",
             "16",
-            "32",
             "--repeats",
             "1",
         ],
@@ -48,10 +47,10 @@ def test_it_runs_reduced_on_the_cpu_with_the_parity_tests(report):
     assert parity["passed"] >= 38 and parity["failed"] == 0
 
 
-def test_every_shape_is_timed_eager_and_compiled(report):
+def test_the_shape_is_timed_eager_and_compiled(report):
     assert set(report["models"]) == {"llada-8b", "llada-moe-7b-a1b"}
     for model in report["models"].values():
-        assert [(s["batch"], s["seq"]) for s in model["steps"]] == [(2, 16), (2, 32)]
+        assert [(s["batch"], s["seq"]) for s in model["steps"]] == [(2, 16)]
         assert "cuda graphs: not a CUDA device" in model["skipped"]
         for step in model["steps"]:
             assert step["eager_s"] > 0 and step["compiled_s"] > 0
