@@ -11,12 +11,18 @@ cache window and `logits_at` (tests/model/test_compile.py checks `fullgraph=True
 Shapes. The samplers call the forward with a few kinds of arguments (no cache; a whole-canvas
 cache fill; a cache window with `logits_at`), and the window's length, its start, the number
 of `logits_at` positions and the batch (rows leave when their answer ends) change from step to
-step. `dynamic=True` (the default here) traces those sizes as symbols from the first call, so
-each kind of call compiles once and later sizes reuse the graph: the number of graphs is
-bounded by the kinds of call, not by the sizes (about one per kind; measured in
-BENCHMARKS.md, "Forward efficiency: eager vs compiled"). Values that decide the graph's
-structure stay guards: which arguments are None, the attention implementation, the dtype.
-Python-int window starts are traced as symbols too, so a new window start does not recompile.
+step. `dynamic=None` (the default here) is torch's automatic dynamic shapes: a kind of call is
+first compiled for its exact sizes, and when a size changes it is compiled once more with that
+size as a symbol, which later sizes reuse. Only sizes that do change become symbols (head
+counts and head size stay constants; with `dynamic=True` the KV cache's head count would be a
+symbol too, and SDPA's `enable_gqa` flag cannot take one). Measured with torch._dynamo's
+counters on llada-tiny-base (`llada.sample(..., "fast")`, 128 tokens, blocks of 32, batch 1):
+4 graphs in the first call (cache fill; window; window once the LM head's position count
+leaves 1; fill once the RoPE table is cached), 4 more in the first call at another canvas
+length (the canvas length becomes a symbol), no graph break. Dynamo compiles at most 8 graphs
+per function (torch._dynamo.config.recompile_limit); past that, further new shapes run that
+call eagerly (same results, uncompiled). The reference sampler (one full forward per step)
+compiles 2 graphs.
 
 Modes, by device (`mode=None`):
 - CUDA: "max-autotune-no-cudagraphs": Triton kernels with autotuned matmul templates, without
@@ -53,9 +59,10 @@ def compile_model(
 
     mode: a `torch.compile` mode; None picks one for the model's device (`default_mode`:
         "max-autotune-no-cudagraphs" on CUDA, the default elsewhere).
-    dynamic: True (default) traces sizes symbolically from the first call, so the samplers'
-        changing window lengths and batch sizes reuse one graph per kind of call; None leaves
-        it to torch (static first, dynamic after a size changes); False specialises every size.
+    dynamic: None (default): torch's automatic dynamic shapes (static first, a size that
+        changes becomes a symbol; see the module docstring); True makes every size a symbol
+        from the first call (fine without a KV cache: bench/forward_efficiency.py uses it);
+        False specialises every size.
     backend: "inductor" (default) generates kernels; "aot_eager" or "eager" only capture the
         graph (for checking capture where no compiler is available).
     fullgraph: raise on any graph break instead of falling back to eager for that part.
