@@ -315,9 +315,15 @@ def _apply_runtime(args: argparse.Namespace, model):
     if mode is not None:
         if getattr(args, "tensor_parallel", False):
             raise ValueError("--quantize with --tensor-parallel is not supported yet; use one")
-        from ..quantization import quantize
+        from ..quantization import is_quantized, quantize
 
-        model = quantize(model, mode)
+        if not is_quantized(model):
+            model = quantize(model, mode)
+        elif model.quantization["mode"] != mode:
+            raise ValueError(
+                f"--quantize {mode}: this folder is saved quantized as "
+                f"{model.quantization['mode']}; load it without --quantize"
+            )
     if getattr(args, "compile", False):
         from ..compile import compile_model
 
