@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..train.rl import RLConfig
+from ..train.rl_config import RLConfig
 from .options import add_dataclass_arguments
 
 
