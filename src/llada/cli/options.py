@@ -402,3 +402,35 @@ def _load_tensor_parallel(args: argparse.Namespace):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     model = load_tensor_parallel(folder, mesh, dtype=args.dtype, device=env.device)
     return model, load_tokenizer(folder), is_random
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """--config FILE, --no-progress and a flag per field of the run settings `cls` (flags not
+    given stay None, so the file supplies them): `llada train` and `llada rl`."""
+    parser.add_argument(
+        "--config", default=None, help="JSON file of settings; flags given here override it"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_arguments(parser, cls, title, suppress_defaults=True)
+
+
+def run_settings(cls: type, args: argparse.Namespace) -> Any:
+    """`cls.from_dict` of the --config file's settings with the flags given on top."""
+    import json
+
+    settings: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            settings = json.load(f)
+    given = {f.name: getattr(args, f.name) for f in fields(cls)}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return cls.from_dict(settings)
+
+
+def say_above_progress(line: str) -> None:
+    """A line of a run, above its progress bar; warnings to stderr."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
