@@ -236,6 +236,7 @@ class _State:
         preset: str | DecodeConfig | BlockDecodeConfig,
         model_name: str,
         lockstep: Lockstep | None = None,
+        default_max_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -258,6 +259,7 @@ class _State:
             **({} if lockstep is None else {"denoise": lockstep.denoise}),
         )
         self.lockstep = lockstep
+        self.default_max_tokens = default_max_tokens
         model_config = getattr(model, "config", None)
         self.vocab_size = getattr(model_config, "vocab_size", None)
         self.max_sequence_length, self.context_key = context_of(model)
@@ -579,8 +581,7 @@ def create_app(
     sampler = sampler or profile("serve").config()
     folder = getattr(model, "checkpoint_folder", None)
     name = model_name or config.served_model_name or (Path(folder).name if folder else "llada")
-    state = _State(model, tokenizer, config, sampler, preset, name, lockstep)
-    state.default_max_tokens = default_max_tokens
+    state = _State(model, tokenizer, config, sampler, preset, name, lockstep, default_max_tokens)
     # the defaults must be valid
     resolve_sampling(SamplerFields(), sampler, preset, config, block_diffusion=state.block)
 
