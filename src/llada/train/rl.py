@@ -45,6 +45,7 @@ diffusion has no one-step estimate here and is refused).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -53,7 +54,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,33 @@ from ..eval.tasks import EVAL_SEED, SYNTHETIC_TASKS, Example, is_correct, synthe
 from ..model.checkpoint import load_model
 from ..sampling.config import PRESETS
 from ..sampling.fast import sample
-from ..tokenizer import copy_tokenizer_files, encode_chat, left_pad, load_tokenizer
+from ..tokenizer import copy_tokenizer_files, encode_chat, load_tokenizer
 from .checkpointing import (
+    SHARDED_FORMAT,
     BrokenCheckpoint,
+    CheckpointWriteError,
     checkpoint_problem,
+    is_sharded,
     latest_checkpoint,
     list_checkpoints,
+    load_shards,
     load_trainer_state,
+    prepare_shards,
     save_checkpoint,
+    save_shards,
+)
+from .lora import add_lora, base_model_reference, merged_state_dict, save_peft_adapter
+from .parallel import (
+    Distributed,
+    all_reduce_sum,
+    barrier,
+    full_model_state,
+    init_distributed,
+    load_sharded_state,
+    sharded_state,
+    shutdown,
+    unwrap,
+    wrap_model,
 )
 from .rl_config import RLConfig
 
@@ -318,53 +338,182 @@ class RLResult:
     metrics: list[dict[str, float]]
 
 
+def group_share(groups: int, env: Distributed) -> tuple[int, int]:
+    """[first, last) of the step's groups (questions) that process `env.rank` rolls out:
+    contiguous, sizes differing by at most one."""
+    return env.rank * groups // env.world_size, (env.rank + 1) * groups // env.world_size
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global generators (CPU, and `device`'s on CUDA) seeded with `seed`, inside a fork:
+    the caller's generators are left as they were."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """`model` (with peft's LoRA layers injected) as its base: every adapter switched off,
+    then on again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def whole_weights(model: torch.nn.Module, mode: str) -> Iterator[torch.nn.Module]:
+    """The policy with all its weights in place for the rollouts, which each process runs on
+    its own questions (its own number of forwards, so no collective may run inside them).
+    DDP: the wrapped module. FSDP2: every sharded module unsharded (one all-gather each, in
+    the same order on every process) and kept so through the sampler's forwards, resharded
+    after."""
+    if mode != "fsdp":
+        yield unwrap(model)
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # The root keeps its weights after a forward anyway (FSDP2 sets it so); the blocks free
+    # theirs after each forward unless told not to.
+    blocks = [m for m in modules if m is not model]
+    for module in blocks:
+        module.set_reshard_after_forward(False, recurse=False)
+    for module in modules:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.reshard()
+        for module in blocks:
+            module.set_reshard_after_forward(True, recurse=False)
+
+
 class RLTrainer:
-    """The policy, its frozen reference, the optimizer and the step of one run."""
+    """The policy, its frozen reference, the optimizer and the step of one run (one process,
+    or one of N under torchrun)."""
 
     def __init__(self, config: RLConfig, say: Say | None = None) -> None:
         self.config = config
-        self.say: Say = say or logger.info
+        self.env: Distributed = init_distributed()
+        env = self.env
+        # Only the main process speaks.
+        self.say: Say = (say or logger.info) if env.is_main else (lambda line: None)
+        if env.world_size > config.prompts_per_step:
+            raise ValueError(
+                f"{env.world_size} processes but --prompts-per-step {config.prompts_per_step}: "
+                "each process rolls out whole groups; ask at least one question per process "
+                f"(--prompts-per-step {env.world_size} or more)"
+            )
         self.out_dir = Path(config.out_dir)
         self.step = 0
-        state, source = self._resume_point()
+        self.resume_from, state = self._resume_point()
         self.reward_name, self.reward = load_reward(config.reward)
-        reference = load_model(config.model, dtype=torch.float32)
-        if getattr(reference, "block_diffusion", False):
+        base = load_model(config.model, dtype=torch.float32)
+        if getattr(base, "block_diffusion", False):
             raise ValueError(
                 f"{config.model} is a LLaDA 2.x (block diffusion) model: `llada rl` trains dense "
                 "LLaDA and LLaDA-MoE models only"
             )
         self.tokenizer_folder = self.out_dir / "tokenizer"
-        copy_tokenizer_files(reference.checkpoint_folder, self.tokenizer_folder)
+        if env.is_main:
+            copy_tokenizer_files(base.checkpoint_folder, self.tokenizer_folder)
+        barrier(env)
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
-        self.policy = (
-            load_model(source, dtype=torch.float32) if source else copy.deepcopy(reference)
-        )
-        self.special_tokens = reference.special_tokens
-        self.policy.special_tokens = reference.special_tokens
-        for parameter in reference.parameters():
-            parameter.requires_grad_(False)
-        self.reference = reference.eval()
+        self.special_tokens = base.special_tokens
+        self.reference: torch.nn.Module | None = None
+        if config.lora_rank:
+            policy = self._with_adapters(base)
+        else:
+            if config.beta_kl > 0:
+                reference = copy.deepcopy(base)
+                for parameter in reference.parameters():
+                    parameter.requires_grad_(False)
+                self.reference = reference.to(env.device).eval()
+            policy = base
+            if state is not None and not is_sharded(state):
+                # A checkpoint of an earlier llada: the weights from its model folder.
+                policy.load_state_dict(
+                    load_model(self.resume_from, dtype=torch.float32).state_dict()
+                )
+            for parameter in policy.parameters():
+                parameter.requires_grad_(True)
+        policy.special_tokens = self.special_tokens
         # Eval mode throughout: no dropout, so the ratio of the first inner update is exactly 1.
-        self.policy.eval()
-        for parameter in self.policy.parameters():
-            parameter.requires_grad_(True)
-        decay = [p for p in self.policy.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.policy.parameters() if p.dim() < 2]
+        self.policy = policy.to(env.device).eval()
+        mode = config.parallel
+        if mode == "auto":
+            mode = "fsdp" if env.enabled else "none"
+        self.mode = mode if env.enabled else "none"
+        self.model = wrap_model(self.policy, self.mode, env)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {
+                    "params": [p for p in trainable if p.dim() >= 2],
+                    "weight_decay": config.weight_decay,
+                },
+                {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
             ],
             lr=config.lr,
         )
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_state(state)
             self.step = int(state["step"])
-            self.say(f"resumed from step {self.step} ({source})")
+            self.say(f"resumed from step {self.step} ({self.resume_from})")
         self.held_out = held_out_prompts(config.task_list())
+        self.groups = group_share(config.prompts_per_step, env)
 
-    def _resume_point(self) -> tuple[dict[str, Any] | None, Path | None]:
+    def _with_adapters(self, base: torch.nn.Module) -> torch.nn.Module:
+        """The base with LoRA adapters on every block linear (only they train); initialised
+        from a seed of the run, so every process starts from the same adapters."""
+        config = self.config
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        with _seeded(_seed(config.seed, "lora"), torch.device("cpu")):
+            try:
+                policy = add_lora(base, config.lora_rank, config.lora_alpha)
+            except ValueError as error:
+                raise ValueError(
+                    f"--lora-rank {config.lora_rank}: {config.model} cannot take LoRA adapters "
+                    f"({str(error).splitlines()[0]})"
+                ) from None
+        if not any(p.requires_grad for p in policy.parameters()):
+            raise ValueError(
+                f"--lora-rank {config.lora_rank}: {config.model} has no layer LoRA adapts "
+                "(attention projections, MLP linears); drop --lora-rank"
+            )
+        return policy
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """The policy's and the optimizer's state from the checkpoint being resumed."""
+        if is_sharded(state):
+            template = sharded_state(self.model, self.optimizer)
+            try:
+                load_shards(self.resume_from, template, self.env.enabled)
+            except BrokenCheckpoint as error:
+                raise BrokenCheckpoint(f"cannot resume from {self.resume_from}: {error}") from None
+            load_sharded_state(self.model, self.optimizer, template)
+        elif self.mode == "fsdp":
+            raise ValueError(
+                f"{self.resume_from} was written by an earlier llada (the whole optimizer in "
+                "trainer_state.pt): resume it with --parallel ddp or in one process; its next "
+                "checkpoint is sharded"
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
         config, out_dir = self.config, self.out_dir
         found = latest_checkpoint(out_dir)
         if not config.resume:
@@ -375,8 +524,11 @@ class RLTrainer:
                         f"{out_dir} already holds a run: pass --resume to continue it, "
                         "--overwrite to start it over, or a new --out-dir"
                     )
-                shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-                metrics.unlink(missing_ok=True)
+                if self.env.is_main:
+                    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+                    metrics.unlink(missing_ok=True)
+            # Every process passes here, whether or not it saw the run before rank 0 removed it.
+            barrier(self.env)
             return None, None
         if found is None:
             self.say(f"warning: --resume: no checkpoint in {out_dir} yet, starting from scratch")
@@ -391,8 +543,15 @@ class RLTrainer:
                 f"--resume: the run in {out_dir} started from {saved.get('model')!r}, not "
                 f"{config.model!r}; pass --model {saved.get('model')} (it is the KL reference)"
             )
-        self._truncate_metrics(int(state["step"]))
-        return state, found
+        if saved.get("lora_rank", 0) != config.lora_rank:
+            raise ValueError(
+                f"--resume: the run in {out_dir} trained with --lora-rank "
+                f"{saved.get('lora_rank', 0)}, not {config.lora_rank}; pass --lora-rank "
+                f"{saved.get('lora_rank', 0)}"
+            )
+        if self.env.is_main:
+            self._truncate_metrics(int(state["step"]))
+        return found, state
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -411,27 +570,35 @@ class RLTrainer:
         self, examples: Sequence[Example]
     ) -> tuple[torch.Tensor, torch.Tensor, int, list[str], int]:
         """(sequences (N, Lp + T), attention_mask (N, Lp + T), Lp, replies, forward passes) of
-        group_size answers to each example, N = len(examples) * group_size, grouped by
-        example."""
-        config, tokens = self.config, self.special_tokens
+        group_size answers to each question of this process's share, N = share * group_size,
+        grouped by question; `examples` are all the step's questions.
+
+        Each group is sampled as one batch of its group_size answers (one prompt, no padding)
+        with the global generator seeded from (seed, step, question index): a question's
+        answers are the same whichever process samples it and however many there are. The
+        rows are then left-padded to the longest prompt of the whole step, so that every
+        process's estimator forwards see the shapes one process would."""
+        config, tokens, env = self.config, self.special_tokens, self.env
         encoded = [
             encode_chat(self.tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
         ]
-        ids, prompt_mask = left_pad(encoded, tokens.pad_id)
-        ids = ids.repeat_interleave(config.group_size, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(config.group_size, dim=0)
-        # The sampler's random draws come from the global generator: seeded per step, inside a
-        # fork so that the caller's generator is left as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(config.seed, self.step, "rollout"))
-            out = sample(
-                self.policy, ids, prompt_mask, config.sampler_config(), PRESETS[config.decode]
-            )
-        prompt_length = ids.shape[1]
-        sequences = out.tokens
-        attention_mask = torch.cat(
-            [prompt_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1
-        )
+        prompt_length = max(len(ids) for ids in encoded)
+        first, last = self.groups
+        sequences, masks, passes = [], [], 0
+        with whole_weights(self.model, self.mode) as model:
+            for index in range(first, last):
+                ids = torch.tensor(encoded[index], device=env.device)[None]
+                ids = ids.repeat(config.group_size, 1)  # (G, Lp_i)
+                with _seeded(_seed(config.seed, self.step, "rollout", index), env.device):
+                    out = sample(model, ids, None, config.sampler_config(), PRESETS[config.decode])
+                pad = prompt_length - ids.shape[1]
+                rows = F.pad(out.tokens, (pad, 0), value=tokens.pad_id)  # (G, Lp + T)
+                mask = torch.ones_like(rows)
+                mask[:, :pad] = 0
+                sequences.append(rows)
+                masks.append(mask)
+                passes += out.forward_passes
+        sequences = torch.cat(sequences)
         replies = []
         for row in sequences[:, prompt_length:].tolist():
             for i, token in enumerate(row):
@@ -439,7 +606,7 @@ class RLTrainer:
                     row = row[:i]
                     break
             replies.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return sequences, attention_mask, prompt_length, replies, out.forward_passes
+        return sequences, torch.cat(masks), prompt_length, replies, passes
 
     def _estimates(self, model, noisy, sequences, attention_mask, prompt_length, p_mask):
         if self.config.estimator == "one-step":
@@ -449,45 +616,105 @@ class RLTrainer:
             self.special_tokens.mask_id,
         )  # fmt: skip
 
-    def train_step(self) -> dict[str, float]:
-        config = self.config
-        started = time.perf_counter()
-        examples = step_examples(config, self.step, self.held_out)
-        sequences, attention_mask, prompt_length, replies, passes = self.rollouts(examples)
-        repeated = [e for e in examples for _ in range(config.group_size)]
+    def _reference_estimates(self, noisy, sequences, attention_mask, prompt_length, p_mask):
+        """The reference's estimates: the frozen starting model, or with LoRA the policy with
+        its adapters switched off (the same base weights)."""
+        if self.reference is not None:
+            model = self.reference
+            return self._estimates(model, noisy, sequences, attention_mask, prompt_length, p_mask)
+        with adapters_disabled(self.policy):
+            return self._estimates(
+                self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
+            )
+
+    def _masked_inputs(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, inner: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The estimator's masked inputs of inner update `inner`, drawn group by group from
+        seeds of (seed, step, inner, question index), so they do not depend on the process."""
+        config, env = self.config, self.env
+        mask_id = self.special_tokens.mask_id
+        first, last = self.groups
+        noisy, p_mask = [], []
+        for index in range(first, last):
+            rows = slice(
+                (index - first) * config.group_size, (index - first + 1) * config.group_size
+            )
+            seed = _seed(config.seed, self.step, "masks", inner, index)
+            if config.estimator == "one-step":
+                generator = torch.Generator(device=env.device).manual_seed(seed)
+                noisy.append(
+                    one_step_inputs(
+                        sequences[rows],
+                        attention_mask[rows],
+                        prompt_length,
+                        mask_id,
+                        config.prompt_masking,
+                        generator,
+                    )  # fmt: skip
+                )
+            else:
+                with _seeded(seed, env.device):
+                    x, p = elbo_inputs(sequences[rows], prompt_length, mask_id, config.mc_num)
+                noisy.append(x)
+                p_mask.append(p)
+        if config.estimator == "one-step":
+            return torch.cat(noisy), None
+        return torch.cat(noisy, dim=1), torch.cat(p_mask, dim=1)  # (mc_num, N, L)
+
+    def _scores(self, examples: Sequence[Example], replies: Sequence[str]) -> torch.Tensor:
+        """Rewards (P * G,) of the whole step, on every process: each scores its own groups. A
+        reward function that fails anywhere stops every process before the update."""
+        config, env = self.config, self.env
+        first, last = self.groups
+        repeated = [e for e in examples[first:last] for _ in range(config.group_size)]
+        failure, local = None, None
         try:
-            rewards = score(self.reward, self.reward_name, repeated, replies)
+            local = score(self.reward, self.reward_name, repeated, replies)
         except RewardError as error:
             good = latest_checkpoint(self.out_dir)
             where = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+            failure = RewardError(f"{error}; stopped at step {self.step} before updating, {where}")
+            failure.__cause__ = error
+        failed = all_reduce_sum([float(failure is not None)], env)[0]
+        if failure is not None:
+            raise failure
+        if failed:
             raise RewardError(
-                f"{error}; stopped at step {self.step} before updating, {where}"
-            ) from error
-        advantages = group_advantages(
-            rewards.view(config.prompts_per_step, config.group_size)
-        ).view(-1)
-        mask_id = self.special_tokens.mask_id
+                f"the reward function failed in another process at step {self.step}; stopped "
+                "before updating"
+            )
+        # Each process fills its own slice: the sum is exact.
+        everything = [0.0] * (config.prompts_per_step * config.group_size)
+        everything[first * config.group_size : last * config.group_size] = local.tolist()
+        return torch.tensor(all_reduce_sum(everything, env), dtype=torch.float32)
+
+    def train_step(self) -> dict[str, float]:
+        config, env = self.config, self.env
+        started = time.perf_counter()
+        examples = step_examples(config, self.step, self.held_out)
+        sequences, attention_mask, prompt_length, replies, passes = self.rollouts(examples)
+        rewards = self._scores(examples, replies)
+        first, last = self.groups
+        advantages = (
+            group_advantages(rewards.view(config.prompts_per_step, config.group_size))[first:last]
+            .reshape(-1)
+            .to(env.device)
+        )
         if config.estimator == "one-step":
             weights = answer_weights(sequences[:, prompt_length:], self.special_tokens.stop_ids)
         else:
-            weights = torch.ones(sequences.shape[0], 1)
+            weights = torch.ones(sequences.shape[0], 1, device=env.device)
         # The masked inputs of every inner update, and the rollout policy's and the
         # reference's estimates on them, before any update.
         batches = []
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.no_grad():
             for inner in range(config.inner_updates):
-                torch.manual_seed(_seed(config.seed, self.step, "masks", inner))
-                p_mask = None
-                if config.estimator == "one-step":
-                    noisy = one_step_inputs(
-                        sequences, attention_mask, prompt_length, mask_id, config.prompt_masking
-                    )
-                else:
-                    noisy, p_mask = elbo_inputs(sequences, prompt_length, mask_id, config.mc_num)
+                noisy, p_mask = self._masked_inputs(sequences, attention_mask, prompt_length, inner)
                 ref = None
                 if config.beta_kl > 0:
-                    ref = self._estimates(
-                        self.reference, noisy, sequences, attention_mask, prompt_length, p_mask
+                    ref = self._reference_estimates(
+                        noisy, sequences, attention_mask, prompt_length, p_mask
                     )
                 old = None
                 if config.inner_updates > 1:
@@ -495,10 +722,16 @@ class RLTrainer:
                         self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
                     )
                 batches.append((noisy, p_mask, ref, old))
+        rows, total_rows = sequences.shape[0], config.prompts_per_step * config.group_size
+        tokens = float(weights.sum())
+        # The loss is the mean over all the step's sequences; DDP and FSDP average the
+        # processes' gradients, so each process's part is scaled by world_size / total rows.
+        scale = rows * env.world_size / total_rows
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         losses, kls, clipped, norms = [], [], [], []
         for noisy, p_mask, ref, old in batches:
             log_probs = self._estimates(
-                self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
+                self.model, noisy, sequences, attention_mask, prompt_length, p_mask
             )
             # One update per batch: the rollout policy is the policy itself (ratio 1).
             old = log_probs.detach() if old is None else old
@@ -506,24 +739,37 @@ class RLTrainer:
                 log_probs, old, ref, advantages, weights, config.clip, config.beta_kl
             )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale).backward()
             norm = torch.nn.utils.clip_grad_norm_(
-                self.policy.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf
+                trainable, config.grad_clip if config.grad_clip > 0 else math.inf
             )
-            if not (torch.isfinite(loss.detach()) and torch.isfinite(norm)):
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            summed = all_reduce_sum(
+                [
+                    float(loss.detach()) * rows,
+                    stats["kl"] * rows,
+                    stats["clip_fraction"] * max(tokens, 1.0),
+                    max(tokens, 1.0),
+                ],
+                env,
+            )
+            step_loss, norm = summed[0] / total_rows, float(norm)
+            if not (math.isfinite(step_loss) and math.isfinite(norm)):
                 good = latest_checkpoint(self.out_dir)
                 raise RuntimeError(
-                    f"RL loss {float(loss.detach())} / gradient norm {float(norm)} at step {self.step}: "
-                    f"stopped before the update; the last good checkpoint is {good}. Resume "
-                    "with a lower --lr"
+                    f"RL loss {step_loss} / gradient norm {norm} at step {self.step}: stopped "
+                    f"before the update; the last good checkpoint is {good}. Resume with a "
+                    "lower --lr"
                 )
             self.optimizer.step()
-            losses.append(float(loss.detach()))
-            kls.append(stats["kl"])
-            clipped.append(stats["clip_fraction"])
-            norms.append(float(norm))
+            losses.append(step_loss)
+            kls.append(summed[1] / total_rows)
+            clipped.append(summed[2] / summed[3])
+            norms.append(norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        answer_tokens, passes = all_reduce_sum([tokens, float(passes)], env)
         return {
             "step": self.step,
             "reward": float(rewards.mean()),
@@ -532,65 +778,118 @@ class RLTrainer:
             "kl": sum(kls) / len(kls),
             "clip_fraction": sum(clipped) / len(clipped),
             "grad_norm": sum(norms) / len(norms),
-            "answer_tokens": float(weights.sum()) if config.estimator == "one-step" else 0.0,
-            "rollout_forward_passes": float(passes),
+            "answer_tokens": answer_tokens if config.estimator == "one-step" else 0.0,
+            "rollout_forward_passes": passes,
             "seconds": time.perf_counter() - started,
         }
 
-    def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "config": json.dumps(self.config.to_dict()),
-            "objective": "rl-grpo",
-        }
-        model_state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
-        return save_checkpoint(
-            self.out_dir,
-            self.step,
-            self.policy,
-            model_state,
-            state,
-            self.tokenizer_folder,
-            self.config.keep_checkpoints,
-        )
+    # Saving -----------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Write checkpoint `self.step` as `llada train` does (llada.train.checkpointing):
+        every process its shards of the policy and optimizer state, rank 0 the official folder
+        (LoRA: the merged weights, and the adapters in peft's format beside them) from the
+        weights gathered there. Every process raises CheckpointWriteError when any part fails;
+        the previous checkpoints stay as they were. Returns the folder on rank 0."""
+        env, config = self.env, self.config
+        shards, failure = None, None
+        if env.is_main:
+            try:
+                shards = prepare_shards(self.out_dir, self.step)
+            except CheckpointWriteError as error:
+                failure = error
+        self._agree(failure)
+        try:
+            save_shards(
+                self.out_dir, self.step, sharded_state(self.model, self.optimizer), env.enabled
+            )
+        except CheckpointWriteError as error:
+            failure = error
+        self._agree(failure)
+        model_state = full_model_state(self.model)
+        folder = None
+        if env.is_main:
+            state = {
+                "format": SHARDED_FORMAT,
+                "step": self.step,
+                "config": json.dumps(config.to_dict()),
+                "objective": "rl-grpo",
+            }
+            add_files = None
+            if config.lora_rank:
+                full_state = model_state
+
+                def add_files(staging: Path) -> None:
+                    base = base_model_reference(config.model)
+                    save_peft_adapter(staging, self.policy, full_state, base)
+
+                model_state = merged_state_dict(model_state, config.lora_rank, config.lora_alpha)
+            try:
+                folder = save_checkpoint(
+                    self.out_dir,
+                    self.step,
+                    self.policy,
+                    model_state,
+                    state,
+                    self.tokenizer_folder,
+                    config.keep_checkpoints,
+                    add_files,
+                    shards=shards,
+                )
+            except CheckpointWriteError as error:
+                failure = error
+        self._agree(failure)
+        return folder
+
+    def _agree(self, failure: CheckpointWriteError | None) -> None:
+        """Every process learns whether a part of the save failed anywhere and raises then."""
+        failed = all_reduce_sum([float(failure is not None)], self.env)[0]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CheckpointWriteError(f"another process could not save step {self.step}")
 
 
 def train_rl(config: RLConfig, progress: bool = False, say: Say | None = None) -> RLResult:
-    """Run (or resume) GRPO as configured; returns the final step, its checkpoint and the
-    metrics of the steps run here (also appended to out_dir/metrics.jsonl)."""
-    say = say or logger.info
+    """Run (or resume) GRPO as configured, in this process or in each process of a torchrun
+    launch; returns the final step, its checkpoint (on rank 0) and the metrics of the steps
+    run here (also appended to out_dir/metrics.jsonl by rank 0)."""
     trainer = RLTrainer(config, say)
-    trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    env, say = trainer.env, trainer.say
     metrics_path = trainer.out_dir / "metrics.jsonl"
+    if env.is_main:
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, float]] = []
-    folder = latest_checkpoint(trainer.out_dir) if config.resume else None
+    folder = trainer.resume_from
     bar = None
-    if progress:
+    if progress and env.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=config.steps, initial=trainer.step, desc="rl", unit="step")
-    while trainer.step < config.steps:
-        record = trainer.train_step()
-        records.append(record)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        line = (
-            f"step {record['step']}: reward {record['reward']:.3f}, kl {record['kl']:.4f}, "
-            f"loss {record['loss']:.4f}, {record['seconds']:.1f} s"
-        )
+    try:
+        while trainer.step < config.steps:
+            record = trainer.train_step()
+            records.append(record)
+            if env.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            else:
+                say(
+                    f"step {record['step']}: reward {record['reward']:.3f}, kl "
+                    f"{record['kl']:.4f}, loss {record['loss']:.4f}, {record['seconds']:.1f} s"
+                )
+            last = trainer.step == config.steps
+            if last or (config.save_every and trainer.step % config.save_every == 0):
+                folder = trainer.save()
+                say(f"checkpoint {folder}")
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-        else:
-            say(line)
-        last = trainer.step == config.steps
-        if last or (config.save_every and trainer.step % config.save_every == 0):
-            folder = trainer.save()
-            say(f"checkpoint {folder}")
-    if bar is not None:
-        bar.close()
-    if folder is None:
+            bar.close()
+    if folder is None and env.is_main:
         done = list_checkpoints(trainer.out_dir)
         folder = done[-1] if done else None
+    shutdown(env)
     return RLResult(step=trainer.step, checkpoint=folder, metrics=records)

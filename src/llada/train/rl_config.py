@@ -13,6 +13,7 @@ from ..sampling.config import PRESETS, GenerateConfig
 from ..settings import require_positive_ints
 
 Estimator = Literal["one-step", "elbo"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,14 @@ class RLConfig:
     block_length: block length of the rollout sampler.
     sampler_steps: steps of the rollout sampler (its schedule; 'fast' takes what it needs).
     seed: seeds the questions, the rollouts and the masks of every step.
+    parallel: under torchrun, how the policy is wrapped: 'ddp', 'fsdp' (FSDP2) or 'none';
+        'auto' is fsdp with several processes. Each process rolls out and scores its share of
+        the step's questions (whole groups), so prompts_per_step must be at least the number
+        of processes.
+    lora_rank: > 0 trains LoRA adapters of this rank (through peft, as `llada train
+        --lora-rank`) instead of all weights; the KL reference is then the same model with its
+        adapters switched off (no second copy).
+    lora_alpha: LoRA scaling numerator.
     save_every: write a checkpoint every this many steps (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
     resume: continue the run in out_dir from its latest checkpoint, exactly.
@@ -74,6 +83,9 @@ class RLConfig:
     block_length: int = 32
     sampler_steps: int = 32
     seed: int = 0
+    parallel: Parallel = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
@@ -108,7 +120,13 @@ class RLConfig:
             value = getattr(self, name)
             if not low < value <= high:
                 raise ValueError(f"{name} must be in ({low:g}, {high:g}], got {value!r}")
-        for name in ("weight_decay", "grad_clip", "beta_kl", "clip", "save_every"):
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(
+                f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}"
+            )
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        for name in ("weight_decay", "grad_clip", "beta_kl", "clip", "save_every", "lora_rank"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.prompt_masking < 1:
