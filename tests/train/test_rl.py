@@ -4,8 +4,12 @@ direct computations, the clipped objective, the KL term, rewards, the CLI, check
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +313,84 @@ def test_moe_model_trains_and_llada2_is_refused(
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     with pytest.raises(ValueError, match="LLaDA 2.x"):
         train_rl(_config(llada2_chat_checkpoint, tmp_path / "llada2"))
+
+
+# Under torchrun ----------------------------------------------------------------------------
+
+
+def _torchrun(config: RLConfig, config_file, tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """`llada rl` on 2 gloo processes with `config` (and `flags`), the user reward module of
+    tmp_path importable."""
+    config_file.write_text(json.dumps(config.to_dict()))
+    source = str(Path(llada.__file__).parents[1])
+    path = os.pathsep.join(p for p in (str(tmp_path), source, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "llada.cli.main", "rl", "--no-progress", "--config", str(config_file),
+            *flags,
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path),
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+
+
+def _metrics(out_dir) -> list[dict]:
+    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_torchrun_follows_one_process(chat_checkpoint, tmp_path, reward_module, parallel):
+    """3 questions per step on 2 processes (2 + 1 groups), 2 inner updates: the same rollouts
+    (rewards equal exactly), the same losses and KL up to the order of the sums, and after a
+    2-process save and resume, the same weights; the checkpoint holds both processes' shards."""
+    kw = dict(prompts_per_step=3, inner_updates=2, steps=3, lr=1e-3, beta_kl=0.5)
+    one = train_rl(_config(chat_checkpoint, tmp_path / "one", **kw))
+    config = _config(chat_checkpoint, tmp_path / "two", parallel=parallel, **kw)
+    run = _torchrun(config, tmp_path / "two.json", tmp_path, "--steps", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    run = _torchrun(config, tmp_path / "two.json", tmp_path, "--resume")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "resumed from step 2" in run.stdout
+    two = _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]  # rank 0 alone writes the metrics
+    for a, b in zip(one.metrics, two, strict=True):
+        # Rewards are a function of the rollouts: equal only if every answer is the same.
+        assert b["reward"] == a["reward"] and b["reward_std"] == a["reward_std"]
+        assert b["answer_tokens"] == a["answer_tokens"]
+        for key in ("loss", "kl", "clip_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert one.metrics[-1]["kl"] > 0  # the policy moved away from the reference
+    folder = latest_checkpoint(tmp_path / "two")
+    assert folder.name == "step-0000003" and checkpoint_problem(folder) is None
+    assert sorted(p.name for p in (folder / "trainer_state").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    a = llada.load_model(one.checkpoint, dtype=torch.float32).state_dict()
+    b = llada.load_model(folder, dtype=torch.float32).state_dict()
+    start = llada.load_model(chat_checkpoint, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_more_processes_than_questions_is_one_clear_line(chat_checkpoint, tmp_path, monkeypatch):
+    from llada.train import rl
+    from llada.train.parallel import Distributed
+
+    monkeypatch.setattr(rl, "init_distributed", lambda: Distributed(rank=1, world_size=4))
+    with pytest.raises(ValueError, match="4 processes but --prompts-per-step 3"):
+        train_rl(_config(chat_checkpoint, tmp_path / "run", prompts_per_step=3))
+
+
+def test_groups_are_shared_out_whole_and_contiguously():
+    from llada.train.parallel import Distributed
+    from llada.train.rl import group_share
+
+    shares = [group_share(7, Distributed(rank=r, world_size=3)) for r in range(3)]
+    assert shares == [(0, 2), (2, 4), (4, 7)]
+    assert group_share(4, Distributed()) == (0, 4)

@@ -727,7 +727,9 @@ class RLTrainer:
         # The loss is the mean over all the step's sequences; DDP and FSDP average the
         # processes' gradients, so each process's part is scaled by world_size / total rows.
         scale = rows * env.world_size / total_rows
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # The optimizer's own parameters: after a forward without gradients FSDP2 leaves the
+        # root module's weights unsharded, and the module then lists those instead.
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         losses, kls, clipped, norms = [], [], [], []
         for noisy, p_mask, ref, old in batches:
             log_probs = self._estimates(
