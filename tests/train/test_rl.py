@@ -394,3 +394,93 @@ def test_groups_are_shared_out_whole_and_contiguously():
     shares = [group_share(7, Distributed(rank=r, world_size=3)) for r in range(3)]
     assert shares == [(0, 2), (2, 4), (4, 7)]
     assert group_share(4, Distributed()) == (0, 4)
+
+
+# LoRA ---------------------------------------------------------------------------------------
+
+
+def test_adapters_disabled_is_the_base_model(tiny):
+    pytest.importorskip("peft")
+    import copy
+
+    from llada.train.lora import add_lora
+    from llada.train.rl import adapters_disabled
+
+    model = add_lora(copy.deepcopy(tiny), rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(generator=torch.Generator().manual_seed(len(name)))
+    tokens = torch.randint(10, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = tiny(tokens).logits
+        with adapters_disabled(model):
+            off = model(tokens).logits
+        on = model(tokens).logits
+    assert torch.equal(off, base)
+    assert not torch.allclose(on, base, atol=1e-3)
+    adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert adapters and all(p.requires_grad for p in adapters)  # trainable again afterwards
+
+
+def test_lora_trains_only_the_adapters_and_peft_loads_them(
+    chat_checkpoint, tmp_path, reward_module
+):
+    peft = pytest.importorskip("peft")
+    from llada.train.lora import TARGET_MODULES
+    from llada.train.rl import RLTrainer
+
+    config = _config(
+        chat_checkpoint, tmp_path / "run", lora_rank=4, lora_alpha=8.0, lr=1e-2, beta_kl=0.5
+    )
+    trainer = RLTrainer(config)
+    assert trainer.reference is None  # the reference is the policy with its adapters off
+    records = [trainer.train_step() for _ in range(3)]
+    assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0
+    folder = trainer.save()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.json"):
+        assert (folder / name).is_file(), name
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    assert settings["r"] == 4 and settings["lora_alpha"] == 8
+    assert settings["base_model_name_or_path"] == str(chat_checkpoint.resolve())
+    start = llada.load_model(chat_checkpoint, dtype=torch.float32)
+    merged_model = llada.load_model(folder, dtype=torch.float32)
+    # Only the linears the adapters sit on moved; embeddings, norms and the LM head did not.
+    merged = merged_model.state_dict()
+    for name, tensor in start.state_dict().items():
+        adapted = any(f".{t}." in name for t in TARGET_MODULES)
+        if not adapted:
+            assert torch.equal(merged[name], tensor), name
+    assert any(not torch.equal(merged[k], start.state_dict()[k]) for k in merged)
+    tokens = torch.randint(10, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trainer.policy(tokens).logits
+        loaded = peft.PeftModel.from_pretrained(start, str(folder))
+        torch.testing.assert_close(loaded(tokens).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged_model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_resume_is_exact(chat_checkpoint, tmp_path, reward_module):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    kw = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2, inner_updates=2)
+    whole = train_rl(_config(chat_checkpoint, tmp_path / "whole", steps=3, **kw))
+    train_rl(_config(chat_checkpoint, tmp_path / "parts", steps=2, **kw))
+    with pytest.raises(ValueError, match="pass --lora-rank 4"):
+        train_rl(_config(chat_checkpoint, tmp_path / "parts", steps=3, resume=True))
+    resumed = train_rl(_config(chat_checkpoint, tmp_path / "parts", steps=3, resume=True, **kw))
+    for key in ("reward", "loss", "kl"):
+        assert resumed.metrics[0][key] == whole.metrics[2][key]
+    a = load_file(whole.checkpoint / "adapter_model.safetensors")
+    b = load_file(resumed.checkpoint / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_a_model_without_adaptable_layers_is_one_clear_line(
+    chat_checkpoint, tmp_path, monkeypatch
+):
+    pytest.importorskip("peft")
+    monkeypatch.setattr("llada.train.lora.TARGET_MODULES", ("no_such_layer",))
+    with pytest.raises(ValueError, match="--lora-rank 2: .* cannot take LoRA adapters"):
+        train_rl(_config(chat_checkpoint, tmp_path / "run", lora_rank=2))
