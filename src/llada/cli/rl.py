@@ -17,7 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "GRPO of a LLaDA or LLaDA-MoE model: answers sampled by the fast sampler, rewards "
             "by exact match on the generated tasks (or --reward module:function), "
             "group-relative advantages, a clipped objective with a KL penalty to the starting "
-            "model; log-probabilities by d1's one-step estimate or the ELBO (--estimator)."
+            "model; log-probabilities by d1's one-step estimate or the ELBO (--estimator). "
+            "LoRA with --lora-rank; runs as one process or on N with "
+            "`torchrun --nproc_per_node N -m llada.cli.main rl ...` (the step's questions "
+            "shared out; gloo on CPU, NCCL on GPU)."
         ),
     )
     add_run_arguments(parser, RLConfig, "reinforcement learning")

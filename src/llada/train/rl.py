@@ -34,13 +34,24 @@ the policy's log-probabilities are estimated:
   exp((elbo - elbo_old) / L) (GSPO, Zheng et al. 2025, arXiv 2507.18071), and the KL term is
   on the same per-token means.
 
-Checkpoints are official model folders (float32 weights, `llada.load_model` reads them) with
-`trainer_state.pt` (step, optimizer, settings), written atomically by
-`llada.train.checkpointing.save_checkpoint`. Every random draw of a step (questions, rollouts,
-masks) comes from seeds of (seed, step), so `resume` continues exactly as the run would have.
+Rollouts are sampled question by question (a batch of group_size answers to one prompt), with
+the draws seeded from (seed, step, question index), and the estimators' masks likewise: what a
+question gets does not depend on the process that handles it. Under torchrun each process takes
+a contiguous share of the step's questions, the policy is wrapped as `llada train` wraps it
+(`llada.train.parallel`: DDP or FSDP2), the loss is the mean over all the step's answers, and
+rewards and logs are all-reduced, so N processes follow the one-process run.
 
-Scope: one process; full fine-tuning (no LoRA); dense LLaDA and LLaDA-MoE (LLaDA 2.x's block
-diffusion has no one-step estimate here and is refused).
+With `lora_rank`, only LoRA adapters (peft, `llada.train.lora`) train and the KL reference is the
+policy with its adapters switched off: no second copy of the weights.
+
+Checkpoints are `llada train`'s (`llada.train.checkpointing`): an official model folder in
+float32 (LoRA: merged weights, the adapters in peft's format beside them), the sharded policy
+and optimizer state, and `trainer_state.pt` (step, settings), written atomically. Every random
+draw of a step (questions, rollouts, masks) comes from seeds of (seed, step, question), so
+`resume` continues exactly as the run would have.
+
+Scope: dense LLaDA and LLaDA-MoE (LLaDA 2.x's block diffusion has no one-step estimate here and
+is refused).
 """
 
 from __future__ import annotations
