@@ -303,16 +303,97 @@ def test_resume_is_exact(chat_checkpoint, tmp_path, reward_module, estimator):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
 
 
-def test_moe_model_trains_and_llada2_is_refused(
-    moe_chat_checkpoint, llada2_chat_checkpoint, tmp_path, reward_module
-):
+def test_moe_model_trains(moe_chat_checkpoint, tmp_path, reward_module):
     result = train_rl(_config(moe_chat_checkpoint, tmp_path / "moe", steps=2))
     assert result.checkpoint is not None and result.metrics[0]["kl"] == 0.0
     trained = llada.load_model(result.checkpoint, dtype=torch.float32).state_dict()
     start = llada.load_model(moe_chat_checkpoint, dtype=torch.float32).state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
-    with pytest.raises(ValueError, match="LLaDA 2.x"):
-        train_rl(_config(llada2_chat_checkpoint, tmp_path / "llada2"))
+
+
+# LLaDA 2.x ----------------------------------------------------------------------------------
+
+
+def test_block_elbo_of_padded_groups_matches_the_likelihood(llada2_chat_checkpoint):
+    """Two groups with prompts of different lengths, left-padded into one batch: each row's
+    estimate is llada.likelihood's LLaDA 2.x ELBO (same draws) divided by the answer length,
+    blocks counted from the row's own first token (blocks of 4 straddle prompt and answer)."""
+    from types import SimpleNamespace
+
+    from llada.train.rl import RLTrainer
+
+    model = llada.load_model(llada2_chat_checkpoint, dtype=torch.float32)
+    mask_id = model.special_tokens.mask_id
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 300, (n,), generator=g) for n in (9, 6)]
+    answers = [torch.randint(10, 300, (5,), generator=g) for _ in prompts]
+    width = 9 + 5
+    rows, masks = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        pad = 9 - len(prompt)
+        rows.append(torch.cat([torch.full((pad,), model.special_tokens.pad_id), prompt, answer]))
+        masks.append(torch.cat([torch.zeros(pad), torch.ones(width - pad)]).long())
+    sequences, attention_mask = torch.stack(rows), torch.stack(masks)
+    noisy, p_mask = [], []
+    for i, seed in enumerate((11, 12)):
+        torch.manual_seed(seed)
+        x, p = elbo_inputs(sequences[i : i + 1], 9, mask_id, mc_num=4)
+        noisy.append(x)
+        p_mask.append(p)
+    trainer = RLTrainer.__new__(RLTrainer)
+    trainer.config = SimpleNamespace(group_size=1)
+    trainer.block_length = 4
+    trainer.special_tokens = model.special_tokens
+    with torch.no_grad():
+        got = trainer._block_estimates(
+            model, torch.cat(noisy, 1), sequences, attention_mask, 9, torch.cat(p_mask, 1)
+        )
+    assert got.shape == (2, 1)
+    for i, seed in enumerate((11, 12)):
+        torch.manual_seed(seed)
+        expected = get_log_likelihood(
+            model, prompts[i], answers[i], mc_num=4, batch_size=4, block_length=4
+        )
+        assert float(got[i, 0]) * 5 == pytest.approx(expected, rel=1e-5)
+
+
+def test_llada2_trains_by_its_block_sampler_and_elbo(
+    llada2_chat_checkpoint, tmp_path, reward_module
+):
+    kw = dict(decode="llada2.0", estimator="elbo", mc_num=2, block_length=8, inner_updates=2)
+    whole = train_rl(_config(llada2_chat_checkpoint, tmp_path / "whole", steps=3, **kw))
+    assert whole.metrics[0]["rollout_forward_passes"] > 0
+    trained = llada.load_model(whole.checkpoint, dtype=torch.float32).state_dict()
+    start = llada.load_model(llada2_chat_checkpoint, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert whole.metrics[-1]["kl"] > 0
+    train_rl(_config(llada2_chat_checkpoint, tmp_path / "parts", steps=2, **kw))
+    resumed = train_rl(
+        _config(llada2_chat_checkpoint, tmp_path / "parts", steps=3, resume=True, **kw)
+    )
+    for key in ("reward", "loss", "kl"):
+        assert resumed.metrics[0][key] == whole.metrics[2][key]
+    again = llada.load_model(resumed.checkpoint, dtype=torch.float32).state_dict()
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(decode="llada2.0"), "d1's one-step estimate .* pass --estimator elbo"),
+        (dict(estimator="elbo"), "pass --decode llada2.0 or"),
+    ],
+)
+def test_llada2_settings_that_do_not_fit_are_one_line(
+    llada2_chat_checkpoint, tmp_path, changes, message
+):
+    with pytest.raises(ValueError, match=message):
+        train_rl(_config(llada2_chat_checkpoint, tmp_path / "run", **changes))
+
+
+def test_block_sampler_on_a_dense_model_is_one_line(chat_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="--decode llada2.0 is LLaDA 2.x's block sampler"):
+        train_rl(_config(chat_checkpoint, tmp_path / "run", decode="llada2.0"))
 
 
 # Under torchrun ----------------------------------------------------------------------------
@@ -484,3 +565,16 @@ def test_lora_on_a_model_without_adaptable_layers_is_one_clear_line(
     monkeypatch.setattr("llada.train.lora.TARGET_MODULES", ("no_such_layer",))
     with pytest.raises(ValueError, match="--lora-rank 2: .* cannot take LoRA adapters"):
         train_rl(_config(chat_checkpoint, tmp_path / "run", lora_rank=2))
+
+
+def test_llada2_under_torchrun_is_one_line(
+    llada2_chat_checkpoint, tmp_path, monkeypatch, reward_module
+):
+    from llada.train import rl
+    from llada.train.parallel import Distributed
+
+    monkeypatch.setattr(rl, "init_distributed", lambda: Distributed(rank=0, world_size=2))
+    monkeypatch.setattr(rl, "barrier", lambda env: None)
+    config = _config(llada2_chat_checkpoint, tmp_path / "run", decode="llada2.0", estimator="elbo")
+    with pytest.raises(ValueError, match="runs in one process for now"):
+        train_rl(config)

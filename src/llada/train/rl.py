@@ -50,8 +50,10 @@ and optimizer state, and `trainer_state.pt` (step, settings), written atomically
 draw of a step (questions, rollouts, masks) comes from seeds of (seed, step, question), so
 `resume` continues exactly as the run would have.
 
-Scope: dense LLaDA and LLaDA-MoE (LLaDA 2.x's block diffusion has no one-step estimate here and
-is refused).
+LLaDA 2.x (block diffusion): rollouts by its block sampler (`--decode llada2.0` or a 2.1 preset,
+blocks of `block_length`), log-probabilities by the 'elbo' estimator on its block-diffusion ELBO
+(`block_elbo_log_probs`: each group scored on its own, blocks counted from the row's first token
+as the sampler counts them); d1's one-step estimate is refused, and so is torchrun for now.
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import stratified_masking
+from ..diffusion import block_masked_logits, stratified_masking
 from ..eval.tasks import EVAL_SEED, SYNTHETIC_TASKS, Example, is_correct, synthetic_examples
 from ..model.checkpoint import load_model
-from ..sampling.config import PRESETS
+from ..sampling.config import BLOCK_PRESETS, decode_preset
 from ..sampling.fast import sample
 from ..tokenizer import copy_tokenizer_files, encode_chat, load_tokenizer
 from .checkpointing import (
@@ -316,6 +318,37 @@ def elbo_log_probs(
     return (elbo / (length - prompt_length))[:, None]
 
 
+def block_elbo_log_probs(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    p_mask: torch.Tensor,
+    sequences: torch.Tensor,
+    prompt_length: int,
+    mask_id: int,
+    block_length: int,
+) -> torch.Tensor:
+    """(B, 1): a LLaDA 2.x model's Monte Carlo ELBO of each answer per answer token, as
+    `elbo_log_probs` but by block diffusion: each masked answer token is predicted from its own
+    noisy block and the clean blocks before it (`llada.diffusion.block_masked_logits`, blocks
+    counted from the row's first token as the block sampler counts them), so the estimate is
+    `llada.likelihood`'s for LLaDA 2.x with the same draws, divided by the answer length T.
+    sequences (B, L) hold no padding: every row is its prompt (the first prompt_length tokens)
+    and its answer, and the last block ends with the answer, as the likelihood scores it."""
+    draws, batch, length = noisy.shape
+    flat = noisy.reshape(draws * batch, length)
+    clean = sequences.repeat(draws, 1)
+    is_masked = flat == mask_id
+    is_masked[:, :prompt_length] = False
+    logits = block_masked_logits(model, flat, clean, is_masked, block_length)  # (N, V)
+    token = -F.cross_entropy(logits.float(), clean[is_masked], reduction="none")  # (N,)
+    weights = p_mask.reshape(draws * batch, length)[is_masked]
+    rows = is_masked.nonzero()[:, 0]  # the (draw, row) of each masked token, row-major
+    per_draw = torch.zeros(draws * batch, device=flat.device, dtype=torch.float32)
+    per_draw = per_draw.index_add(0, rows, token / weights)
+    elbo = per_draw.view(draws, batch).mean(dim=0)
+    return (elbo / (length - prompt_length))[:, None]
+
+
 # The run -----------------------------------------------------------------------------------
 
 
@@ -431,11 +464,9 @@ class RLTrainer:
         self.resume_from, state = self._resume_point()
         self.reward_name, self.reward = load_reward(config.reward)
         base = load_model(config.model, dtype=torch.float32)
-        if getattr(base, "block_diffusion", False):
-            raise ValueError(
-                f"{config.model} is a LLaDA 2.x (block diffusion) model: `llada rl` trains dense "
-                "LLaDA and LLaDA-MoE models only"
-            )
+        # LLaDA 2.x: rollouts by its block sampler, log-probabilities by its block-diffusion
+        # ELBO over blocks of the rollouts' block_length.
+        self.block_length = self._block_length(base)
         self.tokenizer_folder = self.out_dir / "tokenizer"
         if env.is_main:
             copy_tokenizer_files(base.checkpoint_folder, self.tokenizer_folder)
@@ -484,6 +515,37 @@ class RLTrainer:
             self.say(f"resumed from step {self.step} ({self.resume_from})")
         self.held_out = held_out_prompts(config.task_list())
         self.groups = group_share(config.prompts_per_step, env)
+
+    def _block_length(self, model: torch.nn.Module) -> int | None:
+        """The block length of a LLaDA 2.x run (None for the other families), after checking
+        that the settings fit the family."""
+        config = self.config
+        if not getattr(model, "block_diffusion", False):
+            if config.decode in BLOCK_PRESETS:
+                raise ValueError(
+                    f"--decode {config.decode} is LLaDA 2.x's block sampler; {config.model} is "
+                    "not a LLaDA 2.x model: pass a LLaDA-8B preset (e.g. --decode fast)"
+                )
+            return None
+        name = f"{config.model} is a LLaDA 2.x (block diffusion) model"
+        if config.decode not in BLOCK_PRESETS:
+            raise ValueError(
+                f"{name}: it samples with its block sampler; pass --decode "
+                f"{' or '.join(sorted(BLOCK_PRESETS))}"
+            )
+        if config.estimator != "elbo":
+            raise ValueError(
+                f"{name}: d1's one-step estimate reads the whole answer in one forward, which a "
+                "block-diffusion model never does; pass --estimator elbo (its block-diffusion "
+                "ELBO)"
+            )
+        if self.env.enabled:
+            raise ValueError(
+                f"{name}: RL on LLaDA 2.x runs in one process for now (its ELBO takes one "
+                "forward per question, which DDP and FSDP would have to synchronise); run "
+                "without torchrun"
+            )
+        return config.block_length
 
     def _with_adapters(self, base: torch.nn.Module) -> torch.nn.Module:
         """The base with LoRA adapters on every block linear (only they train); initialised
@@ -601,7 +663,9 @@ class RLTrainer:
                 ids = torch.tensor(encoded[index], device=env.device)[None]
                 ids = ids.repeat(config.group_size, 1)  # (G, Lp_i)
                 with _seeded(_seed(config.seed, self.step, "rollout", index), env.device):
-                    out = sample(model, ids, None, config.sampler_config(), PRESETS[config.decode])
+                    out = sample(
+                        model, ids, None, config.sampler_config(), decode_preset(config.decode)
+                    )
                 pad = prompt_length - ids.shape[1]
                 rows = F.pad(out.tokens, (pad, 0), value=tokens.pad_id)  # (G, Lp + T)
                 mask = torch.ones_like(rows)
@@ -620,12 +684,37 @@ class RLTrainer:
         return sequences, torch.cat(masks), prompt_length, replies, passes
 
     def _estimates(self, model, noisy, sequences, attention_mask, prompt_length, p_mask):
+        if self.block_length is not None:
+            return self._block_estimates(
+                model, noisy, sequences, attention_mask, prompt_length, p_mask
+            )
         if self.config.estimator == "one-step":
             return one_step_log_probs(model, noisy, sequences, attention_mask, prompt_length)
         return elbo_log_probs(
             model, noisy, p_mask, sequences, attention_mask, prompt_length,
             self.special_tokens.mask_id,
         )  # fmt: skip
+
+    def _block_estimates(self, model, noisy, sequences, attention_mask, prompt_length, p_mask):
+        """LLaDA 2.x: `block_elbo_log_probs` of each group on its own, without the left
+        padding (blocks count from each row's first token), concatenated: (N, 1)."""
+        group = self.config.group_size
+        out = []
+        for start in range(0, sequences.shape[0], group):
+            rows = slice(start, start + group)
+            pad = int((attention_mask[start] == 0).sum())  # the group's rows share their prompt
+            out.append(
+                block_elbo_log_probs(
+                    model,
+                    noisy[:, rows, pad:],
+                    p_mask[:, rows, pad:],
+                    sequences[rows, pad:],
+                    prompt_length - pad,
+                    self.special_tokens.mask_id,
+                    self.block_length,
+                )
+            )
+        return torch.cat(out)
 
     def _reference_estimates(self, noisy, sequences, attention_mask, prompt_length, p_mask):
         """The reference's estimates: the frozen starting model, or with LoRA the policy with

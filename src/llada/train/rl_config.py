@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from ..eval.tasks import SYNTHETIC_TASKS
-from ..sampling.config import PRESETS, GenerateConfig
+from ..sampling.config import BLOCK_PRESETS, PRESETS, GenerateConfig
 from ..settings import require_positive_ints
 
 Estimator = Literal["one-step", "elbo"]
@@ -42,9 +42,11 @@ class RLConfig:
     prompt_masking: 'one-step': probability of masking each prompt token (d1: 0.15).
     mc_num: 'elbo': masked draws per answer.
     temperature: sampling temperature of the rollouts (> 0, so that a group's answers differ).
-    decode: decoding preset of the rollouts (e.g. 'fast', 'reference').
+    decode: decoding preset of the rollouts (e.g. 'fast', 'reference'; LLaDA 2.x: 'llada2.0',
+        'llada2.1-quality', 'llada2.1-speed', its block sampler).
     gen_length: answer tokens per rollout.
-    block_length: block length of the rollout sampler.
+    block_length: block length of the rollout sampler (LLaDA 2.x: also the blocks of its
+        block-diffusion ELBO).
     sampler_steps: steps of the rollout sampler (its schedule; 'fast' takes what it needs).
     seed: seeds the questions, the rollouts and the masks of every step.
     parallel: under torchrun, how the policy is wrapped: 'ddp', 'fsdp' (FSDP2) or 'none';
@@ -111,8 +113,11 @@ class RLConfig:
             )
         if self.estimator not in ("one-step", "elbo"):
             raise ValueError(f"estimator must be 'one-step' or 'elbo', got {self.estimator!r}")
-        if self.decode not in PRESETS:
-            raise ValueError(f"decode must be one of {sorted(PRESETS)}, got {self.decode!r}")
+        if self.decode not in PRESETS and self.decode not in BLOCK_PRESETS:
+            raise ValueError(
+                f"decode must be one of {sorted(PRESETS)} (LLaDA, LLaDA-MoE) or "
+                f"{sorted(BLOCK_PRESETS)} (LLaDA 2.x), got {self.decode!r}"
+            )
         for name, low, high in (
             ("lr", 0.0, math.inf),
             ("temperature", 0.0, 10.0),
