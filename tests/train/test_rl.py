@@ -567,7 +567,7 @@ def test_lora_on_a_model_without_adaptable_layers_is_one_clear_line(
         train_rl(_config(chat_checkpoint, tmp_path / "run", lora_rank=2))
 
 
-def test_llada2_under_torchrun_is_one_line(
+def test_llada2_needs_equal_shares_under_torchrun(
     llada2_chat_checkpoint, tmp_path, monkeypatch, reward_module
 ):
     from llada.train import rl
@@ -575,6 +575,38 @@ def test_llada2_under_torchrun_is_one_line(
 
     monkeypatch.setattr(rl, "init_distributed", lambda: Distributed(rank=0, world_size=2))
     monkeypatch.setattr(rl, "barrier", lambda env: None)
-    config = _config(llada2_chat_checkpoint, tmp_path / "run", decode="llada2.0", estimator="elbo")
-    with pytest.raises(ValueError, match="runs in one process for now"):
+    config = _config(
+        llada2_chat_checkpoint, tmp_path / "run", decode="llada2.0", estimator="elbo",
+        prompts_per_step=3,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--prompts-per-step 3 must be a multiple of the 2"):
         train_rl(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_llada2_under_torchrun_follows_one_process(
+    llada2_chat_checkpoint, tmp_path, reward_module, parallel
+):
+    """LLaDA 2.x on 2 processes, two questions each (one forward and backward per question,
+    the gradients synchronised in the second): the block sampler's rollouts as in one process
+    (rewards equal exactly), losses, KL and weights within the same tolerances."""
+    kw = dict(
+        decode="llada2.0", estimator="elbo", mc_num=2, block_length=8, inner_updates=2,
+        steps=2, beta_kl=0.5, prompts_per_step=4,
+    )  # fmt: skip
+    one = train_rl(_config(llada2_chat_checkpoint, tmp_path / "one", **kw))
+    config = _config(llada2_chat_checkpoint, tmp_path / "two", parallel=parallel, **kw)
+    run = _torchrun(config, tmp_path / "two.json", tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    two = _metrics(tmp_path / "two")
+    assert len(two) == 2
+    for a, b in zip(one.metrics, two, strict=True):
+        assert b["reward"] == a["reward"] and b["reward_std"] == a["reward_std"]
+        for key in ("loss", "kl", "clip_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert one.metrics[-1]["kl"] > 0
+    a = llada.load_model(one.checkpoint, dtype=torch.float32).state_dict()
+    b = llada.load_model(latest_checkpoint(tmp_path / "two"), dtype=torch.float32).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

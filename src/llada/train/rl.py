@@ -539,11 +539,11 @@ class RLTrainer:
                 "block-diffusion model never does; pass --estimator elbo (its block-diffusion "
                 "ELBO)"
             )
-        if self.env.enabled:
+        if config.prompts_per_step % self.env.world_size:
             raise ValueError(
-                f"{name}: RL on LLaDA 2.x runs in one process for now (its ELBO takes one "
-                "forward per question, which DDP and FSDP would have to synchronise); run "
-                "without torchrun"
+                f"{name}: its ELBO takes one forward per question, and every process must run "
+                f"as many: --prompts-per-step {config.prompts_per_step} must be a multiple of "
+                f"the {self.env.world_size} processes"
             )
         return config.block_length
 
@@ -822,40 +822,24 @@ class RLTrainer:
                         self.policy, noisy, sequences, attention_mask, prompt_length, p_mask
                     )
                 batches.append((noisy, p_mask, ref, old))
-        rows, total_rows = sequences.shape[0], config.prompts_per_step * config.group_size
+        total_rows = config.prompts_per_step * config.group_size
         tokens = float(weights.sum())
-        # The loss is the mean over all the step's sequences; DDP and FSDP average the
-        # processes' gradients, so each process's part is scaled by world_size / total rows.
-        scale = rows * env.world_size / total_rows
         # The optimizer's own parameters: after a forward without gradients FSDP2 leaves the
         # root module's weights unsharded, and the module then lists those instead.
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         losses, kls, clipped, norms = [], [], [], []
         for noisy, p_mask, ref, old in batches:
-            log_probs = self._estimates(
-                self.model, noisy, sequences, attention_mask, prompt_length, p_mask
-            )
-            # One update per batch: the rollout policy is the policy itself (ratio 1).
-            old = log_probs.detach() if old is None else old
-            loss, stats = clipped_objective(
-                log_probs, old, ref, advantages, weights, config.clip, config.beta_kl
-            )
             self.optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()
+            parts = self._objective_backward(
+                noisy, p_mask, ref, old, sequences, attention_mask, prompt_length, advantages,
+                weights,
+            )  # fmt: skip
             norm = torch.nn.utils.clip_grad_norm_(
                 trainable, config.grad_clip if config.grad_clip > 0 else math.inf
             )
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
-            summed = all_reduce_sum(
-                [
-                    float(loss.detach()) * rows,
-                    stats["kl"] * rows,
-                    stats["clip_fraction"] * max(tokens, 1.0),
-                    max(tokens, 1.0),
-                ],
-                env,
-            )
+            summed = all_reduce_sum([*parts, max(tokens, 1.0)], env)
             step_loss, norm = summed[0] / total_rows, float(norm)
             if not (math.isfinite(step_loss) and math.isfinite(norm)):
                 good = latest_checkpoint(self.out_dir)
@@ -884,6 +868,64 @@ class RLTrainer:
             "rollout_forward_passes": passes,
             "seconds": time.perf_counter() - started,
         }
+
+    def _objective_backward(
+        self, noisy, p_mask, ref, old, sequences, attention_mask, prompt_length, advantages, weights
+    ) -> list[float]:
+        """Backpropagate this process's part of the step's loss (the clipped objective, mean
+        over all the step's answers) and return its sums over this process's rows: the
+        per-sequence loss, the KL term, and the clipped tokens.
+
+        One forward of all the rows; LLaDA 2.x: one forward and backward per group (each is
+        scored unpadded), the gradients synchronised between processes in the last one only."""
+        config, env = self.config, self.env
+        rows, group = sequences.shape[0], config.group_size
+        if self.block_length is None:
+            parts = [slice(0, rows)]
+        else:
+            parts = [slice(start, start + group) for start in range(0, rows, group)]
+        # DDP and FSDP average the processes' gradients: each part of the mean over all the
+        # step's answers is scaled by world_size / total rows.
+        total_rows = config.prompts_per_step * group
+        sums = [0.0, 0.0, 0.0]
+        for index, part in enumerate(parts):
+            one = self.block_length is None
+            part_noisy = noisy if one else noisy[:, part]
+            part_p_mask = p_mask if one else p_mask[:, part]
+            log_probs = self._estimates(
+                self.model, part_noisy, sequences[part], attention_mask[part], prompt_length,
+                part_p_mask,
+            )  # fmt: skip
+            # One update per batch: the rollout policy is the policy itself (ratio 1).
+            part_old = log_probs.detach() if old is None else old[part]
+            part_ref = None if ref is None else ref[part]
+            loss, stats = clipped_objective(
+                log_probs, part_old, part_ref, advantages[part], weights[part], config.clip,
+                config.beta_kl,
+            )  # fmt: skip
+            count = part.stop - part.start
+            with self._gradient_sync(index == len(parts) - 1):
+                (loss * (count * env.world_size / total_rows)).backward()
+            sums[0] += float(loss.detach()) * count
+            sums[1] += stats["kl"] * count
+            sums[2] += stats["clip_fraction"] * max(float(weights[part].sum()), 1.0)
+        return sums
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Backward passes inside keep their gradients in this process (DDP's no_sync, FSDP2's
+        requires_gradient_sync off) unless `enabled`."""
+        if enabled or self.mode == "none":
+            yield
+        elif self.mode == "ddp":
+            with self.model.no_sync():
+                yield
+        else:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
 
     # Saving -----------------------------------------------------------------------------------
 
