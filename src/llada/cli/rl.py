@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "rl",
         help="reinforcement learning with checkable rewards (GRPO on the generated tasks)",
         description=(
-            "GRPO of a LLaDA or LLaDA-MoE model: answers sampled by the fast sampler, rewards "
+            "GRPO of a LLaDA, LLaDA-MoE or LLaDA 2.x model: answers sampled by the fast "
+            "sampler (LLaDA 2.x: its block sampler, --decode llada2.0), rewards "
             "by exact match on the generated tasks (or --reward module:function), "
             "group-relative advantages, a clipped objective with a KL penalty to the starting "
             "model; log-probabilities by d1's one-step estimate or the ELBO (--estimator). "

@@ -53,7 +53,8 @@ draw of a step (questions, rollouts, masks) comes from seeds of (seed, step, que
 LLaDA 2.x (block diffusion): rollouts by its block sampler (`--decode llada2.0` or a 2.1 preset,
 blocks of `block_length`), log-probabilities by the 'elbo' estimator on its block-diffusion ELBO
 (`block_elbo_log_probs`: each group scored on its own, blocks counted from the row's first token
-as the sampler counts them); d1's one-step estimate is refused, and so is torchrun for now.
+as the sampler counts them, one forward and backward per group); d1's one-step estimate is
+refused. Under torchrun every process must hold as many questions (equal numbers of forwards).
 """
 
 from __future__ import annotations
