@@ -14,13 +14,20 @@ loopback port, then:
    NUL, RTL marks, emoji, 10k combining marks), and whole bodies that are not JSON, too large,
    deeply nested, of another Content-Type or Host. Figures: 5xx, hangs (no answer within
    --timeout), non-JSON error bodies, server alive at the end.
-3. faults: mid-stream disconnects (the server must drop their rows and go idle), slow clients
+3. throughput: requests/s and p50/p99 latency at 1, 8, 32 and 64 concurrent clients
+   (--throughput-clients), each sending its requests back to back (a closed loop), with
+   sampler settings that vary per request (temperature, seed, threshold, max_tokens), against
+   two servers: `--mixed-batches` (requests that differ only in per-row settings share
+   sampler calls) and `--no-mixed-batches` (the former scheduler: only identical settings
+   share, a seeded request runs alone). Answers are checked against the solo answers.
+4. faults: mid-stream disconnects (the server must drop their rows and go idle), slow clients
    (half headers or half a body: each must be timed out by the server), and SIGTERM on a fresh
    server with requests in flight and stalled clients (the in-flight ones must finish, the
    server must exit within its shutdown grace).
 
     OMP_NUM_THREADS=1 python bench/server_load.py
     python bench/server_load.py --clients 64 --fuzz 500 --slow-clients 20
+    OMP_NUM_THREADS=1 python bench/server_load.py --only throughput
 
 The last line of output is one JSON object with every figure.
 """
@@ -170,6 +177,8 @@ def load_requests(count: int) -> list[Request]:
             path, body["prompt"] = COMPLETIONS, text + "\n"
         if i % 3 == 0:
             body.update(temperature=0.8, seed=1000 + i)
+        if i % 5 == 1:
+            body["threshold"] = 0.9
         if (i // 2) % 2:
             body["stream"] = True
         requests.append(Request(path, body))
@@ -287,6 +296,100 @@ def run_load(server: ServerProcess, clients: int, solo: dict[int, str], timeout:
         "rss_mb_after": round(server.rss_mb(), 1),
         "errors": sorted({o.error for o in outcomes if o.error})[:5],
     }
+
+
+def _throughput_round(server: ServerProcess, requests, solo, clients: int, each: int, timeout):
+    """`clients` closed-loop clients, each sending `each` requests back to back."""
+    before = server.metrics()
+    barrier = threading.Barrier(clients)
+
+    def client_loop(c: int) -> list:
+        done = []
+        with httpx.Client(timeout=timeout, headers=JSON_TYPE) as client:
+            barrier.wait()
+            for k in range(each):
+                i = c * each + k
+                done.append((i, send(client, server.url, requests[i])))
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = [o for part in pool.map(client_loop, range(clients)) for o in part]
+    wall = time.perf_counter() - started
+    calls = server.metrics()["llada_batches_total"] - before["llada_batches_total"]
+    answered = [(i, o) for i, o in outcomes if o.answer is not None]
+    return {
+        "requests": len(outcomes),
+        "answered": len(answered),
+        "differ_from_solo": sum(o.answer != solo[i] for i, o in answered),
+        "wall_s": wall,
+        "latencies": [o.seconds for _, o in answered],
+        "sampler_calls": int(calls),
+    }
+
+
+def run_throughput(
+    model: Path, clients_list: list[int], timeout: float, per_client_total: int = 32
+) -> dict:
+    """Requests/s and latency at each client count, for both schedulers (see the docstring).
+    Each client sends max(2, per_client_total // clients) requests back to back. Both servers
+    run side by side and each client count is measured in the order mixed, exact, exact,
+    mixed, so that a change in the machine's load falls on both alike."""
+    most = max(max(2, per_client_total // c) * c for c in clients_list)
+    requests = load_requests(most)
+    servers = {
+        "mixed": ServerProcess(model, [*SERVER_FLAGS, "--mixed-batches"]),
+        "exact": ServerProcess(model, [*SERVER_FLAGS, "--no-mixed-batches"]),
+    }
+    results: dict = {"mixed": [], "exact": []}
+    try:
+        solo: dict[int, str] = {}  # every request alone, once (the scheduler cannot matter)
+        with httpx.Client(timeout=timeout, headers=JSON_TYPE) as client:
+            for i, request in enumerate(requests):
+                outcome = send(client, servers["exact"].url, request)
+                if outcome.answer is None:
+                    raise RuntimeError(f"a solo request failed: {outcome}")
+                solo[i] = outcome.answer
+        for clients in clients_list:
+            each = max(2, per_client_total // clients)
+            rounds: dict[str, list[dict]] = {"mixed": [], "exact": []}
+            for scheduler in ("mixed", "exact", "exact", "mixed"):
+                rounds[scheduler].append(
+                    _throughput_round(servers[scheduler], requests, solo, clients, each, timeout)
+                )
+            for scheduler, both in rounds.items():
+                latencies = [t for r in both for t in r["latencies"]]
+                answered = sum(r["answered"] for r in both)
+                wall = sum(r["wall_s"] for r in both)
+                calls = sum(r["sampler_calls"] for r in both)
+                row = {
+                    "clients": clients,
+                    "requests": sum(r["requests"] for r in both),
+                    "answered": answered,
+                    "differ_from_solo": sum(r["differ_from_solo"] for r in both),
+                    "requests_per_s": round(answered / wall, 2),
+                    "p50_s": round(percentile(latencies, 50), 3),
+                    "p99_s": round(percentile(latencies, 99), 3),
+                    "sampler_calls": calls,
+                    "rows_per_call": round(answered / max(calls, 1), 2),
+                    "wall_s": round(wall, 2),
+                }
+                results[scheduler].append(row)
+                print(
+                    f"throughput [{scheduler}] {clients} clients: {row['requests_per_s']} req/s, "
+                    f"p50 {row['p50_s']} s, p99 {row['p99_s']} s, {calls} calls "
+                    f"({row['rows_per_call']} rows each), answered {answered}/{row['requests']}, "
+                    f"differ from solo {row['differ_from_solo']}"
+                )
+    finally:
+        for server in servers.values():
+            server.stop()
+    results["speedup"] = {
+        str(m["clients"]): round(m["requests_per_s"] / e["requests_per_s"], 2)
+        for m, e in zip(results["mixed"], results["exact"], strict=True)
+    }
+    print(f"throughput mixed / exact (requests/s): {results['speedup']}")
+    return results
 
 
 # -- the fuzzer -----------------------------------------------------------------------------------
@@ -762,12 +865,18 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--stalled", type=int, default=8)
     parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--throughput-clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--only", choices=["throughput"], default=None, help="run this phase alone")
     args = parser.parse_args()
 
     started = time.perf_counter()
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs, model {args.model.name}")
     figures: dict = {"omp_num_threads": threads, "model": args.model.name}
+    figures["throughput"] = run_throughput(args.model, args.throughput_clients, args.timeout)
+    if args.only == "throughput":
+        print(json.dumps(figures))
+        return
     server = ServerProcess(args.model, SERVER_FLAGS)
     try:
         most = max(args.clients)

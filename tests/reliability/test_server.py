@@ -75,6 +75,20 @@ def test_fuzzed_requests_get_4xx_json_while_good_clients_get_their_solo_answers(
     assert server.alive() and server.healthy()
 
 
+def test_throughput_round_of_the_benchmark_counts_calls_and_checks_answers(server):
+    """The throughput phase's measuring round, small: closed-loop clients with settings that
+    vary per request (seeds, temperatures, thresholds) get their solo answers, and the
+    sampler calls are counted from /metrics (fewer calls than requests: they shared)."""
+    requests = bench.load_requests(8)
+    assert len({json.dumps(r.body.get("seed")) for r in requests}) > 2  # mixed settings
+    with httpx.Client(timeout=60, headers=bench.JSON_TYPE) as client:
+        solo = {i: bench.send(client, server.url, r).answer for i, r in enumerate(requests)}
+    result = bench._throughput_round(server, requests, solo, clients=4, each=2, timeout=60)
+    assert result["requests"] == result["answered"] == 8
+    assert result["differ_from_solo"] == 0
+    assert 1 <= result["sampler_calls"] <= 8 and len(result["latencies"]) == 8
+
+
 M = [{"role": "user", "content": "Sort: 3 1 2"}]
 BAD = [
     # (path, raw JSON body, param the error names)

@@ -27,7 +27,7 @@ def _body(text: str, max_tokens: int) -> dict:
     return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
 
 
-def _spinning(model, ids, attention_mask, config, decode, abandoned=None):
+def _spinning(model, ids, attention_mask, config, decode, abandoned=None, seeds=None):
     """A sampler loop that never commits a token (what NaN confidences did to the fast loop)."""
     mask = model.special_tokens.mask_id
     canvas = torch.cat([ids, torch.full((ids.shape[0], config.gen_length), mask)], dim=1)

@@ -112,6 +112,69 @@ def test_jobs_with_equal_settings_share_a_call_and_others_wait(chat_checkpoint):
     assert metrics_.get("llada_batches_total") == 2
 
 
+# Requests that differ in what is per row (temperature, seed, threshold) but not in the canvas.
+PER_ROW_FIELDS = [
+    SamplerFields(max_tokens=16),
+    SamplerFields(max_tokens=16, temperature=0.9, seed=3),
+    SamplerFields(max_tokens=16, temperature=0.7, seed=4, threshold=0.6),
+    SamplerFields(max_tokens=16, temperature=1.2, seed=5, remasking="random"),
+]
+
+
+def _scheduled(model, tokenizer, fields, mixed: bool, together: bool) -> tuple[list[str], int]:
+    """Texts of one chat question per `fields` entry, and the sampler calls they took."""
+    limits = ServeConfig(mixed_batches=mixed)
+    texts = dict.fromkeys(range(len(fields)), "")
+    metrics_ = Metrics()
+
+    def job(index: int, request: SamplerFields) -> Job:
+        def sink(update) -> None:
+            assert update.error is None, update.error
+            texts[index] += update.text
+
+        sampling = resolve_sampling(request, DEFAULTS, "fast", limits)
+        ids = encode_chat(tokenizer, [{"role": "user", "content": f"Copy: {index} moon sword"}])
+        return Job(
+            ids,
+            sampling.config,
+            sampling.decode,
+            sink,
+            sampling.max_tokens,
+            seed=request.seed,
+            mixed=mixed,
+        )
+
+    batcher = Batcher(model, tokenizer, metrics_, max_queue=8, max_batch_size=8)
+    jobs = [job(i, request) for i, request in enumerate(fields)]
+    try:
+        if together:
+            batcher.submit(jobs)  # queued before the scheduler starts
+            batcher.start()
+        else:
+            batcher.start()
+            for one in jobs:
+                batcher.submit([one])
+                wait_until(lambda one=one: one.done, timeout=60)
+        wait_until(lambda: all(j.done for j in jobs), timeout=60)
+    finally:
+        batcher.stop()
+    return [texts[i] for i in range(len(fields))], int(metrics_.get("llada_batches_total"))
+
+
+def test_jobs_that_differ_in_per_row_settings_share_a_call_and_answer_as_alone(chat_checkpoint):
+    model, tokenizer, _ = load(chat_checkpoint)
+    alone, calls_alone = _scheduled(model, tokenizer, PER_ROW_FIELDS, True, together=False)
+    shared, calls_shared = _scheduled(model, tokenizer, PER_ROW_FIELDS, True, together=True)
+    assert calls_alone == len(PER_ROW_FIELDS) and calls_shared == 1
+    assert shared == alone  # each row kept its own temperature, seed and threshold
+    # The former rule: only identical settings share, and a seeded job runs alone.
+    apart, calls_apart = _scheduled(model, tokenizer, PER_ROW_FIELDS, False, together=True)
+    assert calls_apart == len(PER_ROW_FIELDS) and apart == alone
+    # The sampled answers are not the greedy one (the settings reached the sampler).
+    greedy, _ = _scheduled(model, tokenizer, [PER_ROW_FIELDS[0]] * 4, True, together=True)
+    assert greedy[0] == alone[0] and any(a != g for a, g in zip(alone[1:], greedy[1:]))
+
+
 @pytest.fixture(scope="module")
 def slow_server(chat_checkpoint):
     """One row at a time, one waiting request at most, 20 ms per forward pass."""

@@ -27,8 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/models, /v1/completions and /v1/chat/completions (with "
-        "streaming), /health and /metrics. Concurrent requests with the same sampler settings "
-        "share sampler calls. The sampler flags are the defaults of a request; a request may "
+        "streaming), /health and /metrics. Concurrent requests share sampler calls when their "
+        "canvas, steps, guidance and preset agree (temperature, remasking, threshold and seed "
+        "stay per request; --no-mixed-batches: identical settings only). The sampler flags are the defaults of a request; a request may "
         "override them with extra body fields (steps, gen_length, block_length, cfg_scale, "
         "remasking, threshold, preset; for LLaDA 2.x top_k, top_p, editing_threshold, "
         "max_post_steps, eos_early_stop) and temperature / max_tokens. Set the API key in the "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Literal
 
@@ -247,6 +247,45 @@ PRESETS: dict[str, DecodeConfig] = {
     "fast": DecodeConfig(source="dual", commit="threshold", threshold=0.99, eos_in_order=True),
     "fastest": DecodeConfig(source="block", commit="threshold", threshold=0.99, eos_in_order=True),
 }
+
+
+# What may differ between the rows of one call of LLaDA-8B's sampler loop: how each row draws
+# its proposals (temperature, remasking; its seed is an argument of `denoise`) and the commit
+# rule's parameter. Everything else shapes the forward passes or the block loop, which the rows
+# share. A server batches requests that agree on the rest (`shared_settings`).
+ROW_GENERATE_FIELDS = ("temperature", "remasking")
+ROW_DECODE_FIELDS = ("threshold", "factor", "entropy_bound")
+
+
+def shared_settings(config: GenerateConfig, decode: DecodeConfig | BlockDecodeConfig) -> tuple:
+    """A hashable key: the settings that rows must share to run in one sampler call. LLaDA
+    2.x's block sampler takes one setting for all rows, so there the key is every setting."""
+    if not isinstance(decode, DecodeConfig):
+        return (config, decode)
+    return (
+        tuple(getattr(config, f.name) for f in fields(config) if f.name not in ROW_GENERATE_FIELDS),
+        tuple(getattr(decode, f.name) for f in fields(decode) if f.name not in ROW_DECODE_FIELDS),
+    )
+
+
+def check_shared_settings(configs: list[GenerateConfig], decodes: list[DecodeConfig]) -> None:
+    """ValueError naming the first setting that differs between rows but must not."""
+    for kind, settings, per_row in (
+        ("GenerateConfig", configs, ROW_GENERATE_FIELDS),
+        ("DecodeConfig", decodes, ROW_DECODE_FIELDS),
+    ):
+        for f in fields(settings[0]):
+            if f.name in per_row:
+                continue
+            values = [getattr(item, f.name) for item in settings]
+            for row, value in enumerate(values):
+                if value != values[0]:
+                    raise ValueError(
+                        f"the rows of one sampler call must share {kind}.{f.name} (row 0: "
+                        f"{values[0]!r}, row {row}: {value!r}); only "
+                        f"{', '.join(ROW_GENERATE_FIELDS + ROW_DECODE_FIELDS)} and the seed may "
+                        "differ per row: run the others as separate calls"
+                    )
 
 
 def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:

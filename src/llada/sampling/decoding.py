@@ -33,6 +33,7 @@ def propose(
     softmax_dtype: torch.dtype | None = None,
     need_entropy: bool = False,
     never_propose: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Proposals for N positions from their logits (N, V): (token (N,), confidence (N,), entropy).
 
@@ -51,11 +52,13 @@ def propose(
     It still counts in the distribution: confidences and entropies are those of the model's
     full softmax, as in Fast-dLLM (renormalising without it would raise every confidence by
     the mask's probability and move threshold decisions).
+
+    generator: the random draws' source (default: torch's global generator).
     """
     if config.logits_eos_inf:
         logits = logits.clone()
         logits[:, tokens.eos_id] = -torch.inf
-    noisy = add_gumbel_noise(logits, config.temperature)
+    noisy = add_gumbel_noise(logits, config.temperature, generator)
     if never_propose is not None:
         noisy = noisy.index_fill(-1, torch.tensor([never_propose], device=noisy.device), -torch.inf)
     proposal = noisy.argmax(dim=-1)
@@ -80,7 +83,7 @@ def propose(
             chosen = scored.gather(-1, proposal[:, None]).squeeze(-1)
             confidence = (chosen - torch.logsumexp(scored, dim=-1)).exp()
     else:
-        confidence = torch.rand(proposal.shape, device=proposal.device)
+        confidence = torch.rand(proposal.shape, device=proposal.device, generator=generator)
     if config.confidence_eos_eot_inf and config.fix_confidence_eos_eot:
         stop = torch.tensor(tokens.stop_ids, device=proposal.device)
         confidence = torch.where(torch.isin(proposal, stop), confidence - 2, confidence)
@@ -131,22 +134,26 @@ def _take_first(columns: torch.Tensor, count: torch.Tensor, shape: torch.Size) -
     return commit.scatter(-1, columns, chosen)
 
 
-def commit_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Every candidate with confidence >= threshold, and each row's most confident one."""
+def commit_threshold(confidence: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Every candidate with confidence >= threshold, and each row's most confident one.
+    threshold: one number, or one per row as an (R, 1) tensor (so for `commit_factor`'s factor
+    and `commit_entropy`'s bound)."""
     ordered, columns, candidates = _ranked(confidence)
     count = (ordered >= threshold).sum(-1).clamp(min=1).minimum(candidates)
     return _take_first(columns, count, confidence.shape)
 
 
-def commit_factor(confidence: torch.Tensor, factor: float) -> torch.Tensor:
+def commit_factor(confidence: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Fast-dLLM's factor rule (NVlabs/Fast-dLLM llada/generate.py), its all-at-the-end quirk
     included."""
     ordered, columns, candidates = _ranked(confidence)
     n = torch.arange(1, ordered.shape[-1] + 1, device=ordered.device, dtype=ordered.dtype)
-    thresholds = 1 - factor / (n + 1)
+    # (W,), or (R, W) for a factor per row. Written as torch computes `factor / (n + 1)` for a
+    # Python number, so that a per-row tensor of the same factor gives the same bits.
+    thresholds = 1 - (n + 1).reciprocal() * factor
     # The first is always taken: -inf, not -1, as confidences below -1 occur (NaN ranked last,
     # eos_in_order's shifted EOS proposals) and would otherwise commit nothing.
-    thresholds[0] = -torch.inf
+    thresholds[..., 0] = -torch.inf
     fails = (ordered < thresholds) & (n[None, :] <= candidates[:, None])
     first_fail = torch.where(
         fails.any(-1), fails.to(torch.int64).argmax(-1), candidates.to(torch.int64) - 1
@@ -155,7 +162,9 @@ def commit_factor(confidence: torch.Tensor, factor: float) -> torch.Tensor:
     return _take_first(columns, count, confidence.shape)
 
 
-def commit_entropy(confidence: torch.Tensor, entropy: torch.Tensor, bound: float) -> torch.Tensor:
+def commit_entropy(
+    confidence: torch.Tensor, entropy: torch.Tensor, bound: float | torch.Tensor
+) -> torch.Tensor:
     """EB-sampler: lowest-entropy candidates first, while their entropy sum stays <= bound.
     A NaN entropy ranks after every finite one, still before the non-candidates."""
     candidate = _nan_last(confidence) > -torch.inf

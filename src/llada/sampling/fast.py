@@ -12,7 +12,7 @@ With `DecodeConfig(source="full", commit="schedule", reference_numerics=True)` (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +31,12 @@ from ..tokens import special_tokens_of
 from .config import (
     BLOCK_PRESETS,
     PRESETS,
+    ROW_DECODE_FIELDS,
     BlockDecodeConfig,
     DecodeConfig,
     GenerateConfig,
     NonFiniteLogitsError,
+    check_shared_settings,
     decode_preset,
     nonfinite_logits_message,
 )
@@ -75,8 +77,16 @@ def denoise(
     mask_id: int | None = None,
     answer: torch.Tensor | None = None,
     abandoned: Callable[[], Collection[int]] | None = None,
+    seeds: Sequence[int | None] | None = None,
 ) -> Iterator[StepEvent]:
     """Generate as `sample` does, yielding a `StepEvent` after every step.
+
+    Rows with settings of their own (LLaDA-8B's loop): `config` and `decode` may be sequences,
+    one per batch row, that differ only in temperature, remasking, threshold, factor and
+    entropy_bound (`llada.sampling.config.ROW_GENERATE_FIELDS`, `ROW_DECODE_FIELDS`); the rows
+    share every forward pass. seeds: one per row (None: torch's global generator); a seeded
+    row draws its random numbers from its own generator, so its answer is the one it gets
+    alone with that seed, whatever the other rows draw.
 
     abandoned: called after every step; the batch rows it names are no longer wanted (e.g. a
     server's client disconnected). They leave the batch and the cache as ended rows do (their
@@ -85,7 +95,7 @@ def denoise(
 
     With `decode.batch_invariant` and a padded batch, the rows of each prompt length run as
     their own batch without padding, one step of each group per event (see `DecodeConfig`)."""
-    config, decode = _settings(config, decode)
+    config, decode, rows = _row_settings(config, decode, seeds, prompt, device_of(model))
     _check_family(model, decode)
     if isinstance(decode, BlockDecodeConfig):
         if answer is not None:
@@ -98,12 +108,123 @@ def denoise(
         yield from denoise_blocks(model, prompt, attention_mask, config, decode, mask_id, abandoned)
     elif decode.batch_invariant and attention_mask is not None:
         yield from _denoise_by_length(
-            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned
+            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned, rows
         )
     else:
         yield from _denoise(
-            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned
+            model, prompt, attention_mask, config, decode, mask_id, answer, abandoned, per_row=rows
         )
+
+
+class _Rows:
+    """The settings of each row of one sampler call, where they differ (see `denoise`): each
+    row's GenerateConfig and random generator for its proposals, and each commit parameter
+    that differs between rows as an (R, 1) tensor (one that does not stays a number, so a
+    uniform batch computes exactly what it did)."""
+
+    def __init__(
+        self,
+        configs: list[GenerateConfig],
+        decodes: list[DecodeConfig],
+        generators: list[torch.Generator | None],
+        device: torch.device,
+    ) -> None:
+        self.configs = configs
+        self.generators = generators
+        self.device = device
+        self.own_proposals = any(g is not None for g in generators) or (
+            len({(c.temperature, c.remasking) for c in configs}) > 1
+        )
+        self.draws = any(c.temperature > 0 or c.remasking == "random" for c in configs)
+        self.params: dict[str, float | torch.Tensor] = {}
+        for name in ROW_DECODE_FIELDS:
+            values = [getattr(d, name) for d in decodes]
+            if len(set(values)) == 1:
+                self.params[name] = values[0]
+            else:
+                self.params[name] = torch.tensor(
+                    values, dtype=torch.get_default_dtype(), device=device
+                )[:, None]
+        self.decodes = decodes
+
+    def subset(self, rows: list[int]) -> _Rows:
+        return _Rows(
+            [self.configs[r] for r in rows],
+            [self.decodes[r] for r in rows],
+            [self.generators[r] for r in rows],
+            self.device,
+        )
+
+    def param(self, name: str, rows: torch.Tensor) -> float | torch.Tensor:
+        """The commit parameter `name` for the batch rows `rows` (indices into the call's batch)."""
+        value = self.params[name]
+        return value[rows] if isinstance(value, torch.Tensor) else value
+
+    def propose(
+        self,
+        logits: torch.Tensor,
+        flat_at: torch.Tensor,
+        width: int,
+        row_ids: list[int],
+        padding: list[int] | None,
+        **kw,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`propose` for each row's positions with its own settings and generator. The logits
+        (N, V) are at the flat positions `flat_at` of an (R, width) selection, in row order;
+        one read-back sizes each row's share. padding: when the selection is the whole window
+        (the reference's draws over every position), each row's left padding in it: no draws
+        are made there, so a seeded row draws what it draws alone, unpadded."""
+        counts = torch.bincount(flat_at // width, minlength=len(row_ids)).tolist()
+        parts = []
+        for i, (row, chunk) in enumerate(zip(row_ids, logits.split(counts), strict=True)):
+            skip = padding[i] if padding is not None else 0
+            part = propose(chunk[skip:], self.configs[row], generator=self.generators[row], **kw)
+            if skip:  # never candidates: any value will do
+                part = tuple(None if t is None else torch.cat([t.new_zeros(skip), t]) for t in part)
+            parts.append(part)
+        proposal = torch.cat([part[0] for part in parts])
+        confidence = torch.cat([part[1] for part in parts])
+        entropy = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+        return proposal, confidence, entropy
+
+
+def _row_settings(
+    config: object, decode: object, seeds: object, prompt: object, device: torch.device
+) -> tuple[GenerateConfig, DecodeConfig | BlockDecodeConfig, _Rows | None]:
+    """The batch's settings (row 0's where they are per row) and, if rows differ or are
+    seeded, their `_Rows`; a ValueError or TypeError says what is wrong."""
+    per_row = isinstance(config, (list, tuple)) or isinstance(decode, (list, tuple))
+    if not per_row and seeds is None:
+        return (*_settings(config, decode), None)
+    batch = prompt.shape[0] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else None
+    if batch is None:
+        raise ValueError("settings or seeds per row need a 2-D prompt batch (B, prompt_length)")
+    configs = list(config) if isinstance(config, (list, tuple)) else [config] * batch
+    decodes = list(decode) if isinstance(decode, (list, tuple)) else [decode] * batch
+    seed_list = list(seeds) if seeds is not None else [None] * batch
+    for name, items in (("config", configs), ("decode", decodes), ("seeds", seed_list)):
+        if len(items) != batch:
+            raise ValueError(
+                f"{name} has {len(items)} entries for a batch of {batch} rows; give one per row"
+            )
+    pairs = [_settings(c, d) for c, d in zip(configs, decodes, strict=True)]
+    configs, decodes = [p[0] for p in pairs], [p[1] for p in pairs]
+    if any(isinstance(d, BlockDecodeConfig) for d in decodes):
+        raise ValueError(
+            "settings and seeds per row are for LLaDA-8B's sampler loop; LLaDA 2.x's block "
+            "sampler takes one GenerateConfig and BlockDecodeConfig for the batch (seed "
+            "torch's generator with torch.manual_seed)"
+        )
+    check_shared_settings(configs, decodes)
+    generators: list[torch.Generator | None] = []
+    for row, seed in enumerate(seed_list):
+        if seed is None:
+            generators.append(None)
+            continue
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seeds[{row}] must be an integer that fits in 64 bits, got {seed!r}")
+        generators.append(torch.Generator(device=device).manual_seed(seed))
+    return configs[0], decodes[0], _Rows(configs, decodes, generators, device)
 
 
 def _denoise(
@@ -116,6 +237,7 @@ def _denoise(
     answer: torch.Tensor | None,
     abandoned: Callable[[], Collection[int]] | None,
     whole_batch: bool = True,
+    per_row: _Rows | None = None,
 ) -> Iterator[StepEvent]:
     """`denoise` for one batch (whole_batch=False: one group of a larger batch, whose answers
     may all be fixed).
@@ -130,7 +252,9 @@ def _denoise(
     a row rides along. Rarely: when masks are left before the block (the reference's fixed
     steps can leave one, when its proposal is the mask itself) the next selection is sized by
     a read-back; when rows end, selecting the rows that go on reads `ended`; `abandoned` and
-    events are host-side. Counters (forward passes, work) are Python ints from shapes."""
+    events are host-side. Counters (forward passes, work) are Python ints from shapes. Rows
+    that draw their proposals with settings of their own (`_Rows.own_proposals`) add one read
+    per step: how many of the step's positions are each row's."""
     tokens = special_tokens_of(model, mask_id)
     mask_id = tokens.mask_id
     vocab_size = vocab_size_of(model)
@@ -172,9 +296,24 @@ def _denoise(
         softmax_dtype = torch.float64
     # Random draws follow the reference only when they cover every position.
     draws_all = decode.reference_numerics and (
-        config.temperature > 0 or config.remasking == "random"
+        per_row.draws
+        if per_row is not None
+        else config.temperature > 0 or config.remasking == "random"
     )
+    row_ids = list(range(batch))  # `rows` on the host, for the settings per row
+    row_padding = [0] * batch
+    if per_row is not None and draws_all and attention_mask is not None:
+        row_padding = (attention_mask[:, :prompt_length] == 0).sum(-1).tolist()
     never_propose = None if decode.reference_numerics else mask_id
+    proposing = {
+        "softmax_dtype": softmax_dtype,
+        "need_entropy": decode.commit == "entropy",
+        "never_propose": never_propose,
+    }
+
+    def commit_param(name: str) -> float | torch.Tensor:
+        return getattr(decode, name) if per_row is None else per_row.param(name, rows)
+
     step_limit = config.steps_per_block if decode.commit == "schedule" else config.block_length
     step_limit = max(step_limit, config.steps_per_block if decode.reference_numerics else 0)
     step_limit = max(step_limit, _least_passes(decode))
@@ -218,14 +357,21 @@ def _denoise(
             else:
                 flat_at = torch.nonzero_static(logits_at.flatten(), size=selected).squeeze(1)
             logits = source.logits(canvas, window, logits_at, flat_at)
-            proposal, confidence, entropy = propose(
-                logits,
-                config,
-                tokens,
-                softmax_dtype=softmax_dtype,
-                need_entropy=decode.commit == "entropy",
-                never_propose=never_propose,
-            )
+            if per_row is not None and per_row.own_proposals:
+                padding = None
+                if draws_all and attention_mask is not None:
+                    padding = [max(0, row_padding[r] - window.start) for r in row_ids]
+                proposal, confidence, entropy = per_row.propose(
+                    logits,
+                    flat_at,
+                    candidate.shape[1],
+                    row_ids,
+                    padding,
+                    tokens=tokens,
+                    **proposing,
+                )
+            else:
+                proposal, confidence, entropy = propose(logits, config, tokens, **proposing)
             nonfinite = has_nonfinite_logits(logits, confidence)
             dense_token = torch.full_like(candidate, mask_id, dtype=torch.long)
             dense_conf = torch.full(candidate.shape, -torch.inf, device=device)
@@ -243,15 +389,15 @@ def _denoise(
             if decode.commit == "schedule":
                 commit = commit_schedule(dense_conf, [quota[step] for quota in quota_rows])
             elif decode.commit == "threshold":
-                commit = commit_threshold(dense_conf, decode.threshold)
+                commit = commit_threshold(dense_conf, commit_param("threshold"))
             elif decode.commit == "factor":
-                commit = commit_factor(dense_conf, decode.factor)
+                commit = commit_factor(dense_conf, commit_param("factor"))
             else:
                 dense_entropy = torch.full(candidate.shape, torch.inf, device=device)
                 dense_entropy.view(-1)[flat_at] = entropy
                 if early_end is not None:  # last in line, and over any entropy bound
                     dense_entropy = torch.where(early_end, dense_entropy + 1e4, dense_entropy)
-                commit = commit_entropy(dense_conf, dense_entropy, decode.entropy_bound)
+                commit = commit_entropy(dense_conf, dense_entropy, commit_param("entropy_bound"))
             commit &= candidate
             updated = canvas[:, window.start : window.end]
             updated = torch.where(commit, dense_token, updated)
@@ -294,9 +440,9 @@ def _denoise(
                 x[done, prompt_length:] = answer.masked_fill(answer == mask_id, tokens.eos_id)
                 finished[done] = True
                 rows = rows[live_rows]
-                quota_rows = [
-                    q for q, gone in zip(quota_rows, ended.tolist(), strict=True) if not gone
-                ]
+                gone_rows = ended.tolist()
+                quota_rows = [q for q, gone in zip(quota_rows, gone_rows, strict=True) if not gone]
+                row_ids = [r for r, gone in zip(row_ids, gone_rows, strict=True) if not gone]
                 source.keep_rows(torch.nonzero(live_rows).squeeze(-1))
             if block == config.num_blocks - 1 and _block_done(masks_in_block, decode, step, config):
                 finished[rows] = True
@@ -329,6 +475,7 @@ def _denoise_by_length(
     mask_id: int | None,
     answer: torch.Tensor | None,
     abandoned: Callable[[], Collection[int]] | None,
+    per_row: _Rows | None = None,
 ) -> Iterator[StepEvent]:
     """The rows of each prompt length as their own unpadded batch, stepped in turn; the events
     show the whole batch in its padded layout. Low-precision attention sums round differently
@@ -375,6 +522,7 @@ def _denoise_by_length(
             None if answer is None else answer[rows],
             group_abandoned,
             whole_batch=False,
+            per_row=None if per_row is None else per_row.subset(rows),
         )
         runs.append([torch.tensor(rows, device=device), width - real, steps, None])
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -531,6 +679,7 @@ def sample(
     mask_id: int | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     answer: torch.Tensor | None = None,
+    seeds: Sequence[int | None] | None = None,
 ) -> SampleResult:
     """Generate `config.gen_length` tokens after each prompt row with the fast loop.
 
@@ -542,10 +691,14 @@ def sample(
     answer: optional (B, gen_length) starting answer, the mask id where free and a token id
     where fixed (the reference demo's word constraints). Fixed tokens are never changed and,
     as in the reference demo, count as prompt for CFG's unconditional pass.
+
+    config and decode may be one per row, and seeds gives rows their own random draws (see
+    `denoise`).
     """
     last = None
     steps = 0
-    for event in denoise(model, prompt, attention_mask, config, decode, mask_id, answer):
+    events = denoise(model, prompt, attention_mask, config, decode, mask_id, answer, seeds=seeds)
+    for event in events:
         steps += 1
         last = event
         if on_step is not None:

@@ -34,17 +34,21 @@ from .config import GenerateConfig, NonFiniteLogitsError, Remasking, nonfinite_l
 from .sources import padding_mask_or_none
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def add_gumbel_noise(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Perturb logits so that their argmax is a sample from softmax(logits / temperature).
 
     exp(l) / (-log u)^T has the same argmax as l/T + Gumbel noise. The reference computes it in
     float64 because low-precision Gumbel noise degrades generation (paper, Appendix B.2). At
     temperature 0 the very same tensor is returned (the reference's EOS quirk depends on it).
+    generator: where the uniform draws come from (default: torch's global generator, as the
+    reference); the draws are the same either way for the same generator state.
     """
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand_like(logits, dtype=torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
     gumbel_noise = (-torch.log(noise)) ** temperature
     return logits.exp() / gumbel_noise
 

@@ -354,6 +354,7 @@ class _State:
                     max_tokens=sampling.max_tokens,
                     stop=stops,
                     seed=request.seed,
+                    mixed=self.config.mixed_batches,
                 )
             )
         try:

@@ -1,11 +1,16 @@
 """The request scheduler: one thread that runs the sampler for queued requests, in batches.
 
 Requests wait in a bounded FIFO queue. Whenever the model is free, the scheduler takes the
-oldest waiting request and every other waiting request with the same sampler settings (the same
-`GenerateConfig`, hence the same gen_length, and the same `DecodeConfig`), up to
-`max_batch_size`, left-pads their prompts into one batch and runs `denoise` once for all of them.
-Requests that arrive while the model is busy therefore share the next call; with the fast
-presets' early stop, rows whose answer has ended leave the batch early.
+oldest waiting request and every other waiting request whose sampler settings it can share a
+call with, up to `max_batch_size`, left-pads their prompts into one batch and runs `denoise`
+once for all of them. Sharing needs the settings that shape the forward passes and the block
+loop to be equal (gen_length, blocks, steps, guidance, the preset's cache and commit rule:
+`shared_settings`); temperature, remasking, the commit threshold and the seed are per row
+(`denoise` takes them per row; a seeded row draws from its own generator, so its answer is
+the one it gets alone). LLaDA 2.x's block sampler takes one setting per call: its requests
+share a call only with identical settings, and a seeded one runs alone, as every request did
+with `mixed_batches=False`. Requests that arrive while the model is busy share the next call;
+with the fast presets' early stop, rows whose answer has ended leave the batch early.
 
 The scheduler watches the loop through its per-step events (it never re-implements it). After
 each step, a row whose next block of answer tokens has become final (a block completed, or the
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig
+from ..sampling.config import BlockDecodeConfig, DecodeConfig, GenerateConfig, shared_settings
 from ..sampling.events import StepEvent
 from ..tokenizer import left_pad
 from .lockstep import seeded_denoise
@@ -92,8 +97,9 @@ class Job:
     sink: called from the scheduler thread with each `Update`; it must not block.
     max_tokens: answer tokens the client wants at most (<= config.gen_length).
     stop: strings that end the answer; the text is cut before the first one.
-    seed: if set, the sampler's random draws are seeded with it and the job runs alone, so that
-        the same request gives the same answer whatever else is queued.
+    seed: if set, the row's random draws come from a generator seeded with it, so that the
+        same request gives the same answer whatever else is queued.
+    mixed: may share a sampler call with jobs whose per-row settings differ (`Batcher`).
     """
 
     prompt: list[int]
@@ -103,6 +109,7 @@ class Job:
     max_tokens: int
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    mixed: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The scheduler's bookkeeping.
     final_tokens: int = 0  # answer positions known to be final when last looked at
@@ -113,7 +120,9 @@ class Job:
     @property
     def key(self) -> tuple:
         """Jobs with equal keys may share a sampler call."""
-        if self.seed is not None:
+        if self.mixed and isinstance(self.decode, DecodeConfig):
+            return shared_settings(self.config, self.decode)
+        if self.seed is not None:  # the block sampler draws from the global generator
             return (self.config, self.decode, self.seed, id(self))
         return (self.config, self.decode)
 
@@ -305,7 +314,13 @@ class Batcher:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
-        config, decode, seed = batch[0].config, batch[0].decode, batch[0].seed
+        # Shared settings from the first job; temperature, remasking, threshold and seed per row.
+        config, decode = batch[0].config, batch[0].decode
+        configs: GenerateConfig | list[GenerateConfig] = config
+        decodes: DecodeConfig | BlockDecodeConfig | list[DecodeConfig] = decode
+        if len({(job.config, job.decode) for job in batch}) > 1:
+            configs, decodes = [job.config for job in batch], [job.decode for job in batch]
+        seeds = [job.seed for job in batch]
         ids, attention_mask = left_pad([job.prompt for job in batch], self._special.pad_id)
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: the plain (faster) attention path
@@ -338,10 +353,10 @@ class Batcher:
                     self.metrics.inc("llada_rows_left_early_total")
             return gone
 
-        # The sampler draws from the global generator (seeded for a seeded job); this thread is
-        # its only user here.
+        # Unseeded rows (and LLaDA 2.x's block sampler) draw from the global generator; this
+        # thread is its only user here.
         events = self.denoise(
-            self.model, ids, attention_mask, config, decode, abandoned=abandoned, seed=seed
+            self.model, ids, attention_mask, configs, decodes, abandoned=abandoned, seeds=seeds
         )
         try:
             for event in events:

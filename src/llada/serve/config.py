@@ -46,6 +46,12 @@ class ServeConfig:
         unpadded batch). Off by default, as in other servers: in bfloat16, left padding changes
         a few answers in a hundred (float32 models are batch invariant without it), and the
         option costs about 1.2-2.4x the time of a mixed-length batch on CPU (BENCHMARKS.md).
+    mixed_batches: requests whose sampler settings differ only in temperature, remasking, the
+        commit threshold (factor, entropy bound) or the seed share sampler calls (LLaDA-8B and
+        LLaDA-MoE; each row keeps its own settings, and a seeded row draws from its own
+        generator, so its answer is the one it gets alone). Off: only requests with identical
+        settings share a call and a seeded request runs alone (the scheduler before this
+        option; for comparisons).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +72,7 @@ class ServeConfig:
     shutdown_grace: float = 10.0
     stall_timeout: float = 120.0
     batch_invariant: bool = False
+    mixed_batches: bool = True
 
     def __post_init__(self) -> None:
         require_positive_ints(
@@ -89,8 +96,9 @@ class ServeConfig:
         for name in ("request_read_timeout", "keep_alive_timeout", "stall_timeout"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
-        if not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
+        for name in ("batch_invariant", "mixed_batches"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int):
             raise ValueError(f"port must be an integer, got {self.port!r}")
         if not 0 <= self.port <= 65535:

@@ -4,7 +4,7 @@ sampler calls step for step.
 A model split over ranks (`llada.parallel`) runs a forward only when every rank runs it: each
 layer ends in an all-reduce. Under `torchrun ... llada serve --tensor-parallel`, rank 0 runs the
 server and its scheduler (`Batcher`); ranks 1..W-1 run `Lockstep.follow`, a loop with no server.
-For every sampler call rank 0 sends its inputs (the padded batch, the settings, the seed), and
+For every sampler call rank 0 sends its inputs (the padded batch, the settings, the seeds), and
 after every step the rows its scheduler abandoned (answered, or their client gone), so every
 rank makes the same call and drops the same rows at the same step; when rank 0 stops iterating
 early it says so. The sampler is deterministic given these (the logits agree on every rank
@@ -15,11 +15,12 @@ travel: only these small messages, with `torch.distributed.broadcast_object_list
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
+from ..sampling.config import BlockDecodeConfig
 from ..sampling.events import StepEvent
 from ..sampling.fast import denoise
 
@@ -40,13 +41,21 @@ def seeded_denoise(
     decode,
     *,
     abandoned: Callable[[], Collection[int]] | None = None,
-    seed: int | None = None,
+    seeds: Sequence[int | None] | None = None,
 ) -> Iterator[StepEvent]:
-    """`denoise`, after seeding the global generator with `seed` when one is given (a seeded
-    request runs alone, so that its answer does not depend on what else is queued)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return denoise(model, ids, attention_mask, config, decode, abandoned=abandoned)
+    """`denoise` with a seed per row (None: unseeded), so that a seeded request's answer does
+    not depend on what else is queued. LLaDA-8B's loop takes settings and seeds per row; LLaDA
+    2.x's block sampler draws from torch's global generator, so a seeded request runs there as
+    a batch of its own and the generator is seeded with it."""
+    if isinstance(decode, BlockDecodeConfig):
+        if seeds is not None and any(seed is not None for seed in seeds):
+            if len(seeds) != 1:
+                raise ValueError("a seeded LLaDA 2.x request runs as a batch of its own")
+            torch.manual_seed(seeds[0])
+        return denoise(model, ids, attention_mask, config, decode, abandoned=abandoned)
+    if seeds is not None and all(seed is None for seed in seeds):
+        seeds = None
+    return denoise(model, ids, attention_mask, config, decode, abandoned=abandoned, seeds=seeds)
 
 
 class Lockstep:
@@ -74,13 +83,13 @@ class Lockstep:
         decode,
         *,
         abandoned: Callable[[], Collection[int]] | None = None,
-        seed: int | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> Iterator[StepEvent]:
         """Rank 0's sampler call: `seeded_denoise`, with the call and every step's abandoned
         rows sent to the other ranks, and a last message when the call ends (run out or
         closed early)."""
         mask = None if attention_mask is None else attention_mask.cpu()
-        self._send((_RUN, ids.cpu(), mask, config, decode, seed))
+        self._send((_RUN, ids.cpu(), mask, config, decode, seeds))
 
         def shared() -> Collection[int]:
             gone = set(abandoned()) if abandoned is not None else set()
@@ -89,7 +98,7 @@ class Lockstep:
 
         try:
             yield from seeded_denoise(
-                model, ids, attention_mask, config, decode, abandoned=shared, seed=seed
+                model, ids, attention_mask, config, decode, abandoned=shared, seeds=seeds
             )
         finally:
             self._send((_CLOSE,))
@@ -119,7 +128,7 @@ class Lockstep:
                 return
             if kind != _RUN:  # the end of a call this rank has already finished
                 continue
-            _, ids, mask, config, decode, seed = message
+            _, ids, mask, config, decode, seeds = message
 
             def shared() -> Collection[int]:
                 reply = self._receive()
@@ -134,7 +143,7 @@ class Lockstep:
                 config,
                 decode,
                 abandoned=shared,
-                seed=seed,
+                seeds=seeds,
             )
             try:
                 for _ in events:
