@@ -46,7 +46,8 @@ class TrainConfig:
         sees the answer window that generation will use (its gen_length); 0: pad to the batch.
     batch_size: sequences per micro-batch in each process.
     grad_accum: micro-batches per optimizer step; the global batch is
-        batch_size * grad_accum * processes.
+        batch_size * grad_accum * processes. Under torchrun the gradients are reduced across
+        processes once per step, in the last micro-batch's backward.
     max_steps: optimizer steps in total.
     lr: peak learning rate.
     min_lr_ratio: final learning rate as a fraction of lr.
@@ -56,7 +57,9 @@ class TrainConfig:
     weight_decay: AdamW weight decay (paper: 0.1).
     beta1, beta2: AdamW betas (paper: 0.9, 0.95).
     grad_clip: clip the global gradient norm to this; 0 turns clipping off.
-    precision: 'bf16' runs the forward under bfloat16 autocast (weights stay float32).
+    precision: 'bf16' runs the forward under bfloat16 autocast (weights stay float32); under
+        --parallel fsdp, FSDP2's mixed precision as well: the blocks' weights are gathered and
+        used in bfloat16, the gradients reduced and the optimizer state kept in float32.
     activation_checkpointing: recompute block activations in the backward pass.
     parallel: 'none', 'ddp' or 'fsdp' under torchrun; 'auto' is fsdp with several processes.
     eval_every: validate every this many steps (0: only at the end).

@@ -83,6 +83,7 @@ from .parallel import (
     all_reduce_sum,
     barrier,
     full_model_state,
+    gradient_sync,
     init_distributed,
     load_optimizer_state,
     load_sharded_state,
@@ -468,7 +469,7 @@ class Trainer:
         mode = config.parallel
         if mode == "auto":
             mode = "fsdp" if self.env.enabled else "none"
-        self.model = wrap_model(self.base_model, mode, self.env)
+        self.model = wrap_model(self.base_model, mode, self.env, config.precision)
         self.reference = self._reference_model() if self.preference else None
 
     @property
@@ -731,7 +732,10 @@ class Trainer:
             # Dropout draws from the global generators: seed them per micro-batch, inside a
             # fork so that the caller's generators are left as they were.
             devices = [env.device.index or 0] if env.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            # Gradients are reduced across processes once, in the last micro-batch's backward
+            # (DDP decides it in the forward: both run inside).
+            sync = gradient_sync(self.model, micro == config.grad_accum - 1)
+            with torch.random.fork_rng(devices=devices, device_type="cuda"), sync:
                 _seed_global_generators(env.device, _mixed_seed(config.seed, step, slot, -2))
                 out = self._loss(batch, generator, crop, with_aux=True)
                 objective = out.loss

@@ -8,7 +8,9 @@ NCCL on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +48,17 @@ def init_distributed(device: str | None = None) -> Distributed:
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
 
 
-def wrap_model(model: nn.Module, mode: str, env: Distributed) -> nn.Module:
-    """Wrap for data parallelism. 'fsdp' shards every block, then the root (FSDP2)."""
+def wrap_model(model: nn.Module, mode: str, env: Distributed, precision: str = "fp32") -> nn.Module:
+    """Wrap for data parallelism. 'fsdp' shards every block, then the root (FSDP2).
+
+    precision 'bf16' under 'fsdp': FSDP2's mixed precision (`MixedPrecisionPolicy`): each
+    block's parameters are all-gathered and computed in bfloat16, and the gradients are
+    reduce-scattered and kept in float32 (the sharded master weights and the optimizer stay
+    float32). Without it the all-gathers and reduce-scatters move float32 and autocast makes a
+    bfloat16 copy of every weight in every forward; the losses differ by the rounding of the
+    weights to bfloat16, which autocast applies to the matmuls anyway. DDP keeps float32
+    replicas (its gradients are all-reduced in float32) and autocast alone.
+    """
     if not env.enabled or mode == "none":
         return model
     if mode == "ddp":
@@ -56,13 +67,39 @@ def wrap_model(model: nn.Module, mode: str, env: Distributed) -> nn.Module:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"unknown parallel mode '{mode}'; use none, ddp or fsdp")
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Run one micro-batch's backward with (`enabled`) or without the gradient reduction
+    across processes. Gradient accumulation reduces once, in the backward of the last
+    micro-batch: the earlier micro-batches' gradients stay in each process (FSDP2: unsharded,
+    summed into the next backward's before its reduce-scatter; DDP: in `.grad`, `no_sync`).
+    The sum reduced is the same, so the step is too; the communication of the other
+    micro-batches is saved. A plain model has nothing to reduce."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:
