@@ -81,7 +81,7 @@ from ..eval.tasks import EVAL_SEED, SYNTHETIC_TASKS, Example, is_correct, synthe
 from ..model.checkpoint import load_model
 from ..sampling.config import BLOCK_PRESETS, decode_preset
 from ..sampling.fast import sample
-from ..tokenizer import copy_tokenizer_files, encode_chat, load_tokenizer
+from ..tokenizer import copy_tokenizer_files, encode_chat, left_pad, load_tokenizer
 from .checkpointing import (
     SHARDED_FORMAT,
     BrokenCheckpoint,
@@ -647,33 +647,49 @@ class RLTrainer:
         group_size answers to each question of this process's share, N = share * group_size,
         grouped by question; `examples` are all the step's questions.
 
-        Each group is sampled as one batch of its group_size answers (one prompt, no padding)
-        with the global generator seeded from (seed, step, question index): a question's
-        answers are the same whichever process samples it and however many there are. The
-        rows are then left-padded to the longest prompt of the whole step, so that every
-        process's estimator forwards see the shapes one process would."""
+        Every row draws from its own generator, seeded from (seed, step, question index, answer
+        index), and the prompts are left-padded to the longest prompt of the whole step: a
+        question's answers are the same whichever process samples it and however many there
+        are. LLaDA-8B / MoE: one call of the fast sampler for the process's whole share, seeds
+        per row. LLaDA 2.x: its block sampler takes one generator per call, so one call per
+        question (its group_size answers, one prompt, no padding), the global generator seeded
+        from (seed, step, question index)."""
         config, tokens, env = self.config, self.special_tokens, self.env
         encoded = [
             encode_chat(self.tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples
         ]
-        prompt_length = max(len(ids) for ids in encoded)
+        prompt_ids, prompt_mask = left_pad(encoded, tokens.pad_id)  # (P, Lp): the whole step
+        prompt_length = prompt_ids.shape[1]
         first, last = self.groups
-        sequences, masks, passes = [], [], 0
+        group = config.group_size
+        decode = decode_preset(config.decode)
         with whole_weights(self.model, self.mode) as model:
-            for index in range(first, last):
-                ids = torch.tensor(encoded[index], device=env.device)[None]
-                ids = ids.repeat(config.group_size, 1)  # (G, Lp_i)
-                with _seeded(_seed(config.seed, self.step, "rollout", index), env.device):
-                    out = sample(
-                        model, ids, None, config.sampler_config(), decode_preset(config.decode)
-                    )
-                pad = prompt_length - ids.shape[1]
-                rows = F.pad(out.tokens, (pad, 0), value=tokens.pad_id)  # (G, Lp + T)
-                mask = torch.ones_like(rows)
-                mask[:, :pad] = 0
-                sequences.append(rows)
-                masks.append(mask)
-                passes += out.forward_passes
+            if self.block_length is None:
+                ids = prompt_ids[first:last].repeat_interleave(group, dim=0).to(env.device)
+                mask = prompt_mask[first:last].repeat_interleave(group, dim=0).to(env.device)
+                seeds = [
+                    _seed(config.seed, self.step, "rollout", index, member)
+                    for index in range(first, last)
+                    for member in range(group)
+                ]
+                out = sample(model, ids, mask, config.sampler_config(), decode, seeds=seeds)
+                sequences = [out.tokens]  # (N, Lp + T)
+                masks = [torch.cat([mask, torch.ones_like(out.tokens[:, prompt_length:])], 1)]
+                passes = out.forward_passes
+            else:
+                sequences, masks, passes = [], [], 0
+                for index in range(first, last):
+                    ids = torch.tensor(encoded[index], device=env.device)[None]
+                    ids = ids.repeat(group, 1)  # (G, Lp_i)
+                    with _seeded(_seed(config.seed, self.step, "rollout", index), env.device):
+                        out = sample(model, ids, None, config.sampler_config(), decode)
+                    pad = prompt_length - ids.shape[1]
+                    rows = F.pad(out.tokens, (pad, 0), value=tokens.pad_id)  # (G, Lp + T)
+                    row_mask = torch.ones_like(rows)
+                    row_mask[:, :pad] = 0
+                    sequences.append(rows)
+                    masks.append(row_mask)
+                    passes += out.forward_passes
         sequences = torch.cat(sequences)
         replies = []
         for row in sequences[:, prompt_length:].tolist():
