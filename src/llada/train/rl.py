@@ -34,9 +34,10 @@ the policy's log-probabilities are estimated:
   exp((elbo - elbo_old) / L) (GSPO, Zheng et al. 2025, arXiv 2507.18071), and the KL term is
   on the same per-token means.
 
-Rollouts are sampled question by question (a batch of group_size answers to one prompt), with
-the draws seeded from (seed, step, question index), and the estimators' masks likewise: what a
-question gets does not depend on the process that handles it. Under torchrun each process takes
+Every rollout row draws from its own generator, seeded from (seed, step, question index, answer
+index) (LLaDA 2.x's block sampler: one call per question, seeded from (seed, step, question
+index)), and the estimators' masks are drawn per question likewise: what a question gets does
+not depend on the process that handles it or on the other questions. Under torchrun each process takes
 a contiguous share of the step's questions, the policy is wrapped as `llada train` wraps it
 (`llada.train.parallel`: DDP or FSDP2), the loss is the mean over all the step's answers, and
 rewards and logs are all-reduced, so N processes follow the one-process run.
