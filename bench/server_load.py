@@ -16,7 +16,8 @@ loopback port, then:
    --timeout), non-JSON error bodies, server alive at the end.
 3. throughput: requests/s and p50/p99 latency at 1, 8, 32 and 64 concurrent clients
    (--throughput-clients), each sending its requests back to back (a closed loop), with
-   sampler settings that vary per request (temperature, seed, threshold, max_tokens), against
+   sampler settings that vary per request (temperature, seed, threshold, and max_tokens of 32,
+   64 or 96: canvases of 1-3 blocks of 32; THROUGHPUT_FLAGS), against
    two servers: `--mixed-batches` (requests that differ only in per-row settings share
    sampler calls) and `--no-mixed-batches` (the former scheduler: only identical settings
    share, a seeded request runs alone). Answers are checked against the solo answers.
@@ -66,6 +67,10 @@ SERVER_FLAGS = [
     "--max-queue", "64", "--max-batch-size", "16",
     "--request-read-timeout", "2", "--shutdown-grace", "5",
 ]  # fmt: skip
+
+# The throughput phase's server: canvases of up to 3 blocks of 32.
+THROUGHPUT_FLAGS = [*SERVER_FLAGS, "--max-gen-length", "96"]
+THROUGHPUT_LENGTHS = (32, 64, 96)
 
 WORDS = "king moon sword river stone cloud apple tiger glass drum lamp rose ship bell wolf salt"
 
@@ -162,15 +167,16 @@ class Request:
         return bool(self.body.get("stream"))
 
 
-def load_requests(count: int) -> list[Request]:
-    """`count` distinct requests: chat / completion, streamed or not, seeded or greedy."""
+def load_requests(count: int, lengths: tuple[int, ...] = (16, 24, 32)) -> list[Request]:
+    """`count` distinct requests: chat / completion, streamed or not, seeded or greedy, with
+    max_tokens taken in turn from `lengths`."""
     words = WORDS.split()
     requests = []
     for i in range(count):
         rng = random.Random(i)
         task = " ".join(rng.sample(words, 3 + i % 4))
         text = f"Reverse the order:\n{task}" if i % 2 else f"Sort in ascending order:\n{task}"
-        body: dict = {"max_tokens": (16, 24, 32)[i % 3]}
+        body: dict = {"max_tokens": lengths[i % len(lengths)]}
         if i % 4 < 2:
             path, body["messages"] = CHAT, [{"role": "user", "content": text}]
         else:
@@ -336,10 +342,10 @@ def run_throughput(
     run side by side and each client count is measured in the order mixed, exact, exact,
     mixed, so that a change in the machine's load falls on both alike."""
     most = max(max(2, per_client_total // c) * c for c in clients_list)
-    requests = load_requests(most)
+    requests = load_requests(most, THROUGHPUT_LENGTHS)
     servers = {
-        "mixed": ServerProcess(model, [*SERVER_FLAGS, "--mixed-batches"]),
-        "exact": ServerProcess(model, [*SERVER_FLAGS, "--no-mixed-batches"]),
+        "mixed": ServerProcess(model, [*THROUGHPUT_FLAGS, "--mixed-batches"]),
+        "exact": ServerProcess(model, [*THROUGHPUT_FLAGS, "--no-mixed-batches"]),
     }
     results: dict = {"mixed": [], "exact": []}
     try:

@@ -1,5 +1,6 @@
 """Rows with settings of their own in one sampler call: each row gets what it gets alone (its
-temperature, remasking, commit parameter and seed), while the rows share the forward passes."""
+temperature, remasking, commit parameter, seed and canvas length), while the rows share the
+forward passes."""
 
 from __future__ import annotations
 
@@ -41,13 +42,23 @@ def instruct():
     return model, prompts
 
 
-def _mixed(preset: str, base: GenerateConfig):
+def _mixed(preset: str, base: GenerateConfig, blocks: tuple[int, ...] = (0, 0, 0, 0)):
+    """Four rows' settings; `blocks`: whole blocks added to each row's canvas (and steps)."""
     decode = PRESETS[preset]
+    per_block = base.steps_per_block
     configs = [
-        base,
-        dataclasses.replace(base, temperature=0.8),
-        dataclasses.replace(base, temperature=0.5),
-        dataclasses.replace(base, temperature=1.0, remasking="random"),
+        dataclasses.replace(
+            base,
+            gen_length=base.gen_length + more * base.block_length,
+            steps=base.steps + more * per_block,
+        )
+        for more in blocks
+    ]
+    configs = [
+        configs[0],
+        dataclasses.replace(configs[1], temperature=0.8),
+        dataclasses.replace(configs[2], temperature=0.5),
+        dataclasses.replace(configs[3], temperature=1.0, remasking="random"),
     ]
     decodes = [
         decode,
@@ -85,17 +96,36 @@ def test_each_row_gets_what_it_gets_alone(instruct, preset, base):
     assert any(mixed[row].tolist() != uniform[row].tolist() for row in (1, 2, 3))
 
 
+@pytest.mark.parametrize("preset", ["fast", "fastest", "reference", "fastdllm-dual"])
+def test_rows_with_canvases_of_their_own_get_what_they_get_alone(instruct, preset):
+    model, prompts = instruct
+    eos = model.special_tokens.eos_id
+    base = GenerateConfig(steps=8, gen_length=16, block_length=8)
+    configs, decodes, seeds = _mixed(preset, base, blocks=(0, 2, 1, 0))
+    ids, attention_mask = left_pad(prompts, model.special_tokens.pad_id)
+    width = ids.shape[1]
+    mixed = sample(model, ids, attention_mask, configs, decodes, seeds=seeds).tokens[:, width:]
+    assert mixed.shape[1] == max(c.gen_length for c in configs)
+    for row, prompt in enumerate(prompts):
+        gen_length = configs[row].gen_length
+        torch.manual_seed(seeds[row] or 0)
+        alone = sample(model, torch.tensor([prompt]), None, configs[row], decodes[row])
+        assert mixed[row, :gen_length].tolist() == alone.tokens[0, len(prompt) :].tolist(), row
+        assert set(mixed[row, gen_length:].tolist()) <= {eos}  # past its canvas: EOS only
+
+
 def test_rows_in_batch_invariant_groups_keep_their_settings(instruct):
     model, prompts = instruct
     base = GenerateConfig(steps=32, gen_length=32, block_length=16)
-    configs, decodes, seeds = _mixed("fast", base)
+    configs, decodes, seeds = _mixed("fast", base, blocks=(0, 1, 0, 1))
     decodes = [dataclasses.replace(d, batch_invariant=True) for d in decodes]
     ids, attention_mask = left_pad(prompts, model.special_tokens.pad_id)
     mixed = sample(model, ids, attention_mask, configs, decodes, seeds=seeds).tokens
     for row, prompt in enumerate(prompts):
         torch.manual_seed(seeds[row] or 0)
         alone = sample(model, torch.tensor([prompt]), None, configs[row], decodes[row])
-        assert mixed[row, ids.shape[1] :].tolist() == alone.tokens[0, len(prompt) :].tolist()
+        answer = mixed[row, ids.shape[1] : ids.shape[1] + configs[row].gen_length]
+        assert answer.tolist() == alone.tokens[0, len(prompt) :].tolist()
 
 
 def test_a_seeded_row_does_not_depend_on_its_neighbours(instruct):
@@ -114,9 +144,16 @@ def test_rows_must_share_what_shapes_the_forward(instruct):
     model, prompts = instruct
     ids, attention_mask = left_pad(prompts[:2], model.special_tokens.pad_id)
     short = GenerateConfig(steps=16, gen_length=16, block_length=16)
-    long = GenerateConfig(steps=16, gen_length=32, block_length=16)
-    with pytest.raises(ValueError, match="must share GenerateConfig.gen_length"):
-        next(denoise(model, ids, attention_mask, [short, long], "fast"))
+    other_block = GenerateConfig(steps=16, gen_length=32, block_length=32)
+    with pytest.raises(ValueError, match="must share GenerateConfig.block_length"):
+        next(denoise(model, ids, attention_mask, [short, other_block], "fast"))
+    fewer_steps = GenerateConfig(steps=16, gen_length=32, block_length=16)
+    with pytest.raises(ValueError, match="must share GenerateConfig.steps_per_block"):
+        next(denoise(model, ids, attention_mask, [short, fewer_steps], "fast"))
+    longer = GenerateConfig(steps=32, gen_length=32, block_length=16)
+    with pytest.raises(ValueError, match="needs one gen_length for every row"):
+        answer = torch.full((2, 32), model.special_tokens.mask_id)
+        next(denoise(model, ids, attention_mask, [short, longer], "fast", answer=answer))
     fast, fastest = PRESETS["fast"], PRESETS["fastest"]
     with pytest.raises(ValueError, match="must share DecodeConfig.source"):
         next(denoise(model, ids, attention_mask, short, [fast, fastest]))
@@ -133,6 +170,8 @@ def test_shared_settings_ignore_exactly_the_per_row_fields():
     assert shared_settings(dataclasses.replace(base, temperature=0.7), fast) == key
     assert shared_settings(base, dataclasses.replace(fast, threshold=0.5)) == key
     assert shared_settings(dataclasses.replace(base, steps=8), fast) != key
+    longer = dataclasses.replace(base, gen_length=32, steps=32)  # one more block, same pace
+    assert shared_settings(longer, fast) == key
     assert shared_settings(dataclasses.replace(base, cfg_scale=1.0), fast) != key
     assert shared_settings(base, PRESETS["fastest"]) != key
 

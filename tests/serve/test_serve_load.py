@@ -112,12 +112,13 @@ def test_jobs_with_equal_settings_share_a_call_and_others_wait(chat_checkpoint):
     assert metrics_.get("llada_batches_total") == 2
 
 
-# Requests that differ in what is per row (temperature, seed, threshold) but not in the canvas.
+# Requests that differ in what is per row: temperature, seed, threshold, and the canvas (32 or
+# 64 tokens in blocks of 32, from max_tokens).
 PER_ROW_FIELDS = [
-    SamplerFields(max_tokens=16),
-    SamplerFields(max_tokens=16, temperature=0.9, seed=3),
-    SamplerFields(max_tokens=16, temperature=0.7, seed=4, threshold=0.6),
-    SamplerFields(max_tokens=16, temperature=1.2, seed=5, remasking="random"),
+    SamplerFields(max_tokens=32),
+    SamplerFields(max_tokens=64, temperature=0.9, seed=3),
+    SamplerFields(max_tokens=40, temperature=0.7, seed=4, threshold=0.6),
+    SamplerFields(max_tokens=32, temperature=1.2, seed=5, remasking="random"),
 ]
 
 

@@ -250,11 +250,29 @@ PRESETS: dict[str, DecodeConfig] = {
 
 
 # What may differ between the rows of one call of LLaDA-8B's sampler loop: how each row draws
-# its proposals (temperature, remasking; its seed is an argument of `denoise`) and the commit
-# rule's parameter. Everything else shapes the forward passes or the block loop, which the rows
-# share. A server batches requests that agree on the rest (`shared_settings`).
-ROW_GENERATE_FIELDS = ("temperature", "remasking")
+# its proposals (temperature, remasking; its seed is an argument of `denoise`), the commit
+# rule's parameter, and the answer canvas's length in whole blocks (gen_length, with steps
+# following it: the steps per block are shared). Everything else shapes the forward passes or
+# the block loop, which the rows share. A server batches requests that agree on the rest
+# (`shared_settings`).
+ROW_GENERATE_FIELDS = ("temperature", "remasking", "gen_length", "steps")
 ROW_DECODE_FIELDS = ("threshold", "factor", "entropy_bound")
+
+
+def _shared_values(config: GenerateConfig, decode: DecodeConfig) -> list[tuple[str, object]]:
+    """(name, value) of every setting the rows of one call share."""
+    shared = [
+        (f"GenerateConfig.{f.name}", getattr(config, f.name))
+        for f in fields(config)
+        if f.name not in ROW_GENERATE_FIELDS
+    ]
+    shared.append(("GenerateConfig.steps_per_block", config.steps_per_block))
+    shared += [
+        (f"DecodeConfig.{f.name}", getattr(decode, f.name))
+        for f in fields(decode)
+        if f.name not in ROW_DECODE_FIELDS
+    ]
+    return shared
 
 
 def shared_settings(config: GenerateConfig, decode: DecodeConfig | BlockDecodeConfig) -> tuple:
@@ -262,30 +280,21 @@ def shared_settings(config: GenerateConfig, decode: DecodeConfig | BlockDecodeCo
     2.x's block sampler takes one setting for all rows, so there the key is every setting."""
     if not isinstance(decode, DecodeConfig):
         return (config, decode)
-    return (
-        tuple(getattr(config, f.name) for f in fields(config) if f.name not in ROW_GENERATE_FIELDS),
-        tuple(getattr(decode, f.name) for f in fields(decode) if f.name not in ROW_DECODE_FIELDS),
-    )
+    return tuple(value for _, value in _shared_values(config, decode))
 
 
 def check_shared_settings(configs: list[GenerateConfig], decodes: list[DecodeConfig]) -> None:
     """ValueError naming the first setting that differs between rows but must not."""
-    for kind, settings, per_row in (
-        ("GenerateConfig", configs, ROW_GENERATE_FIELDS),
-        ("DecodeConfig", decodes, ROW_DECODE_FIELDS),
-    ):
-        for f in fields(settings[0]):
-            if f.name in per_row:
-                continue
-            values = [getattr(item, f.name) for item in settings]
-            for row, value in enumerate(values):
-                if value != values[0]:
-                    raise ValueError(
-                        f"the rows of one sampler call must share {kind}.{f.name} (row 0: "
-                        f"{values[0]!r}, row {row}: {value!r}); only "
-                        f"{', '.join(ROW_GENERATE_FIELDS + ROW_DECODE_FIELDS)} and the seed may "
-                        "differ per row: run the others as separate calls"
-                    )
+    first = _shared_values(configs[0], decodes[0])
+    for row, (config, decode) in enumerate(zip(configs, decodes, strict=True)):
+        for (name, expected), (_, value) in zip(first, _shared_values(config, decode), strict=True):
+            if value != expected:
+                raise ValueError(
+                    f"the rows of one sampler call must share {name} (row 0: {expected!r}, "
+                    f"row {row}: {value!r}); only {', '.join(ROW_GENERATE_FIELDS)} (in whole "
+                    f"blocks, with the same steps per block), {', '.join(ROW_DECODE_FIELDS)} "
+                    "and the seed may differ per row: run the others as separate calls"
+                )
 
 
 def max_steps(config: GenerateConfig, decode: DecodeConfig) -> int:

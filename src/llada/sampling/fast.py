@@ -132,6 +132,8 @@ class _Rows:
         self.configs = configs
         self.generators = generators
         self.device = device
+        self.gen_lengths = [c.gen_length for c in configs]
+        self.ragged = len(set(self.gen_lengths)) > 1
         self.own_proposals = any(g is not None for g in generators) or (
             len({(c.temperature, c.remasking) for c in configs}) > 1
         )
@@ -166,21 +168,25 @@ class _Rows:
         flat_at: torch.Tensor,
         width: int,
         row_ids: list[int],
-        padding: list[int] | None,
+        padding: list[tuple[int, int]] | None,
         **kw,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`propose` for each row's positions with its own settings and generator. The logits
         (N, V) are at the flat positions `flat_at` of an (R, width) selection, in row order;
         one read-back sizes each row's share. padding: when the selection is the whole window
-        (the reference's draws over every position), each row's left padding in it: no draws
-        are made there, so a seeded row draws what it draws alone, unpadded."""
+        (the reference's draws over every position), each row's (left padding, positions past
+        its canvas) in it: no draws are made there, so a seeded row draws what it draws alone."""
         counts = torch.bincount(flat_at // width, minlength=len(row_ids)).tolist()
         parts = []
         for i, (row, chunk) in enumerate(zip(row_ids, logits.split(counts), strict=True)):
-            skip = padding[i] if padding is not None else 0
-            part = propose(chunk[skip:], self.configs[row], generator=self.generators[row], **kw)
-            if skip:  # never candidates: any value will do
-                part = tuple(None if t is None else torch.cat([t.new_zeros(skip), t]) for t in part)
+            lead, trail = padding[i] if padding is not None else (0, 0)
+            own = chunk[lead : len(chunk) - trail]
+            part = propose(own, self.configs[row], generator=self.generators[row], **kw)
+            if lead or trail:  # never candidates: any value will do
+                part = tuple(
+                    None if t is None else torch.cat([t.new_zeros(lead), t, t.new_zeros(trail)])
+                    for t in part
+                )
             parts.append(part)
         proposal = torch.cat([part[0] for part in parts])
         confidence = torch.cat([part[1] for part in parts])
@@ -191,8 +197,9 @@ class _Rows:
 def _row_settings(
     config: object, decode: object, seeds: object, prompt: object, device: torch.device
 ) -> tuple[GenerateConfig, DecodeConfig | BlockDecodeConfig, _Rows | None]:
-    """The batch's settings (row 0's where they are per row) and, if rows differ or are
-    seeded, their `_Rows`; a ValueError or TypeError says what is wrong."""
+    """The batch's settings (those of the row with the longest canvas where they are per row)
+    and, if rows differ or are seeded, their `_Rows`; a ValueError or TypeError says what is
+    wrong."""
     per_row = isinstance(config, (list, tuple)) or isinstance(decode, (list, tuple))
     if not per_row and seeds is None:
         return (*_settings(config, decode), None)
@@ -216,6 +223,7 @@ def _row_settings(
             "torch's generator with torch.manual_seed)"
         )
     check_shared_settings(configs, decodes)
+    longest = max(range(batch), key=lambda row: configs[row].gen_length)
     generators: list[torch.Generator | None] = []
     for row, seed in enumerate(seed_list):
         if seed is None:
@@ -224,7 +232,8 @@ def _row_settings(
         if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
             raise ValueError(f"seeds[{row}] must be an integer that fits in 64 bits, got {seed!r}")
         generators.append(torch.Generator(device=device).manual_seed(seed))
-    return configs[0], decodes[0], _Rows(configs, decodes, generators, device)
+    # The loop runs the longest canvas's blocks; what is per row comes from `_Rows`.
+    return configs[longest], decodes[longest], _Rows(configs, decodes, generators, device)
 
 
 def _denoise(
@@ -266,15 +275,36 @@ def _denoise(
     check_context(model, length, prompt_length, config.gen_length)
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_length] = prompt
+    ragged = per_row is not None and per_row.ragged
     if answer is not None:
+        if ragged:
+            raise ValueError(
+                "answer= (fixed answer tokens) needs one gen_length for every row; these rows "
+                "have several"
+            )
         # An answer of mask ids only is the same as answer=None: every position is free.
         answer = _checked_answer(answer, batch, config, mask_id, vocab_size, whole_batch)
         x[:, prompt_length:] = answer.to(device)
     if attention_mask is not None:
         attention_mask = check_attention_mask(attention_mask, (batch, prompt_length)).to(device)
-        attention_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones((batch, config.gen_length))], dim=-1
-        )
+    # Each row's canvas ends at canvas_end[row]; with gen_lengths per row the shorter canvases
+    # end in EOS that no position attends to (their keys are masked out) and that is never a
+    # candidate, so the row computes what it computes alone (and, with early stop, ends once
+    # its own canvas is complete).
+    canvas_end = [length] * batch
+    answer_mask = None
+    if ragged:
+        canvas_end = [prompt_length + gen for gen in per_row.gen_lengths]
+        ends = torch.tensor(canvas_end, device=device)
+        beyond = torch.arange(length, device=device)[None, :] >= ends[:, None]
+        x.masked_fill_(beyond, tokens.eos_id)
+        answer_mask = (~beyond[:, prompt_length:]).long()
+    if attention_mask is not None or answer_mask is not None:
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, prompt_length), dtype=torch.long, device=device)
+        if answer_mask is None:
+            answer_mask = attention_mask.new_ones((batch, config.gen_length))
+        attention_mask = torch.cat([attention_mask, answer_mask.to(attention_mask.dtype)], dim=-1)
     source = make_source(
         decode.source,
         model,
@@ -360,7 +390,13 @@ def _denoise(
             if per_row is not None and per_row.own_proposals:
                 padding = None
                 if draws_all and attention_mask is not None:
-                    padding = [max(0, row_padding[r] - window.start) for r in row_ids]
+                    padding = [
+                        (
+                            max(0, row_padding[r] - window.start),
+                            max(0, window.end - max(window.start, canvas_end[r])),
+                        )
+                        for r in row_ids
+                    ]
                 proposal, confidence, entropy = per_row.propose(
                     logits,
                     flat_at,
@@ -498,13 +534,21 @@ def _denoise_by_length(
     x = torch.full((batch, length), mask_id, dtype=torch.long, device=device)
     x[:, :width] = prompt
     if answer is not None:
+        if per_row is not None and per_row.ragged:
+            raise ValueError(
+                "answer= (fixed answer tokens) needs one gen_length for every row; these rows "
+                "have several"
+            )
         answer = _checked_answer(answer, batch, config, mask_id, vocab_size, True).to(device)
         x[:, width:] = answer
-    groups: dict[int, list[int]] = {}
+    # Groups of one prompt length and one canvas: each runs unpadded, as its rows run alone.
+    gen_lengths = per_row.gen_lengths if per_row is not None else [config.gen_length] * batch
+    groups: dict[tuple[int, int], list[int]] = {}
     for row, real in enumerate(lengths.tolist()):
-        groups.setdefault(int(real), []).append(row)
-    runs = []  # [rows, first column, generator, last event]
-    for real, rows in sorted(groups.items()):
+        groups.setdefault((int(real), gen_lengths[row]), []).append(row)
+        x[row, width + gen_lengths[row] :] = tokens.eos_id  # past a shorter canvas (`_denoise`)
+    runs = []  # [rows, first column, last column, generator, last event]
+    for (real, gen_length), rows in sorted(groups.items()):
         group_abandoned = None
         if abandoned is not None:
 
@@ -516,7 +560,7 @@ def _denoise_by_length(
             model,
             x[rows, width - real : width],
             None,
-            config,
+            config if per_row is None else per_row.configs[rows[0]],
             decode,
             mask_id,
             None if answer is None else answer[rows],
@@ -524,7 +568,8 @@ def _denoise_by_length(
             whole_batch=False,
             per_row=None if per_row is None else per_row.subset(rows),
         )
-        runs.append([torch.tensor(rows, device=device), width - real, steps, None])
+        rows_on_device = torch.tensor(rows, device=device)
+        runs.append([rows_on_device, width - real, width + gen_length, steps, None])
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     live = list(runs)
     while live:
@@ -532,25 +577,25 @@ def _denoise_by_length(
         shown = torch.full((batch, length), torch.nan, device=device)
         advanced = []
         for run in live:
-            rows, first, steps, _ = run
+            rows, first, last, steps, _ = run
             event = next(steps, None)
             if event is None:  # this group is done (or had nothing to decode)
                 finished[rows] = True
                 continue
-            x[rows, first:] = event.tokens
-            committed[rows, first:] = event.committed
-            shown[rows, first:] = event.confidence
+            x[rows, first:last] = event.tokens
+            committed[rows, first:last] = event.committed
+            shown[rows, first:last] = event.confidence
             finished[rows] = event.finished
-            run[3] = event
+            run[4] = event
             advanced.append(run)
         live = advanced
         if not live:
             return
-        seen = [run[3] for run in runs if run[3] is not None]
+        seen = [run[4] for run in runs if run[4] is not None]
         work = {key: sum(event.work[key] for event in seen) for key in seen[0].work}
         yield StepEvent(
-            block=max(run[3].block for run in live),
-            step=max(run[3].step for run in live),
+            block=max(run[4].block for run in live),
+            step=max(run[4].step for run in live),
             forward_passes=sum(event.forward_passes for event in seen),
             work=work,
             tokens=x.clone(),

@@ -4,8 +4,9 @@ Requests wait in a bounded FIFO queue. Whenever the model is free, the scheduler
 oldest waiting request and every other waiting request whose sampler settings it can share a
 call with, up to `max_batch_size`, left-pads their prompts into one batch and runs `denoise`
 once for all of them. Sharing needs the settings that shape the forward passes and the block
-loop to be equal (gen_length, blocks, steps, guidance, the preset's cache and commit rule:
-`shared_settings`); temperature, remasking, the commit threshold and the seed are per row
+loop to be equal (block length, steps per block, guidance, the preset's cache and commit rule:
+`shared_settings`); the canvas length (in whole blocks: a shorter one ends early, its tail
+masked out of attention), temperature, remasking, the commit threshold and the seed are per row
 (`denoise` takes them per row; a seeded row draws from its own generator, so its answer is
 the one it gets alone). LLaDA 2.x's block sampler takes one setting per call: its requests
 share a call only with identical settings, and a seeded one runs alone, as every request did
@@ -314,8 +315,10 @@ class Batcher:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
-        # Shared settings from the first job; temperature, remasking, threshold and seed per row.
-        config, decode = batch[0].config, batch[0].decode
+        # The settings of the job with the longest canvas (the call runs its blocks); the
+        # canvas, temperature, remasking, threshold and seed are per row.
+        longest = max(batch, key=lambda job: job.config.gen_length)
+        config, decode = longest.config, longest.decode
         configs: GenerateConfig | list[GenerateConfig] = config
         decodes: DecodeConfig | BlockDecodeConfig | list[DecodeConfig] = decode
         if len({(job.config, job.decode) for job in batch}) > 1:
@@ -397,12 +400,13 @@ class Batcher:
                         continue
                     finished = bool(event.finished[row])
                     if finished:
-                        final = config.gen_length
+                        final = job.config.gen_length
                     elif block_family:  # -1: this step did not work on the row
                         final = int(leading[row])
                     else:
                         blocks = int(leading[row]) // config.block_length
-                        final = blocks * config.block_length
+                        # A shorter canvas ends before the call's: its EOS tail is not its answer.
+                        final = min(blocks * config.block_length, job.config.gen_length)
                     if final > job.final_tokens:
                         self._advance(job, answers[row, :final].tolist(), finished)
                 for row, job in enumerate(batch):
@@ -423,7 +427,8 @@ class Batcher:
                 self.metrics.observe("llada_row_denoise_steps", steps if ended is None else ended)
         for row, job in enumerate(batch):  # the sampler ended; nothing may be left hanging
             if not job.done and not job.cancelled.is_set() and event is not None:
-                self._advance(job, event.tokens[row, width:].tolist(), True)
+                answer = event.tokens[row, width : width + job.config.gen_length]
+                self._advance(job, answer.tolist(), True)
 
     def _advance(self, job: Job, final_ids: list[int], finished: bool) -> None:
         """Send `job` the text of its answer's final tokens `final_ids` that is new."""
