@@ -169,9 +169,9 @@ def saved_tensor_bytes(trainer, forward):
     copy of a weight made by autocast is counted, it is real memory."""
     import torch
 
-    parameter_storages = {
-        p.untyped_storage().data_ptr() for p in trainer.base_model.parameters() if p.numel()
-    }
+    # FSDP2's parameters are DTensors: their local shards are the storages.
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in trainer.base_model.parameters()]
+    parameter_storages = {p.untyped_storage().data_ptr() for p in local if p.numel()}
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
