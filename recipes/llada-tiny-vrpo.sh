@@ -47,6 +47,8 @@ for r in kept:
         seen.add(r["prompt"])
         unique.append(r)
 train, val = unique[:-100], unique[-100:]
+assert not {r["prompt"] for r in unique} & held_out
+assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
 
 
 def write(name, records):
