@@ -232,7 +232,7 @@ def run_setting(methods, counters, prompts, gen_length, block, batch, stop, warm
                 if name == "llada.generate":
                     reference = rows
                 a = agree[name]
-                for row, ref in zip(rows, reference, strict=True):
+                for row, ref in zip(rows, reference or rows, strict=True):
                     a["positions"] += len(row)
                     a["same"] += sum(x == y for x, y in zip(row, ref, strict=True))
                     a["answers"] += 1
@@ -246,8 +246,12 @@ def run_setting(methods, counters, prompts, gen_length, block, batch, stop, warm
             "answer_tokens_per_seq": sum(f["tokens"]) / sequences,
             "nfe_per_seq": f["nfe"] / len(f["seconds"]),
             "tpf": sum(f["tokens"]) / (f["nfe"] * batch),
-            "same_tokens": agree[name]["same"] / agree[name]["positions"],
-            "same_answers": agree[name]["equal"] / agree[name]["answers"],
+            "same_tokens": agree[name]["same"] / agree[name]["positions"]
+            if "llada.generate" in figures
+            else None,
+            "same_answers": agree[name]["equal"] / agree[name]["answers"]
+            if "llada.generate" in figures
+            else None,
             "flops_per_s": f["flops"] / sum(f["seconds"]),
         }
     return out
@@ -266,6 +270,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per method")
+    parser.add_argument(
+        "--no-yardstick",
+        dest="yardstick",
+        action="store_false",
+        help="leave out llada.generate (the reference sampler, the slowest method): no x ref, "
+        "=tok or =ans figures; for timing the fast methods alone",
+    )
     args = parser.parse_args()
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be between 1 and {len(PROMPTS)}, got {args.prompts}")
@@ -284,7 +295,8 @@ def main() -> None:
         unknown = sorted(set(args.methods) - set(methods))
         if unknown:
             parser.error(f"--methods: unknown {unknown}; choose from {list(methods)}")
-        methods = {m: v for m, v in methods.items() if m in args.methods or m == "llada.generate"}
+        keep = set(args.methods) | ({"llada.generate"} if args.yardstick else set())
+        methods = {m: v for m, v in methods.items() if m in keep}
     config = model.config
     params = sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "lm_head"))
@@ -331,7 +343,7 @@ def main() -> None:
                 tokens.stop_ids,
                 args.warmup,
             )
-            base = figures["llada.generate"]["tokens_per_s"]
+            base = figures["llada.generate"]["tokens_per_s"] if args.yardstick else None
             theirs = [f for m, f in figures.items() if m.startswith("Fast-dLLM")]
             ours = [f for m, f in figures.items() if m.startswith("sample:fastdllm")]
             best = max(theirs or ours, key=lambda f: f["tokens_per_s"], default=None)
@@ -341,13 +353,18 @@ def main() -> None:
                 f"{'=tok':>7}{'=ans':>6}{'%peak':>7}"
             )
             for name, f in figures.items():
-                f["x_reference"] = f["tokens_per_s"] / base
+                f["x_reference"] = f["tokens_per_s"] / base if base else None
                 f["x_best_fastdllm"] = f["tokens_per_s"] / best["tokens_per_s"] if best else None
+                same = (
+                    f"{f['same_tokens']:>7.1%}{f['same_answers']:>6.0%}"
+                    if args.yardstick
+                    else f"{'-':>7}{'-':>6}"
+                )
                 print(
-                    f"{name:<24}{f['tokens_per_s']:>8.1f}{f['x_reference']:>7.2f}"
-                    f"{(f['x_best_fastdllm'] or 0):>10.2f}{f['nfe_per_seq']:>7.0f}"
-                    f"{f['tpf']:>6.2f}{f['same_tokens']:>7.1%}{f['same_answers']:>6.0%}"
-                    f"{f['flops_per_s'] / peak:>7.1%}"
+                    f"{name:<24}{f['tokens_per_s']:>8.1f}"
+                    + (f"{f['x_reference']:>7.2f}" if base else f"{'-':>7}")
+                    + f"{(f['x_best_fastdllm'] or 0):>10.2f}{f['nfe_per_seq']:>7.0f}"
+                    + f"{f['tpf']:>6.2f}{same}{f['flops_per_s'] / peak:>7.1%}"
                 )
             results.append(
                 dict(
