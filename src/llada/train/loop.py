@@ -300,34 +300,27 @@ def _mixed_seed(*parts: int) -> int:
     return value
 
 
-# glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
-_M_MMAP_THRESHOLD = -3
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`); False where there
+    is no glibc (macOS, musl, Windows). The trainer calls it after every step and validation.
 
-
-def release_large_allocations(threshold: int = 1 << 20) -> bool:
-    """Have glibc serve every allocation of `threshold` bytes or more by its own mmap, which
-    free() hands back to the system at once. Linux with glibc only; a no-op (False) elsewhere
-    or when the environment sets MALLOC_MMAP_THRESHOLD_ (the user's choice stands).
-
-    Why: torch's CPU tensors come from malloc. glibc raises its mmap threshold each time a
-    mapped block is freed, up to 32 MiB, so from the second step on the activations (1-32 MiB
-    each, in sizes that change every step with the number of masked positions) come from the
-    heap, which fragments and is not given back: the resident memory of a llada-tiny-base
-    sized model at 32 x 256 tokens grew by about 40 MB a step (1.8 GB after 2 steps, 3.1 GB
-    after 40, bf16), while the live tensors between steps stayed at about 0.4 GB
-    (malloc_trim brought it back there). A fixed threshold also stops the raising. The
-    setting is process-wide: a training run owns its process. BENCHMARKS.md, "Training memory
-    and throughput", has the figures before and after."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
+    Why: torch's CPU tensors come from malloc, and glibc serves blocks below its mmap threshold
+    (which it raises to 32 MiB after the first large block is freed) from its heap, which it
+    gives back only from the top. The activations of a step are 1-32 MiB each, in sizes that
+    change every step with the number of masked positions, so the freed ones stay resident as
+    holes: at llada-tiny-base's size and 32 x 256 tokens, the resident memory between steps
+    grew by about 40 MB a step (1.8 GB after 2 steps, 3.1 GB after 40, bf16) while the live
+    tensors were about 0.45 GB. Trimming keeps it there between steps, at no measurable cost
+    per step; a fixed 1 MiB mmap threshold (mallopt) kept it there too but made each step
+    about 1.5x slower (every activation a fresh mapping). BENCHMARKS.md, "Training memory and
+    throughput", has the figures."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    return bool(trim(0))
 
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
@@ -339,8 +332,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, say: Say | None = None) -> None:
         self.config = config
-        # Freed activations go back to the system (see the function for why).
-        release_large_allocations()
         self.env: Distributed = init_distributed()
         # Only the main process speaks.
         self.say: Say = (say or _log_line) if self.env.is_main else (lambda line: None)
@@ -812,6 +803,8 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # The step's activations are freed: their pages go back (see the function for why).
+        release_freed_memory()
         self.step += 1
         record = {
             "step": self.step,
@@ -852,6 +845,7 @@ class Trainer:
                 right += float((out.scores > 0).sum())
                 pairs += out.scores.numel()
         self.model.train()
+        release_freed_memory()
         total, count, right, pairs = all_reduce_sum([total, float(count), right, pairs], env)
         nats = total / max(count, 1)
         if self.preference:
