@@ -322,7 +322,9 @@ def _throughput_round(server: ServerProcess, requests, solo, clients: int, each:
     with ThreadPoolExecutor(clients) as pool:
         outcomes = [o for part in pool.map(client_loop, range(clients)) for o in part]
     wall = time.perf_counter() - started
-    calls = server.metrics()["llada_batches_total"] - before["llada_batches_total"]
+    after = server.metrics()
+    calls = after["llada_batches_total"] - before["llada_batches_total"]
+    forwards = after["llada_forward_passes_total"] - before["llada_forward_passes_total"]
     answered = [(i, o) for i, o in outcomes if o.answer is not None]
     return {
         "requests": len(outcomes),
@@ -331,6 +333,7 @@ def _throughput_round(server: ServerProcess, requests, solo, clients: int, each:
         "wall_s": wall,
         "latencies": [o.seconds for _, o in answered],
         "sampler_calls": int(calls),
+        "forward_passes": int(forwards),
     }
 
 
@@ -368,6 +371,7 @@ def run_throughput(
                 answered = sum(r["answered"] for r in both)
                 wall = sum(r["wall_s"] for r in both)
                 calls = sum(r["sampler_calls"] for r in both)
+                forwards = sum(r["forward_passes"] for r in both)
                 row = {
                     "clients": clients,
                     "requests": sum(r["requests"] for r in both),
@@ -378,13 +382,16 @@ def run_throughput(
                     "p99_s": round(percentile(latencies, 99), 3),
                     "sampler_calls": calls,
                     "rows_per_call": round(answered / max(calls, 1), 2),
+                    "forward_passes": forwards,
+                    "forwards_per_request": round(forwards / max(answered, 1), 2),
                     "wall_s": round(wall, 2),
                 }
                 results[scheduler].append(row)
                 print(
                     f"throughput [{scheduler}] {clients} clients: {row['requests_per_s']} req/s, "
                     f"p50 {row['p50_s']} s, p99 {row['p99_s']} s, {calls} calls "
-                    f"({row['rows_per_call']} rows each), answered {answered}/{row['requests']}, "
+                    f"({row['rows_per_call']} rows each), {row['forwards_per_request']} forwards "
+                    f"per request, answered {answered}/{row['requests']}, "
                     f"differ from solo {row['differ_from_solo']}"
                 )
     finally:

@@ -87,6 +87,7 @@ def test_throughput_round_of_the_benchmark_counts_calls_and_checks_answers(serve
     assert result["requests"] == result["answered"] == 8
     assert result["differ_from_solo"] == 0
     assert 1 <= result["sampler_calls"] <= 8 and len(result["latencies"]) == 8
+    assert result["forward_passes"] >= result["sampler_calls"]  # a call runs one forward or more
 
 
 M = [{"role": "user", "content": "Sort: 3 1 2"}]
