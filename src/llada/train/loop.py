@@ -831,7 +831,13 @@ class Trainer:
         total, count, right, pairs = 0.0, 0, 0.0, 0.0
         span = len(self.val_data)
         needed = config.eval_batches * config.batch_size
-        for batch_index in range(env.rank, config.eval_batches, env.world_size):
+        # Every process runs as many forwards (FSDP2 all-gathers the weights in each, and a
+        # process that skipped one would leave the others waiting): with eval_batches not a
+        # multiple of the processes, some run one batch more whose loss is not counted.
+        rounds = -(-config.eval_batches // env.world_size)
+        for batch_index in range(env.rank, rounds * env.world_size, env.world_size):
+            counted = batch_index < config.eval_batches
+            batch_index %= config.eval_batches
             indices = [
                 ((batch_index * config.batch_size + j) * span) // needed % span
                 for j in range(config.batch_size)
@@ -839,6 +845,8 @@ class Trainer:
             out = self._loss(
                 self.val_data.batch(indices), _generator(env.device, 12345, batch_index), None
             )
+            if not counted:
+                continue
             total += float(out.loss)
             count += 1
             if self.preference:
