@@ -202,7 +202,9 @@ def run_case(name: str, args: argparse.Namespace, data: Path, work: Path, peak: 
         max_steps=args.steps,
         warmup_steps=1,
         eval_every=0,
-        eval_batches=1,
+        # 2: a multiple of the processes, so that checkouts before the fix of uneven validation
+        # batches under torchrun (commit 6f6475d) run too.
+        eval_batches=2,
         save_every=0,
         log_every=1,
         precision=precision,
