@@ -7,6 +7,7 @@
 # llada-tiny-instruct (VRPO vs DPO vs SFT)".
 #
 #   bash recipes/llada-tiny-vrpo.sh            # work files in runs/tiny-vrpo
+#   LR=3e-5 WORK=runs/tiny-vrpo-lr3e-5 bash recipes/llada-tiny-vrpo.sh   # the lr 3e-5 rows
 #
 # Equal compute, counted in sequence passes (a forward of one padded sequence is 1, a
 # forward + backward 3; the frozen reference's forwards count; all rows are prompt + answer
