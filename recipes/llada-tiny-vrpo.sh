@@ -28,7 +28,8 @@ mkdir -p "$WORK"
 
 # 1. Pairs from the model's own answers (4 per question, temperature 1, fast preset) to SFT-side
 # arithmetic questions; rows whose question is one of the 200 held-out evaluation questions are
-# dropped (make-preferences excludes only the first evaluation question of each task), and the
+# dropped (the make-preferences of the measured run excluded only the first evaluation question of
+# each task; a current one excludes the first 1,000, and this finds none), and the
 # last 100 questions are kept apart as validation pairs.
 llada --threads 1 eval make-preferences --model "$START" --tasks arithmetic --per-task 1500 \
   --samples 4 --preset fast --seed 0 --out "$WORK/pairs_raw.jsonl"

@@ -50,3 +50,23 @@ def test_pairs_are_the_right_answer_against_the_models_own_wrong_one(tmp_path, c
     assert written == pairs
     assert main([*args[:-6], "--tasks", "poetry"]) == 2
     assert "--tasks poetry: choose from" in capsys.readouterr().err
+
+
+def test_preference_questions_never_ask_the_held_out_evaluation_questions():
+    """`llada eval make-preferences` draws its questions past the held-out ones: the first
+    HELD_OUT_PER_TASK evaluation questions of each task (`llada eval tasks` asks the first 200
+    by default). Arithmetic has few distinct questions, so a sample of 1500 met them before."""
+    from llada.eval.tasks import (
+        EVAL_SEED,
+        HELD_OUT_PER_TASK,
+        synthetic_examples,
+        training_questions,
+    )
+
+    questions = training_questions(["arithmetic", "sort"], 1500)
+    assert len(questions) == 3000
+    held_out = {e.prompt for e in synthetic_examples("arithmetic", HELD_OUT_PER_TASK, EVAL_SEED)}
+    held_out |= {e.prompt for e in synthetic_examples("sort", HELD_OUT_PER_TASK, EVAL_SEED)}
+    evaluated = {e.prompt for e in synthetic_examples("arithmetic", 200, EVAL_SEED)}
+    assert evaluated <= held_out
+    assert not {q.prompt for q in questions} & held_out

@@ -301,7 +301,7 @@ def run_make_sft(args: argparse.Namespace) -> int:
 def run_make_preferences(args: argparse.Namespace) -> int:
     from ..api import load
     from ..eval.preferences import make_preferences, write_preferences
-    from ..eval.tasks import SYNTHETIC_TASKS, build_task_sets
+    from ..eval.tasks import SYNTHETIC_TASKS, training_questions
 
     wanted = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(wanted) - set(SYNTHETIC_TASKS))
@@ -312,14 +312,14 @@ def run_make_preferences(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     args.device = check_device(args.device)
     args.dtype = check_dtype(args.dtype)
-    # SFT questions (never the held-out evaluation ones), the first per_task of each task.
-    sft = build_task_sets(None, eval_per_task=1, sft_per_task=dict.fromkeys(wanted, args.per_task))
+    # Training questions: never among the held-out evaluation ones of `llada eval tasks`.
+    questions = training_questions(wanted, args.per_task)
     model, tokenizer, _ = load(args.model, dtype=args.dtype, device=args.device)
     config = sampler_config(args, model)
     pairs, stats = make_preferences(
         model,
         tokenizer,
-        sft.sft,
+        questions,
         config,
         samples=args.samples,
         decode=decode_from_args(args, model),

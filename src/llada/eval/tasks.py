@@ -201,6 +201,10 @@ def is_correct(example: Example, reply: str) -> bool:
 VALIDATION_WORKS = ("winters_tale",)
 EVAL_SEED = "eval"
 SFT_SEED = "sft"
+# Evaluation questions of each generated task that no training data ever asks: `llada eval
+# tasks` asks the first --per-task of them (200 by default); preference pairs and RL rollouts
+# are drawn from questions outside the first HELD_OUT_PER_TASK.
+HELD_OUT_PER_TASK = 1000
 
 
 DEFAULT_NUM_RECALL_PAIRS = 400
@@ -217,6 +221,22 @@ DEFAULT_SFT_COUNTS = {
 class TaskSet:
     sft: list[Example]
     evaluation: list[Example]
+
+
+def held_out_prompts(tasks: Sequence[str]) -> set[str]:
+    """The prompts of the first HELD_OUT_PER_TASK evaluation questions of each task."""
+    return {
+        e.prompt for task in tasks for e in synthetic_examples(task, HELD_OUT_PER_TASK, EVAL_SEED)
+    }
+
+
+def training_questions(tasks: Sequence[str], per_task: int) -> list[Example]:
+    """`per_task` questions of each generated task for training data (preference pairs),
+    none of them among the first HELD_OUT_PER_TASK evaluation questions."""
+    sets = build_task_sets(
+        None, eval_per_task=HELD_OUT_PER_TASK, sft_per_task=dict.fromkeys(tasks, per_task)
+    )
+    return sets.sft
 
 
 def build_task_sets(

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import block_masked_logits, stratified_masking
-from ..eval.tasks import EVAL_SEED, SYNTHETIC_TASKS, Example, is_correct, synthetic_examples
+from ..eval.tasks import SYNTHETIC_TASKS, Example, held_out_prompts, is_correct
 from ..model.checkpoint import load_model
 from ..sampling.config import BLOCK_PRESETS, decode_preset
 from ..sampling.fast import sample
@@ -118,9 +118,6 @@ Say = Callable[[str], None]
 
 # GRPO's epsilon in the advantage's denominator (a group with equal rewards gets A = 0).
 ADVANTAGE_EPS = 1e-4
-# Evaluation questions of each task that training never asks (`llada eval tasks` asks the
-# first --per-task of them; 200 by default).
-HELD_OUT_PER_TASK = 1000
 
 
 class RewardError(RuntimeError):
@@ -369,12 +366,6 @@ def step_examples(config: RLConfig, step: int, held_out: set[str]) -> list[Examp
         if example.prompt not in held_out:
             chosen.append(example)
     return chosen
-
-
-def held_out_prompts(tasks: Sequence[str]) -> set[str]:
-    return {
-        e.prompt for task in tasks for e in synthetic_examples(task, HELD_OUT_PER_TASK, EVAL_SEED)
-    }
 
 
 @dataclass
