@@ -122,31 +122,22 @@ PER_ROW_FIELDS = [
 ]
 
 
-def _scheduled(model, tokenizer, fields, mixed: bool, together: bool) -> tuple[list[str], int]:
-    """Texts of one chat question per `fields` entry, and the sampler calls they took."""
-    limits = ServeConfig(mixed_batches=mixed)
-    texts = dict.fromkeys(range(len(fields)), "")
-    metrics_ = Metrics()
+def _answer_jobs(model, tokenizer, make_job, count: int, together: bool) -> tuple[list[str], int]:
+    """Texts of `count` jobs from a fresh scheduler, and the sampler calls they took; the jobs
+    are queued before it starts (together) or submitted one at a time, each after the last
+    ended. make_job(index, sink) -> Job."""
+    texts = dict.fromkeys(range(count), "")
 
-    def job(index: int, request: SamplerFields) -> Job:
+    def sink_of(index: int):
         def sink(update) -> None:
             assert update.error is None, update.error
             texts[index] += update.text
 
-        sampling = resolve_sampling(request, DEFAULTS, "fast", limits)
-        ids = encode_chat(tokenizer, [{"role": "user", "content": f"Copy: {index} moon sword"}])
-        return Job(
-            ids,
-            sampling.config,
-            sampling.decode,
-            sink,
-            sampling.max_tokens,
-            seed=request.seed,
-            mixed=mixed,
-        )
+        return sink
 
+    metrics_ = Metrics()
     batcher = Batcher(model, tokenizer, metrics_, max_queue=8, max_batch_size=8)
-    jobs = [job(i, request) for i, request in enumerate(fields)]
+    jobs = [make_job(i, sink_of(i)) for i in range(count)]
     try:
         if together:
             batcher.submit(jobs)  # queued before the scheduler starts
@@ -159,7 +150,28 @@ def _scheduled(model, tokenizer, fields, mixed: bool, together: bool) -> tuple[l
         wait_until(lambda: all(j.done for j in jobs), timeout=60)
     finally:
         batcher.stop()
-    return [texts[i] for i in range(len(fields))], int(metrics_.get("llada_batches_total"))
+    return [texts[i] for i in range(count)], int(metrics_.get("llada_batches_total"))
+
+
+def _scheduled(model, tokenizer, fields, mixed: bool, together: bool) -> tuple[list[str], int]:
+    """Texts of one chat question per `fields` entry, and the sampler calls they took."""
+    limits = ServeConfig(mixed_batches=mixed)
+
+    def job(index: int, sink) -> Job:
+        request = fields[index]
+        sampling = resolve_sampling(request, DEFAULTS, "fast", limits)
+        ids = encode_chat(tokenizer, [{"role": "user", "content": f"Copy: {index} moon sword"}])
+        return Job(
+            ids,
+            sampling.config,
+            sampling.decode,
+            sink,
+            sampling.max_tokens,
+            seed=request.seed,
+            mixed=mixed,
+        )
+
+    return _answer_jobs(model, tokenizer, job, len(fields), together)
 
 
 def test_jobs_that_differ_in_per_row_settings_share_a_call_and_answer_as_alone(chat_checkpoint):
@@ -173,7 +185,7 @@ def test_jobs_that_differ_in_per_row_settings_share_a_call_and_answer_as_alone(c
     assert calls_apart == len(PER_ROW_FIELDS) and apart == alone
     # The sampled answers are not the greedy one (the settings reached the sampler).
     greedy, _ = _scheduled(model, tokenizer, [PER_ROW_FIELDS[0]] * 4, True, together=True)
-    assert greedy[0] == alone[0] and any(a != g for a, g in zip(alone[1:], greedy[1:]))
+    assert greedy[0] == alone[0] and any(a != g for a, g in zip(alone[1:], greedy[1:], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -290,31 +302,12 @@ def _batched_answers(model, tokenizer, limits: ServeConfig, together: bool) -> l
     """The answers of BF16_PAIR from a scheduler, submitted in one call or one at a time."""
     defaults = GenerateConfig(steps=32, gen_length=32, block_length=32)
     sampling = resolve_sampling(SamplerFields(max_tokens=32), defaults, "fast", limits)
-    texts = dict.fromkeys(range(len(BF16_PAIR)), "")
 
-    def job(index: int, question: str) -> Job:
-        def sink(update) -> None:
-            assert update.error is None, update.error
-            texts[index] += update.text
-
-        ids = encode_chat(tokenizer, [{"role": "user", "content": question}])
+    def job(index: int, sink) -> Job:
+        ids = encode_chat(tokenizer, [{"role": "user", "content": BF16_PAIR[index]}])
         return Job(ids, sampling.config, sampling.decode, sink, sampling.max_tokens)
 
-    batcher = Batcher(model, tokenizer, Metrics(), max_queue=8, max_batch_size=8)
-    jobs = [job(i, q) for i, q in enumerate(BF16_PAIR)]
-    try:
-        if together:
-            batcher.submit(jobs)  # queued before the scheduler starts: one sampler call
-            batcher.start()
-        else:
-            batcher.start()
-            for one in jobs:
-                batcher.submit([one])
-                wait_until(lambda one=one: one.done, timeout=60)
-        wait_until(lambda: all(j.done for j in jobs), timeout=60)
-    finally:
-        batcher.stop()
-    return [texts[i] for i in range(len(BF16_PAIR))]
+    return _answer_jobs(model, tokenizer, job, len(BF16_PAIR), together)[0]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import train_config
+from train_helpers import assert_same_curve, train_config
 
 import llada
 from llada.train.checkpointing import latest_checkpoint, list_checkpoints
@@ -201,12 +201,7 @@ def test_torchrun_follows_the_single_process_curve(training_setup, tmp_path, par
         text=True,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
-        if "val_loss" in a:
-            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
 
 
 def test_lora_fine_tuning_saves_merged_official_weights_and_resumes_exactly(

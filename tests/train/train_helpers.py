@@ -25,3 +25,18 @@ def train_config(setup: dict, out_dir, **changes) -> TrainConfig:
     )
     settings.update(changes)
     return TrainConfig(**settings)
+
+
+def assert_same_curve(one_dir, two_dir) -> None:
+    """The runs in `one_dir` and `two_dir` logged the same steps with the same losses and
+    validation losses (a torchrun run against the 1-process run it must follow)."""
+    import pytest
+
+    from llada.train.loop import read_metrics
+
+    one, two = read_metrics(one_dir), read_metrics(two_dir)
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
+        if "val_loss" in a:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)

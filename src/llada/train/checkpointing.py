@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ..model.checkpoint import save_pretrained
+from .parallel import Distributed, all_reduce_sum
 
 TRAINER_STATE = "trainer_state.pt"
 TRAINER_SHARDS = "trainer_state"
@@ -185,6 +186,40 @@ def save_shards(
         raise CheckpointWriteError(
             _write_failure(root, step, _first_cause(error), _tensor_bytes(state))
         ) from error
+
+
+def agree_on_failure(failure: CheckpointWriteError | None, step: int, env: Distributed) -> None:
+    """Every process learns whether a part of a save failed anywhere (no one waits on a failed
+    process) and raises CheckpointWriteError then: the failure's own message where it happened."""
+    failed = all_reduce_sum([float(failure is not None)], env)[0]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise CheckpointWriteError(f"another process could not save step {step}")
+
+
+def write_shards(
+    out_dir: str | os.PathLike,
+    step: int,
+    state: Callable[[], dict[str, Any]],
+    env: Distributed,
+) -> Path | None:
+    """Every process: the shard phases of a checkpoint (`prepare_shards` on rank 0, then
+    `save_shards` of `state()`), each ended by `agree_on_failure`. Returns the staged shards
+    folder on rank 0 (None elsewhere), for `save_checkpoint(shards=...)`."""
+    shards, failure = None, None
+    if env.is_main:
+        try:
+            shards = prepare_shards(out_dir, step)
+        except CheckpointWriteError as error:
+            failure = error
+    agree_on_failure(failure, step, env)
+    try:
+        save_shards(out_dir, step, state(), env.enabled)
+    except CheckpointWriteError as error:
+        failure = error
+    agree_on_failure(failure, step, env)
+    return shards
 
 
 def _first_cause(error: BaseException) -> BaseException:

@@ -50,6 +50,7 @@ from .checkpointing import (
     SHARDED_FORMAT,
     BrokenCheckpoint,
     CheckpointWriteError,
+    agree_on_failure,
     checkpoint_problem,
     checkpoint_step,
     checkpoints_dir,
@@ -58,9 +59,8 @@ from .checkpointing import (
     list_checkpoints,
     load_shards,
     load_trainer_state,
-    prepare_shards,
     save_checkpoint,
-    save_shards,
+    write_shards,
 )
 from .config import PREFERENCE_OBJECTIVES, TrainConfig
 from .data import (
@@ -870,24 +870,16 @@ class Trainer:
         from the model state gathered on it, and the rest. Every process raises
         CheckpointWriteError when any part fails; the previous checkpoints stay as they were."""
         env = self.env
-        shards, failure = None, None
-        if env.is_main:
-            try:
-                shards = prepare_shards(self.out_dir, self.step)
-            except CheckpointWriteError as error:
-                failure = error
-        self._agree(failure)
-        try:
-            save_shards(
-                self.out_dir, self.step, sharded_state(self.model, self.optimizer), env.enabled
-            )
-        except CheckpointWriteError as error:
-            failure = error
-        self._agree(failure)
+        shards = write_shards(
+            self.out_dir,
+            self.step,
+            lambda: sharded_state(self.model, self.optimizer),
+            env,
+        )
         # Gathered on rank 0 for the official folder. Avoidable for models too large for one
         # process: each rank could gather and write whole tensors of its own safetensors files.
         model_state = full_model_state(self.model)
-        folder = None
+        folder, failure = None, None
         if env.is_main:
             state: dict[str, Any] = {
                 "format": SHARDED_FORMAT,
@@ -921,17 +913,8 @@ class Trainer:
                 )
             except CheckpointWriteError as error:
                 failure = error
-        self._agree(failure)
+        agree_on_failure(failure, self.step, env)
         return folder
-
-    def _agree(self, failure: CheckpointWriteError | None) -> None:
-        """Every process learns whether a part of the save failed anywhere (no one waits on a
-        failed process) and raises then: the failure's own message where it happened."""
-        failed = all_reduce_sum([float(failure is not None)], self.env)[0]
-        if failure is not None:
-            raise failure
-        if failed:
-            raise CheckpointWriteError(f"another process could not save step {self.step}")
 
 
 def train(config: TrainConfig, progress: bool = True, say: Say | None = None) -> TrainResult:

@@ -87,15 +87,15 @@ from .checkpointing import (
     SHARDED_FORMAT,
     BrokenCheckpoint,
     CheckpointWriteError,
+    agree_on_failure,
     checkpoint_problem,
     is_sharded,
     latest_checkpoint,
     list_checkpoints,
     load_shards,
     load_trainer_state,
-    prepare_shards,
     save_checkpoint,
-    save_shards,
+    write_shards,
 )
 from .lora import add_lora, base_model_reference, merged_state_dict, save_peft_adapter
 from .parallel import (
@@ -945,22 +945,14 @@ class RLTrainer:
         weights gathered there. Every process raises CheckpointWriteError when any part fails;
         the previous checkpoints stay as they were. Returns the folder on rank 0."""
         env, config = self.env, self.config
-        shards, failure = None, None
-        if env.is_main:
-            try:
-                shards = prepare_shards(self.out_dir, self.step)
-            except CheckpointWriteError as error:
-                failure = error
-        self._agree(failure)
-        try:
-            save_shards(
-                self.out_dir, self.step, sharded_state(self.model, self.optimizer), env.enabled
-            )
-        except CheckpointWriteError as error:
-            failure = error
-        self._agree(failure)
+        shards = write_shards(
+            self.out_dir,
+            self.step,
+            lambda: sharded_state(self.model, self.optimizer),
+            env,
+        )
         model_state = full_model_state(self.model)
-        folder = None
+        folder, failure = None, None
         if env.is_main:
             state = {
                 "format": SHARDED_FORMAT,
@@ -991,16 +983,8 @@ class RLTrainer:
                 )
             except CheckpointWriteError as error:
                 failure = error
-        self._agree(failure)
+        agree_on_failure(failure, self.step, env)
         return folder
-
-    def _agree(self, failure: CheckpointWriteError | None) -> None:
-        """Every process learns whether a part of the save failed anywhere and raises then."""
-        failed = all_reduce_sum([float(failure is not None)], self.env)[0]
-        if failure is not None:
-            raise failure
-        if failed:
-            raise CheckpointWriteError(f"another process could not save step {self.step}")
 
 
 def train_rl(config: RLConfig, progress: bool = False, say: Say | None = None) -> RLResult:
