@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def require_positive_ints(settings: object, *names: str) -> None:
@@ -22,3 +26,12 @@ def require_non_negative_numbers(settings: object, *names: str) -> None:
             or math.isinf(value)
         ):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def settings_from_dict(cls: type[T], data: dict[str, Any], kind: str) -> T:
+    """A settings dataclass from a dict (a --config file), refusing unknown keys by name."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind} settings {unknown}; known: {sorted(known)}")
+    return cls(**data)

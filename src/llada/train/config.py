@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from ..settings import require_positive_ints
+from ..settings import require_positive_ints, settings_from_dict
 
 Objective = Literal["pretrain", "sft", "vrpo", "dpo"]
 Allocation = Literal["timesteps", "naive"]
@@ -226,8 +226,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return settings_from_dict(cls, data, "training")

@@ -5,15 +5,15 @@ fast."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
 from ..eval.tasks import SYNTHETIC_TASKS
 from ..sampling.config import BLOCK_PRESETS, PRESETS, GenerateConfig
-from ..settings import require_positive_ints
+from ..settings import require_positive_ints, settings_from_dict
+from .config import Parallel
 
 Estimator = Literal["one-step", "elbo"]
-Parallel = Literal["auto", "none", "ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class RLConfig:
             value = getattr(self, name)
             if not low < value <= high:
                 raise ValueError(f"{name} must be in ({low:g}, {high:g}], got {value!r}")
-        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+        if self.parallel not in get_args(Parallel):
             raise ValueError(
                 f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}"
             )
@@ -163,8 +163,4 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RL settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return settings_from_dict(cls, data, "RL")
